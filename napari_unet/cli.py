@@ -1,0 +1,77 @@
+"""The ``napari-unet`` command line: ``train``, ``predict`` and ``gui``.
+
+Each subcommand lives in its own module (``_cli_train``, ``_cli_predict``) and drains the
+same generators the napari widgets run in a worker thread. Bad input ends with a one-line
+message on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+
+#: Exit status for bad input (missing file, wrong shape, ...), as argparse uses for usage errors.
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_gui(sub) -> None:
+    p = sub.add_parser("gui", help="open napari with the napari-unet widgets docked",
+                       description="Open napari with the napari-unet widgets docked (and the sample data).")
+    p.add_argument("--sample", action="store_true", help="load the plugin's sample image and painted labels")
+    p.add_argument("files", nargs="*", help="image files to open")
+    p.set_defaults(func=_cmd_gui)
+
+
+def _cmd_gui(args) -> int:
+    import napari
+    from npe2 import PluginManager
+
+    viewer = napari.Viewer(title="napari-unet")
+    for f in args.files:
+        viewer.open(f)
+    pm = PluginManager.instance()
+    manifest = pm.get_manifest("napari-unet")
+    if args.sample:
+        for sample in manifest.contributions.sample_data or []:
+            viewer.open_sample("napari-unet", sample.key)
+    for widget in manifest.contributions.widgets or []:
+        viewer.window.add_plugin_dock_widget("napari-unet", widget.display_name)
+    napari.run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__, _cli_predict, _cli_train
+
+    parser = argparse.ArgumentParser(
+        prog="napari-unet",
+        description="Train U-Nets on painted labels and segment images, without napari (same model files).")
+    parser.add_argument("--version", action="version", version=f"napari-unet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _cli_train.add_parser(sub)
+    _cli_predict.add_parser(sub)
+    _add_gui(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``napari-unet`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("napari-unet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, MemoryError) as e:  # bad input: one line, no traceback
+        from .io import first_line
+
+        print(f"napari-unet {args.command}: error: {first_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

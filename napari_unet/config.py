@@ -1,0 +1,200 @@
+"""Configuration as data: frozen dataclasses with ``to_dict`` / ``from_dict``.
+
+A model file stores these dictionaries next to the weights, so a model reloads without
+guessing (see :mod:`napari_unet.io`). Imports neither torch nor Qt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ModelConfig", "TrainConfig", "PredictConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value out of range; the message says which and why."""
+
+
+class _DictMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build from a dictionary, ignoring unknown keys (files written by newer versions)."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ModelConfig(_DictMixin):
+    """The arguments of :class:`napari_unet.model.UNet`.
+
+    Attributes
+    ----------
+    in_channels : int
+        Image channels the network takes.
+    n_classes : int
+        Output classes (3 for instance mode: background, cell interior, cell boundary).
+    depth : int
+        Levels of the U, bottom included (paper: 5).
+    base_filters : int
+        Channels of the first level, doubled at each level down (paper: 64).
+    padding : str
+        ``"valid"`` (paper, unpadded convs) or ``"same"`` (padded convs).
+    batch_norm : bool
+        Batch normalisation after every 3x3 conv.
+    up_mode : str
+        ``"transpose"`` (paper's up-convolution) or ``"bilinear"``.
+    dropout : float
+        Dropout probability at the end of the contracting path, in ``[0, 1)``.
+    """
+
+    in_channels: int = 1
+    n_classes: int = 2
+    depth: int = 5
+    base_filters: int = 64
+    padding: str = "valid"
+    batch_norm: bool = False
+    up_mode: str = "transpose"
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("in_channels", "n_classes", "depth", "base_filters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.depth > 8:
+            raise ConfigError(f"depth must be at most 8, got {self.depth}")
+        if self.padding not in ("valid", "same"):
+            raise ConfigError(f"padding must be 'valid' or 'same', got {self.padding!r}")
+        if self.up_mode not in ("transpose", "bilinear"):
+            raise ConfigError(f"up_mode must be 'transpose' or 'bilinear', got {self.up_mode!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_DictMixin):
+    """How to train (owned by :mod:`napari_unet.training`; see its docstring for details).
+
+    Attributes
+    ----------
+    mode : str
+        ``"instances"`` (each label >= 2 is one cell; targets background / interior /
+        boundary) or ``"semantic"`` (label k >= 2 is class k - 1).
+    iterations : int or None
+        Number of optimiser steps; ``None`` for no limit (then ``max_time`` must be set).
+    max_time : float or None
+        Time budget in seconds; training stops at the first iteration past it.
+    patch_size : int
+        Side of the square training patches (adjusted to a valid size of the model).
+    batch_size : int
+        Patches per optimiser step.
+    learning_rate : float
+        Optimiser step size.
+    optimizer : str
+        ``"adam"`` (default, good for fine-tuning) or ``"sgd"`` (the paper: momentum 0.99).
+    augment : bool
+        Shifts, rotations, flips, elastic deformation and intensity changes.
+    border_weights : bool or None
+        The paper's border weight map; ``None`` means on for ``"instances"``, off otherwise.
+    w0, sigma : float
+        Weight-map parameters (paper: 10 and 5 px).
+    val_fraction : float
+        Fraction of labelled objects held out for validation (0 disables validation).
+    seed : int or None
+        Makes CPU runs repeatable.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    precision : str
+        ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast).
+    """
+
+    mode: str = "instances"
+    iterations: int | None = None
+    max_time: float | None = 60.0
+    patch_size: int = 256
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    augment: bool = True
+    border_weights: bool | None = None
+    w0: float = 10.0
+    sigma: float = 5.0
+    val_fraction: float = 0.2
+    seed: int | None = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in ("instances", "semantic"):
+            raise ConfigError(f"mode must be 'instances' or 'semantic', got {self.mode!r}")
+        if self.iterations is None and self.max_time is None:
+            raise ConfigError("give an iteration count, a time budget (max_time), or both")
+        if self.iterations is not None and self.iterations < 1:
+            raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ConfigError(f"max_time must be positive, got {self.max_time}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.batch_size < 1 or self.patch_size < 8:
+            raise ConfigError("batch_size must be >= 1 and patch_size >= 8")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class PredictConfig(_DictMixin):
+    """How to predict (owned by :mod:`napari_unet.inference`; see its docstring for details).
+
+    Attributes
+    ----------
+    output : str or None
+        ``"instances"`` or ``"semantic"``; ``None`` uses the model's training mode.
+    probabilities : bool
+        Also return the per-class probability maps.
+    tile_size : int or None
+        Side of the input tiles; ``None`` chooses from the memory available.
+    overlap : int
+        Overlap between neighbouring tiles of a ``"same"`` model, in pixels (blended).
+    batch_size : int or None
+        Tiles per forward pass; ``None`` chooses automatically.
+    blending : str
+        ``"gaussian"`` or ``"cosine"`` window for ``"same"`` models.
+    device : str
+        ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    precision : str
+        ``"auto"`` (fastest safe choice for this machine), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+    channel_axis : int or None
+        Axis of the image's channels; ``None`` detects it (RGB(A) last axis, or none).
+    min_size : int
+        Instances smaller than this many pixels are removed.
+    """
+
+    output: str | None = None
+    probabilities: bool = False
+    tile_size: int | None = None
+    overlap: int = 32
+    batch_size: int | None = None
+    blending: str = "gaussian"
+    device: str = "auto"
+    precision: str = "auto"
+    channel_axis: int | None = None
+    min_size: int = 15
+
+    def __post_init__(self):
+        if self.output not in (None, "instances", "semantic"):
+            raise ConfigError(f"output must be 'instances' or 'semantic', got {self.output!r}")
+        if self.tile_size is not None and self.tile_size < 8:
+            raise ConfigError(f"tile_size must be at least 8, got {self.tile_size}")
+        if self.overlap < 0:
+            raise ConfigError(f"overlap must be >= 0, got {self.overlap}")
+        if self.blending not in ("gaussian", "cosine"):
+            raise ConfigError(f"blending must be 'gaussian' or 'cosine', got {self.blending!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")

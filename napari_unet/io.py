@@ -1,0 +1,365 @@
+"""Files: model files (weights + everything needed to use them, no pickle) and TIFF in/out.
+
+Model files are `safetensors <https://huggingface.co/docs/safetensors>`_ files: a JSON
+header, then raw tensor bytes. Loading one parses JSON and copies numbers; it never
+unpickles, so a model file cannot run code. The napari-unet metadata (the ``UNet``
+arguments, the normalisation used in training, the label mode, class names, package
+version and training provenance) lives as JSON in the header's ``__metadata__``.
+
+Every write is atomic: the bytes go to a temporary file in the target's folder, which is
+then renamed over the target, so an interrupted write never leaves a partial file there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "ModelFileError", "OutputPathError",
+    "save_model", "load_model", "read_model_metadata", "atomic_write",
+    "ImageInfo", "read_image", "write_labels_tiff", "default_metadata", "first_line",
+]
+
+FORMAT_NAME = "napari-unet-model"
+#: Bumped when a model file changes in a way older versions cannot read.
+FORMAT_VERSION = 1
+_META_KEY = "napari_unet"
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class ModelFileError(ValueError):
+    """A file that is not a usable napari-unet model; the message names the file and why."""
+
+
+class OutputPathError(OSError):
+    """An output path that cannot be written (a folder, a missing folder, read-only, exists)."""
+
+
+# ---- atomic writes --------------------------------------------------------------------------
+
+def _check_output_path(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"{path} already exists; choose another name or allow overwriting")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputPathError(f"cannot write {path}: the folder {path.parent} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on success rename it to ``path``.
+
+    On any error (or interruption) the temporary file is removed and ``path`` is left as
+    it was. The rename (``os.replace``) is atomic on POSIX and Windows file systems.
+    """
+    path = Path(path)
+    _check_output_path(path, overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        if path.exists() and not overwrite:  # appeared while we were writing
+            raise OutputPathError(f"{path} already exists; choose another name or allow overwriting")
+        os.replace(tmp_path, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+# ---- model files ----------------------------------------------------------------------------
+
+def default_metadata() -> dict[str, Any]:
+    """Metadata keys every model file has, with their defaults."""
+    return {
+        "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
+        "mode": "semantic",
+        "class_names": None,
+        "training": {},
+    }
+
+
+def _package_version() -> str:
+    from . import __version__
+    return __version__
+
+
+def save_model(path: str | os.PathLike, model, metadata: dict[str, Any] | None = None,
+               overwrite: bool = True) -> Path:
+    """Write ``model`` and ``metadata`` to one safetensors file, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Target file (conventionally ``*.safetensors``). Written via a temporary file.
+    model : napari_unet.model.UNet
+        The network; its ``config`` (the ``UNet`` arguments) is stored with the weights.
+    metadata : dict, optional
+        JSON-serialisable information: ``normalization`` (how images were normalised in
+        training), ``mode`` (``"instances"`` or ``"semantic"``), ``class_names``, and
+        ``training`` (provenance: date, iterations, data shapes, ...). Missing keys get
+        :func:`default_metadata`'s values; ``napari_unet_version`` and ``saved`` are added.
+    overwrite : bool
+        Replace an existing file (default) or raise :class:`OutputPathError`.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+    """
+    from safetensors.torch import save as st_save
+
+    meta = default_metadata()
+    meta.update(metadata or {})
+    meta.pop("model", None)
+    meta.update({
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "napari_unet_version": _package_version(),
+        "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    try:
+        header = json.dumps(meta)
+    except TypeError as e:
+        raise ValueError(f"model metadata must be JSON-serialisable: {e}") from None
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    blob = st_save(tensors, metadata={_META_KEY: header})
+    path = Path(path)
+    with atomic_write(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(blob)
+    return path
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], Any]:
+    """Parse the file's header with safetensors (no pickle); return (metadata, safe_open handle)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model file")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: the file is empty, not a napari-unet model")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        raw = (handle.metadata() or {}).get(_META_KEY)
+    except Exception as e:  # safetensors raises several types for garbage
+        raise ModelFileError(
+            f"{path}: not a napari-unet model file (not a valid safetensors file: {first_line(e)}); "
+            "model files are never unpickled") from None
+    if raw is None:
+        raise ModelFileError(f"{path}: a safetensors file without napari-unet metadata")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: the napari-unet metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path}: not a napari-unet model file")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: written by a newer napari-unet (model format {version}, this version reads up "
+            f"to {FORMAT_VERSION}); upgrade napari-unet")
+    return meta, handle
+
+
+def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a model file, without building the network or loading torch weights."""
+    meta, _ = _read_header(Path(path))
+    return meta
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu"):
+    """Rebuild a model saved with :func:`save_model`.
+
+    Returns
+    -------
+    (UNet, dict)
+        The network in eval mode on ``device``, and its metadata.
+
+    Raises
+    ------
+    ModelFileError
+        One line naming the file: missing, empty, truncated, not safetensors (a pickle,
+        say: it is refused, never unpickled), not a napari-unet model, from a newer
+        format, or weights that do not fit the stored architecture.
+    """
+    from .config import ConfigError, ModelConfig
+    from .model import UNet
+
+    path = Path(path)
+    meta, handle = _read_header(path)
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+        model = UNet.from_config(config)
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ModelFileError(f"{path}: invalid model architecture in the file ({e})") from None
+    try:
+        state = {k: handle.get_tensor(k) for k in handle.keys()}
+        model.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ModelFileError(f"{path}: the weights do not fit the stored architecture ({first_line(e)})") from None
+    model.to(device).eval()
+    return model, meta
+
+
+# ---- images and TIFF ------------------------------------------------------------------------
+
+@dataclass
+class ImageInfo:
+    """What an image file says about its pixels, kept so outputs can carry it over.
+
+    ``axes`` uses tifffile's letters (``"YX"``, ``"ZYX"``, ``"TYX"``, ``"YXS"`` for RGB
+    samples, ``"CYX"`` ...), or ``None`` if unknown. ``scale`` maps spatial axis letters
+    to pixel sizes (e.g. ``{"X": 0.65, "Y": 0.65, "Z": 2.0}``) in ``unit``.
+    """
+
+    axes: str | None = None
+    scale: dict[str, float] = field(default_factory=dict)
+    unit: str | None = None
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
+    """Read an image file: TIFF with tifffile (axes and pixel size kept), others with imageio.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` with a one-line message naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                data = series.asarray()
+                info = ImageInfo(axes=series.axes)
+                _read_tiff_scale(tif, info)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read this TIFF ({first_line(e)})") from None
+        return data, info
+    try:
+        import imageio.v3 as iio
+
+        data = np.asarray(iio.imread(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read this image ({first_line(e)})") from None
+    axes = {2: "YX", 3: "YXS"}.get(data.ndim)
+    return data, ImageInfo(axes=axes)
+
+
+def _read_tiff_scale(tif, info: ImageInfo) -> None:
+    page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
+    ij = tif.imagej_metadata or {}
+    for letter, tag in (("X", "XResolution"), ("Y", "YResolution")):
+        t = page.tags.get(tag)
+        if t is not None:
+            num, den = t.value
+            if num and den and (num, den) != (1, 1):
+                info.scale[letter] = den / num
+    if "spacing" in ij:
+        info.scale["Z"] = float(ij["spacing"])
+    unit = ij.get("unit")
+    if unit and unit not in ("pixel", "\\u00B5m"):
+        info.unit = unit
+    elif unit == "\\u00B5m":
+        info.unit = "um"
+    if info.unit is None and info.scale:
+        info.unit = "um"
+
+
+_IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+def _imagej_labels(labels: np.ndarray) -> np.ndarray | None:
+    """The labels in a dtype ImageJ can store, without losing a value; ``None`` if impossible.
+
+    ImageJ hyperstacks hold only uint8, uint16 and float32. Labels of those dtypes are
+    kept as they are; other integer labels go to the smallest of uint8/uint16 that holds
+    them exactly (napari's default int32/int64 labels mostly fit).
+    """
+    if labels.dtype.type in _IMAGEJ_DTYPES:
+        return labels
+    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        return None
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        return None
+    for dt in (np.uint8, np.uint16):
+        if hi <= np.iinfo(dt).max:
+            return labels.astype(dt)
+    return None
+
+
+def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, axes: str | None = None,
+                      scale: dict[str, float] | None = None, unit: str | None = "um",
+                      overwrite: bool = False) -> Path:
+    """Write a label image as an ImageJ-compatible TIFF, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Target ``.tif`` / ``.tiff`` file.
+    labels : numpy.ndarray
+        Integer labels, 2D to 5D. uint8 and uint16 are written as they are; other integer
+        dtypes are stored losslessly as the smallest of uint8/uint16 holding their values;
+        labels above 65535 (or negative) are written as a plain, non-ImageJ TIFF of their
+        own dtype, because ImageJ hyperstacks cannot hold them.
+    axes : str, optional
+        Axis letters of ``labels`` (``"YX"``, ``"ZYX"``, ``"TZYX"``...); guessed from ``ndim``.
+    scale : dict, optional
+        Pixel sizes by axis letter (``{"X": 0.5, "Y": 0.5, "Z": 2.0}``), stored as the
+        TIFF resolution and ImageJ spacing.
+    overwrite : bool
+        Replace an existing file; by default an existing file raises :class:`OutputPathError`.
+    """
+    import tifffile
+
+    labels = np.asarray(labels)
+    if labels.ndim < 2:
+        raise ValueError(f"labels must have at least 2 dimensions, got shape {labels.shape}")
+    if axes is None:
+        axes = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}.get(labels.ndim)
+    if axes is None or len(axes) != labels.ndim:
+        raise ValueError(f"axes {axes!r} do not match labels of shape {labels.shape}")
+    scale = {k.upper(): float(v) for k, v in (scale or {}).items()}
+    kwargs: dict[str, Any] = {}
+    if "X" in scale and "Y" in scale:
+        kwargs["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
+    data = _imagej_labels(labels)
+    if data is not None:
+        ij_meta: dict[str, Any] = {"axes": axes}
+        if "Z" in scale:
+            ij_meta["spacing"] = scale["Z"]
+        if scale and unit:
+            ij_meta["unit"] = unit
+        kwargs.update(imagej=True, metadata=ij_meta)
+    else:
+        data = labels
+        kwargs.update(metadata={"axes": axes}, photometric="minisblack")
+    path = Path(path)
+    with atomic_write(path, overwrite=overwrite) as tmp:
+        tifffile.imwrite(tmp, data, **kwargs)
+    return path
