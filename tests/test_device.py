@@ -1,0 +1,58 @@
+"""Device and precision choice: explicit choices honoured, auto never picks a slower path."""
+
+import pytest
+import torch
+
+from napari_unet import device as dev
+from napari_unet.model import UNet
+
+
+def test_resolve_device():
+    assert dev.resolve_device("cpu").type == "cpu"
+    assert dev.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(dev.DeviceError, match="unknown device"):
+        dev.resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(dev.DeviceError, match="no CUDA GPU"):
+            dev.resolve_device("cuda")
+
+
+def test_explicit_precision_is_kept():
+    assert dev.select_precision("fp32", "cpu") == "fp32"
+    assert dev.select_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        dev.select_precision("int4", "cpu")
+
+
+@pytest.mark.parametrize("t32,t16,expected", [(1.0, 0.25, "bf16"), (1.0, 0.9, "fp32"), (0.2, 1.1, "fp32")])
+def test_auto_picks_bf16_only_when_clearly_faster(monkeypatch, t32, t16, expected):
+    times = iter([t32, t16])
+    monkeypatch.setattr(dev, "_median_time", lambda fn, repeats=3: next(times))
+    monkeypatch.setattr(dev, "_CALIBRATION", {})
+    net = UNet(1, 2, depth=2, base_filters=4, padding="same")
+    assert dev.select_precision("auto", "cpu", net) == expected
+    # cached: no second calibration (the iterator is exhausted and would raise)
+    assert dev.select_precision("auto", "cpu", net) == expected
+
+
+def test_auto_falls_back_to_fp32_when_bf16_fails(monkeypatch):
+    def broken(fn, repeats=3):
+        if torch.is_autocast_cpu_enabled():
+            raise RuntimeError("no bf16 kernel")
+        return 1.0
+
+    monkeypatch.setattr(dev, "_median_time", broken)
+    monkeypatch.setattr(dev, "_CALIBRATION", {})
+    assert dev.select_precision("auto", "cpu") == "fp32"
+
+
+def test_real_calibration_and_autocast_run():
+    net = UNet(1, 3, depth=2, base_filters=4, padding="same").eval()
+    choice = dev.select_precision("auto", "cpu", net)
+    assert choice in ("fp32", "bf16")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode(), dev.autocast(choice, "cpu"):
+        out = net(x)
+    assert out.shape == (1, 3, 32, 32)
+    assert out.dtype == (torch.float32 if choice == "fp32" else torch.bfloat16)
+    assert not net.training
