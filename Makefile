@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/napari-unet gui --sample
 
 lint: $(STAMP)
-	$(BIN)/ruff check napari_unet tests benchmarks sample_data
+	$(BIN)/ruff check napari_unet tests $(wildcard benchmarks sample_data)
 
 # Whole suite + ruff. Without a display, the suite runs under Xvfb (napari's canvas needs OpenGL).
 test: $(STAMP) lint
