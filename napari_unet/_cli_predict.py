@@ -1,12 +1,201 @@
-"""``napari-unet predict``: see :mod:`napari_unet.cli`."""
+"""``napari-unet predict``: segment images with a model file and write label TIFFs.
+
+Outputs: with one input image and ``--out`` ending in ``.tif``/``.tiff``, that one file;
+otherwise ``--out`` is a folder (created if needed) receiving ``<stem>_labels.tif`` per
+input. ``--probabilities`` adds ``<stem>_probabilities.tif`` (float32, class axis as
+ImageJ's C axis) beside each label file. Axes and pixel size are carried over from the
+input. Every output is checked before any computing starts (existing files need
+``--overwrite``) and written atomically, so a failure never leaves a partial file.
+"""
 
 from __future__ import annotations
 
+import glob
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="(not available yet)")
+    p = sub.add_parser(
+        "predict", help="segment images with a trained model and write label TIFFs",
+        description="Segment images with a napari-unet model file; write ImageJ-compatible label TIFFs.")
+    p.add_argument("--model", required=True, help="model file (.safetensors) written by napari-unet")
+    p.add_argument("--image", required=True, action="append", metavar="IMG",
+                   help="image file, folder of images, or glob pattern (quote it); repeat for more")
+    p.add_argument("--out", required=True,
+                   help="output .tif when there is one input image, else a folder for <stem>_labels.tif files")
+    p.add_argument("--output", choices=("instances", "semantic"), default=None,
+                   help="label kind (default: the mode the model was trained in)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="compute precision (auto: the fastest safe choice for this machine)")
+    p.add_argument("--tile", type=int, default=None, metavar="N", help="tile side in pixels (default: from memory)")
+    p.add_argument("--batch", type=int, default=None, metavar="N", help="tiles per batch (default: from memory)")
+    p.add_argument("--overlap", type=int, default=None, metavar="PX",
+                   help="overlap of blended tiles for padded ('same') models")
+    p.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
+                   help="axis of the image's channels (default: from the file's axes, or detected)")
+    p.add_argument("--min-size", type=int, default=None, metavar="PX", help="remove cells smaller than this")
+    p.add_argument("--probabilities", action="store_true", help="also write the class probabilities (float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
+def expand_inputs(specs: list[str]) -> list[Path]:
+    """Files named, folders' image files (sorted), and glob matches; in the order given, without repeats."""
+    out: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        elif any(ch in spec for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"{spec}: no file matches this pattern")
+        else:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such image file")
+            found = [path]
+        for p in found:
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def output_paths(inputs: list[Path], out: str) -> list[Path]:
+    """Label file for each input (see the module docstring)."""
+    target = Path(out)
+    if len(inputs) == 1 and target.suffix.lower() in (".tif", ".tiff"):
+        return [target]
+    if target.suffix.lower() in (".tif", ".tiff"):
+        raise ValueError(f"--out {target} is a file name but there are {len(inputs)} input images; give a folder")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out {target} exists and is not a folder")
+    paths = [target / f"{p.stem}_labels.tif" for p in inputs]
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(inputs, paths):
+        if dst in seen:
+            raise ValueError(f"{src} and {seen[dst]} would both write {dst}; rename one of them")
+        seen[dst] = src
+    return paths
+
+
+def probability_path(labels_path: Path) -> Path:
+    stem = labels_path.stem[:-len("_labels")] if labels_path.stem.endswith("_labels") else labels_path.stem
+    return labels_path.with_name(f"{stem}_probabilities.tif")
+
+
+def _channel_axis(args, info, ndim: int) -> int | None:
+    if args.channel_axis is not None:
+        return args.channel_axis
+    axes = info.axes or ""
+    if len(axes) == ndim:
+        for letter in ("S", "C"):
+            if letter in axes:
+                return axes.index(letter)
+    return None
+
+
+def _label_axes(info, ndim_in: int, channel_axis: int | None, ndim_out: int) -> str | None:
+    """The input's axis letters without the channel axis, if ImageJ can store them."""
+    axes = info.axes
+    if not axes or len(axes) != ndim_in:
+        return None
+    if channel_axis is not None:
+        ax = channel_axis % ndim_in
+        axes = axes[:ax] + axes[ax + 1:]
+    elif any(a in axes for a in "SC") and len(axes) == ndim_out + 1:  # detected RGB(A): the last axis
+        axes = axes[:-1]
+    if len(axes) != ndim_out or not set(axes) <= set("TZYX") or axes[-2:] != "YX":
+        return None
+    return axes
+
+
+def _write_probabilities(path: Path, probs, axes: str | None, scale: dict, unit: str | None, overwrite: bool):
+    """float32 ``(C, ..., Y, X)`` -> TIFF with C where ImageJ wants it (TZCYX order), atomically."""
+    import numpy as np
+    import tifffile
+
+    from .io import atomic_write
+
+    lead = axes[:-2] if axes else None
+    data = np.moveaxis(probs, 0, probs.ndim - 3)  # (..., C, Y, X)
+    kwargs: dict = {}
+    if "X" in scale and "Y" in scale:
+        kwargs["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
+    if lead is not None and data.ndim <= 5:
+        meta: dict = {"axes": lead + "CYX"}
+        if "Z" in scale:
+            meta["spacing"] = scale["Z"]
+        if scale and unit:
+            meta["unit"] = unit
+        kwargs.update(imagej=True, metadata=meta)
+    with atomic_write(path, overwrite=overwrite) as tmp:
+        tifffile.imwrite(tmp, np.ascontiguousarray(data, dtype=np.float32), **kwargs)
+
+
 def run(args) -> int:
-    raise ValueError("'predict' is not available yet in this version")
+    from .config import PredictConfig
+    from .inference import predict
+    from .io import first_line, load_model, read_image, write_labels_tiff
+
+    inputs = expand_inputs(args.image)
+    outputs = output_paths(inputs, args.out)
+    out_dir = outputs[0].parent
+    for dst in outputs:
+        wanted = [dst, probability_path(dst)] if args.probabilities else [dst]
+        for w in wanted:
+            if w.exists() and not args.overwrite:
+                raise FileExistsError(f"{w} already exists; use --overwrite to replace it")
+    if len(outputs) > 1 or not Path(args.out).suffix:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    elif not out_dir.is_dir():
+        raise FileNotFoundError(f"cannot write {outputs[0]}: the folder {out_dir} does not exist")
+    model, meta = load_model(args.model)
+    kw = {k: v for k, v in {"tile_size": args.tile, "batch_size": args.batch, "overlap": args.overlap,
+                            "min_size": args.min_size}.items() if v is not None}
+    show = not args.quiet
+    for src, dst in zip(inputs, outputs):
+        image, info = read_image(src)
+        cax = _channel_axis(args, info, image.ndim)
+        config = PredictConfig(output=args.output, probabilities=args.probabilities, device=args.device,
+                               precision=args.precision, channel_axis=cax, **kw)
+        gen = predict(model, image, config, meta)
+        bar = None
+        try:
+            while True:
+                try:
+                    ev = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if show:
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=ev.total, desc=src.name, unit="tile", file=sys.stderr, leave=False)
+                    bar.total = ev.total
+                    bar.n = ev.done
+                    bar.set_postfix_str(f"{ev.device} {ev.precision}", refresh=False)
+                    bar.refresh()
+        except (ValueError, MemoryError) as e:
+            raise type(e)(f"{src}: {first_line(e)}") from None
+        finally:
+            gen.close()
+            if bar is not None:
+                bar.close()
+        axes = _label_axes(info, image.ndim, cax, result.labels.ndim)
+        write_labels_tiff(dst, result.labels, axes=axes, scale=info.scale, unit=info.unit or "um",
+                          overwrite=args.overwrite)
+        if args.probabilities and result.probabilities is not None:
+            _write_probabilities(probability_path(dst), result.probabilities, axes, info.scale, info.unit or "um",
+                                 args.overwrite)
+        n = int(result.labels.max()) if result.labels.size else 0
+        what = f"{n} cells" if result.output == "instances" else f"classes up to {n}"
+        print(f"{dst}: {what} ({result.device}, {result.precision})", file=sys.stderr)
+    return 0
