@@ -37,7 +37,7 @@ def test_auto_picks_bf16_only_when_clearly_faster(monkeypatch, t32, t16, expecte
 
 def test_auto_falls_back_to_fp32_when_bf16_fails(monkeypatch):
     def broken(fn, repeats=3):
-        if torch.is_autocast_cpu_enabled():
+        if torch.is_autocast_enabled('cpu'):
             raise RuntimeError("no bf16 kernel")
         return 1.0
 
