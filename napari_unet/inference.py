@@ -126,27 +126,26 @@ def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
     return np.where(i < n, i, period - i)
 
 
-def _positions(size: int, out_tile: int, overlap: int, multiple: int) -> list[int]:
+def _positions(size: int, out_tile: int, overlap: int, multiple: int = 1) -> list[int]:
     """Starts of the output regions along one axis, covering ``[0, size)``.
 
-    Regions of ``out_tile`` pixels overlapping by at least ``overlap``. With ``multiple > 1``
-    (valid models) the starts are multiples of it, so every max-pool sees the pixel grid
-    of a whole-image forward; the last region may hang over the end (mirrored context,
-    cropped output). Otherwise the regions are spread evenly with the last one flush with
-    the end, as MONAI does, and a region larger than the image is centred on it.
+    Regions of ``out_tile`` pixels, neighbours overlapping by at least ``overlap``, spread
+    evenly with the last one flush with the end where possible (as MONAI does). Starts are
+    multiples of ``multiple`` (``2 ** (depth - 1)`` for a U-Net, so every max-pool sees the
+    pixel grid of a whole-image forward); then the last region may hang over the end by
+    less than ``multiple`` (mirrored context, cropped output). A region larger than the
+    image starts at 0 (or is centred when ``multiple == 1``).
     """
-    if multiple > 1:
-        step = (out_tile - overlap) // multiple * multiple
-        if step < 1:
-            raise ValueError(f"output tiles of {out_tile} px with overlap {overlap} cannot start on multiples of "
-                             f"{multiple}; use a larger tile")
-        n = 1 if out_tile >= size else math.ceil((size - out_tile) / step) + 1
-        return [k * step for k in range(n)]
     if out_tile >= size:
-        return [-((out_tile - size) // 2)]
-    step = max(out_tile - overlap, 1)
-    n = math.ceil((size - out_tile) / step) + 1
-    return [round(k * (size - out_tile) / (n - 1)) for k in range(n)]
+        return [0 if multiple > 1 else -((out_tile - size) // 2)]
+    step = (out_tile - overlap) // multiple * multiple
+    if step < 1:
+        raise ValueError(f"output tiles of {out_tile} px with overlap {overlap} leave no step that is a multiple "
+                         f"of {multiple}; use a larger tile or a smaller overlap")
+    last = -(-(size - out_tile) // multiple) * multiple
+    n = -(-last // step) + 1
+    # floor(k * last / (n - 1)) on the multiple grid: consecutive starts differ by at most step.
+    return [k * last // (n - 1) // multiple * multiple for k in range(n - 1)] + [last]
 
 
 def _window(n: int, blending: str) -> np.ndarray:
@@ -212,8 +211,9 @@ def tiled_predict_iter(predictor: Callable | Sequence[Callable], image, tile: in
     output_channels : int, optional
         ``K``; found from the first batch when not given (then ``out`` is allocated late).
     multiple : int
-        Output regions start on multiples of this (``2 ** (depth - 1)`` for valid U-Nets, so
-        that every max-pool sees the grid of a whole-image forward).
+        Output regions start on multiples of this (``2 ** (depth - 1)`` for U-Nets, so that
+        every max-pool sees the grid of a whole-image forward: without it, the outputs of
+        neighbouring tiles disagree everywhere, not only near their borders).
     out : numpy.ndarray, optional
         Preallocated float32 ``(K, H, W)`` to accumulate into (e.g. a slice of a bigger array).
 
@@ -655,8 +655,10 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     tile, batch = choose_tile(replicas[0], devices[0], precision, config.tile_size, config.batch_size)
     margin = model.margin()
     valid = mcfg.padding == "valid"
-    multiple = 2 ** (mcfg.depth - 1) if valid else 1
-    overlap = 0 if valid else int(config.overlap)
+    multiple = 2 ** (mcfg.depth - 1)
+
+    def overlap_for(t):  # valid models need none: their outputs tile the image exactly
+        return 0 if valid else max(min(int(config.overlap), t - 2 * margin - multiple), 0)
     blending = "constant" if valid else config.blending
 
     want_probs = bool(config.probabilities)
@@ -675,8 +677,8 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     def n_tiles(t):
         pt = _plane_tile(model, t, plane_shape)
         oh, ow = pt[0] - 2 * margin, pt[1] - 2 * margin
-        return len(_positions(plane_shape[0], oh, overlap, multiple)) * len(
-            _positions(plane_shape[1], ow, overlap, multiple))
+        return len(_positions(plane_shape[0], oh, overlap_for(t), multiple)) * len(
+            _positions(plane_shape[1], ow, overlap_for(t), multiple))
 
     done = 0
     total = n_tiles(tile) * n_planes
@@ -687,8 +689,8 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         acc = probs[(slice(None), *idx)] if want_probs else None
         while True:
             plane_done = 0
-            gen = tiled_predict_iter(predictors, x, _plane_tile(model, tile, plane_shape), overlap, batch, blending,
-                                     margin, n_out, multiple=multiple, out=acc)
+            gen = tiled_predict_iter(predictors, x, _plane_tile(model, tile, plane_shape), overlap_for(tile), batch,
+                                     blending, margin, n_out, multiple=multiple, out=acc)
             try:
                 while True:
                     try:

@@ -1,0 +1,304 @@
+"""Inference: overlap-tile equivalence, mirroring, channels and stacks, precision, OOM retry, stopping."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from napari_unet import device as dev
+from napari_unet import inference as inf
+from napari_unet.config import PredictConfig
+from napari_unet.io import save_model
+from napari_unet.model import UNet
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _net(padding="valid", n_classes=3, in_channels=1, depth=3, width=4, seed=0, bn=False):
+    torch.manual_seed(seed)
+    net = UNet(in_channels, n_classes, depth=depth, base_filters=width, padding=padding, batch_norm=bn)
+    if bn:  # non-trivial running statistics, so eval-mode batch norm does something
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+VALID = _net("valid", depth=3, width=2)
+
+
+def _forward(net):
+    def f(x):
+        with torch.no_grad():
+            return net(x)
+    return f
+
+
+# ---- mirroring and the tiling core ---------------------------------------------------------
+
+@given(n=st.integers(1, 12), start=st.integers(-40, 0), extra=st.integers(0, 40))
+@FAST
+def test_reflect_indices_match_numpy_pad(n, start, extra):
+    a = np.arange(n)
+    stop = n + extra
+    padded = np.pad(a, (-start, extra), mode="reflect")
+    assert np.array_equal(a[inf.reflect_indices(start, stop, n)], padded)
+
+
+@given(h=st.integers(1, 70), w=st.integers(1, 70), out_tile=st.integers(4, 40), data=st.data())
+@FAST
+def test_valid_model_tiles_equal_whole_image_forward(h, w, out_tile, data):
+    """Paper overlap-tile: tiled output == forward of the whole mirror-padded image (any size, any tile)."""
+    net, m = VALID, VALID.margin()
+    tile = net.valid_input_size(out_tile + 2 * m)
+    img = np.random.default_rng(h * 100 + w).normal(size=(1, h, w)).astype(np.float32)
+    out = inf.tiled_predict(_forward(net), img, tile, margin=m, blending="constant", multiple=net.size_multiple,
+                            batch_size=data.draw(st.integers(1, 3)))
+    ph, pw = net.valid_input_size(h + 2 * m), net.valid_input_size(w + 2 * m)
+    idx_y, idx_x = inf.reflect_indices(-m, ph - m, h), inf.reflect_indices(-m, pw - m, w)
+    padded = img[:, idx_y[:, None], idx_x[None, :]]
+    ref = net(torch.from_numpy(padded)[None]).detach().numpy()[0, :, :h, :w]
+    assert out.shape == (3, h, w)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@given(h=st.integers(1, 60), w=st.integers(1, 60), tile=st.integers(4, 32), overlap=st.integers(0, 16),
+       blending=st.sampled_from(["gaussian", "cosine", "constant"]))
+@FAST
+def test_blending_reproduces_pointwise_predictor(h, w, tile, overlap, blending):
+    """Any positive window, any overlap: a per-pixel (1x1 conv) predictor is reproduced exactly."""
+    conv = torch.nn.Conv2d(2, 3, 1)
+    img = np.random.default_rng(tile).normal(size=(2, h, w)).astype(np.float32)
+    with torch.no_grad():
+        ref = conv(torch.from_numpy(img)[None])[0].numpy()
+        out = inf.tiled_predict(conv, img, tile, overlap=min(overlap, tile - 1), blending=blending)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_same_model_tiles_close_to_whole_image():
+    """Padded model with batch norm: blended tiles with overlap >= half the receptive field stay close."""
+    net = _net("same", depth=3, width=4, bn=True)
+    img = np.random.default_rng(0).normal(size=(1, 128, 96)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.softmax(net(torch.from_numpy(img)[None]), 1)[0].numpy()
+
+    def f(x):
+        with torch.no_grad():
+            return torch.softmax(net(x), 1)
+
+    out = inf.tiled_predict(f, img, 64, overlap=40, blending="gaussian", multiple=net.size_multiple)
+    err = np.abs(out - ref)
+    assert err.mean() < 2e-3 and err.max() < 0.1
+    no_overlap = inf.tiled_predict(f, img, 32, overlap=0, blending="constant", multiple=net.size_multiple)
+    assert np.abs(no_overlap - ref).mean() > 3 * err.mean()  # seams without overlap: blending is what helps
+
+
+def test_parallel_predictors_give_the_same_result():
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    img = np.random.default_rng(1).normal(size=(1, 70, 50)).astype(np.float32)
+    with torch.no_grad():
+        one = inf.tiled_predict(conv, img, 16, overlap=4)
+        two = inf.tiled_predict([conv, conv], img, 16, overlap=4)
+    np.testing.assert_allclose(one, two, atol=1e-6)
+
+
+def test_tiled_predict_checks_predictor_output():
+    with pytest.raises(ValueError, match="expected"):
+        inf.tiled_predict(lambda x: x[:, :, 1:], np.zeros((1, 20, 20)), 8)
+
+
+# ---- predict: images of every kind -------------------------------------------------------------
+
+def _run(net, image, meta=None, planes=None, **cfg):
+    return inf.predict_all(net, image, PredictConfig(precision="fp32", **cfg), meta, planes=planes)
+
+
+def test_predict_2d_valid_model_equals_whole_image_forward():
+    net = _net("valid", n_classes=2, depth=3, width=4)
+    img = np.random.default_rng(2).integers(0, 4000, size=(45, 83)).astype(np.uint16)
+    res = _run(net, img, {"mode": "semantic"}, tile_size=60, probabilities=True)
+    from napari_unet.data import normalize_like
+
+    x = normalize_like(img, None)
+    m = net.margin()
+    ph, pw = net.valid_input_size(45 + 2 * m), net.valid_input_size(83 + 2 * m)
+    pad = x[inf.reflect_indices(-m, ph - m, 45)[:, None], inf.reflect_indices(-m, pw - m, 83)[None, :]]
+    with torch.no_grad():
+        ref = torch.softmax(net(torch.from_numpy(pad)[None, None]), 1)[0].numpy()[:, :45, :83]
+    assert res.probabilities.shape == (2, 45, 83) and res.probabilities.dtype == np.float32
+    np.testing.assert_allclose(res.probabilities, ref, atol=1e-5)
+    assert res.labels.dtype == np.uint8
+    assert np.array_equal(res.labels, ref.argmax(0))
+    assert res.device == "cpu" and res.precision == "fp32" and res.output == "semantic"
+
+
+def test_stacks_are_processed_plane_by_plane():
+    net = _net("same", depth=2, width=4)
+    rng = np.random.default_rng(3)
+    stack = rng.normal(size=(2, 3, 40, 48)).astype(np.float32)  # (T, Z, Y, X)
+    gen = inf.predict(net, stack, PredictConfig(precision="fp32", tile_size=32, overlap=8), {"mode": "instances"})
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            res = stop.value
+            break
+    assert res.labels.shape == (2, 3, 40, 48)
+    assert {e.plane for e in events} == set(range(6)) and events[-1].n_planes == 6
+    assert events[-1].done == events[-1].total
+    assert all(e.device == "cpu" and e.precision == "fp32" for e in events)
+    single = _run(net, stack[1, 2], {"mode": "instances"}, tile_size=32, overlap=8, probabilities=True)
+    full = _run(net, stack, {"mode": "instances"}, tile_size=32, overlap=8, probabilities=True)
+    assert full.probabilities.shape == (3, 2, 3, 40, 48)
+    np.testing.assert_allclose(full.probabilities[:, 1, 2], single.probabilities, atol=1e-6)
+    # Restricting to some planes: the others stay empty.
+    part = _run(net, stack, {"mode": "semantic"}, planes=[(1, 2), 0], tile_size=32, overlap=8, probabilities=True)
+    assert np.abs(part.probabilities[:, 0, 1]).max() == 0
+    np.testing.assert_allclose(part.probabilities[:, 1, 2], single.probabilities, atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        _run(net, stack, planes=[6])
+
+
+def test_channels_detected_converted_or_refused():
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 255, size=(40, 36, 3), dtype=np.uint8)
+    grey_net = _net("same", depth=2, width=4)
+    a = _run(grey_net, rgb, probabilities=True)
+    grey = (rgb.astype(np.float32) @ np.array([0.2125, 0.7154, 0.0721], np.float32))
+    b = _run(grey_net, grey, probabilities=True)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    assert a.labels.shape == (40, 36)
+
+    two = _net("same", in_channels=2, depth=2, width=4)
+    img = rng.normal(size=(40, 36, 2)).astype(np.float32)
+    last = _run(two, img, probabilities=True)
+    first = _run(two, np.moveaxis(img, -1, 0), probabilities=True)
+    explicit = _run(two, np.moveaxis(img, -1, 1), channel_axis=1, probabilities=True)
+    np.testing.assert_allclose(last.probabilities, first.probabilities, atol=1e-6)
+    np.testing.assert_allclose(last.probabilities, explicit.probabilities, atol=1e-6)
+    with pytest.raises(ValueError, match="has 3 channels .* model takes 2"):
+        _run(two, rgb, channel_axis=-1)
+    with pytest.raises(ValueError, match="model takes 2 channels"):
+        _run(two, rng.normal(size=(40, 36)))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_dtypes_and_non_finite_values(dtype):
+    net = _net("valid", depth=2, width=4)
+    img = (np.random.default_rng(5).random((30, 40)) * 200).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        img[3, 4], img[10, 10] = np.nan, np.inf
+    res = _run(net, img, {"mode": "instances"}, probabilities=True)
+    assert np.isfinite(res.probabilities).all()
+    np.testing.assert_allclose(res.probabilities.sum(0), 1.0, atol=1e-5)
+    assert res.labels.dtype == np.uint16 and res.labels.shape == (30, 40)
+
+
+def test_instance_output_needs_three_classes_and_model_file(tmp_path):
+    with pytest.raises(ValueError, match="3 classes"):
+        _run(_net("same", n_classes=2, depth=2), np.zeros((16, 16)), output="instances")
+    net = _net("same", n_classes=4, depth=2, width=4)
+    path = save_model(tmp_path / "m.safetensors", net, {"mode": "semantic"})
+    res = inf.predict_all(path, np.random.default_rng(0).random((20, 20)), PredictConfig(precision="fp32"))
+    assert res.output == "semantic" and res.labels.max() <= 3
+
+
+# ---- precision, memory, out-of-memory, stopping --------------------------------------------------
+
+def test_auto_precision_falls_back_to_fp32_when_bf16_is_slower(monkeypatch):
+    times = iter([1.0, 3.0] * 4)  # fp32 timing, then bf16 timing: bf16 3x slower
+    monkeypatch.setattr(dev, "_median_time", lambda fn, repeats=3: next(times))
+    monkeypatch.setattr(dev, "_CALIBRATION", {})
+    res = inf.predict_all(_net("same", depth=2), np.zeros((16, 16)), PredictConfig(precision="auto"))
+    assert res.precision == "fp32"
+    times2 = iter([1.0, 0.25])
+    monkeypatch.setattr(dev, "_median_time", lambda fn, repeats=3: next(times2))
+    monkeypatch.setattr(dev, "_CALIBRATION", {})
+    res = inf.predict_all(_net("same", depth=2), np.zeros((16, 16)), PredictConfig(precision="auto"))
+    assert res.precision == "bf16"
+
+
+def test_bf16_agrees_with_fp32():
+    net = _net("same", depth=2, width=8)
+    img = np.random.default_rng(6).random((64, 64)).astype(np.float32)
+    a = inf.predict_all(net, img, PredictConfig(precision="fp32", probabilities=True, output="semantic"))
+    b = inf.predict_all(net, img, PredictConfig(precision="bf16", probabilities=True, output="semantic"))
+    assert b.precision == "bf16"
+    assert np.abs(a.probabilities - b.probabilities).max() < 0.05
+
+
+def test_choose_tile_follows_memory():
+    net = UNet(1, 3, depth=4, base_filters=16, padding="same")
+    big, _ = inf.choose_tile(net, "cpu", available=64e9)
+    small, batch = inf.choose_tile(net, "cpu", available=200e6)
+    assert big == 1024 and small < big and batch == 1
+    assert small % net.size_multiple == 0
+    assert inf.choose_tile(net, "cpu", tile_size=100)[0] == 104
+    valid = UNet(1, 3, depth=3, base_filters=4)
+    t, _ = inf.choose_tile(valid, "cpu", available=1e6)
+    assert valid.is_valid_size(t) and valid.output_size(t) >= valid.size_multiple
+
+
+def test_out_of_memory_retries_with_smaller_tiles(monkeypatch):
+    net = _net("same", depth=2, width=4)
+    img = np.random.default_rng(7).random((100, 90)).astype(np.float32)
+    expected = _run(net, img, {"mode": "semantic"}, tile_size=32, overlap=8, probabilities=True)
+    forward = UNet.forward
+    sizes = []
+
+    def flaky(self, x):
+        sizes.append(x.shape[-1])
+        if x.shape[-1] > 40:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, x)
+
+    monkeypatch.setattr(UNet, "forward", flaky)
+    gen = inf.predict(net, img, PredictConfig(precision="fp32", tile_size=64, overlap=8, probabilities=True),
+                      {"mode": "semantic"})
+    messages = []
+    while True:
+        try:
+            messages.append(next(gen).message)
+        except StopIteration as stop:
+            res = stop.value
+            break
+    assert any("out of memory" in m for m in messages)
+    assert res.tile_size == 32 and 64 in sizes
+    np.testing.assert_allclose(res.probabilities, expected.probabilities, atol=1e-6)
+
+    def always(self, x):
+        raise MemoryError()
+
+    monkeypatch.setattr(UNet, "forward", always)
+    with pytest.raises(MemoryError, match="even with"):
+        _run(net, img, tile_size=64)
+
+    def broken(self, x):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(UNet, "forward", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        _run(net, img, tile_size=64)
+
+
+def test_closing_the_generator_stops_at_once(monkeypatch):
+    net = _net("same", depth=2, width=4)
+    forward = UNet.forward
+    calls = []
+
+    def counting(self, x):
+        calls.append(1)
+        return forward(self, x)
+
+    monkeypatch.setattr(UNet, "forward", counting)
+    gen = inf.predict(net, np.zeros((128, 128), np.float32), PredictConfig(precision="fp32", tile_size=32, overlap=0))
+    first = next(gen)
+    assert first.total == 16 and first.done == 0
+    next(gen)
+    next(gen)
+    n = len(calls)
+    gen.close()
+    assert len(calls) == n == 2

@@ -1,0 +1,99 @@
+"""Post-processing: probabilities -> semantic classes or instances (touching cells split)."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.segmentation import find_boundaries
+
+from napari_unet import postprocess as pp
+from napari_unet.synthetic import make_nuclei
+
+
+def ideal_probabilities(instances: np.ndarray, blur: float = 0.7) -> np.ndarray:
+    """What a perfect instance-mode model outputs: (background, interior, boundary), slightly smooth."""
+    boundary = find_boundaries(instances, mode="inner") & (instances > 0)
+    interior = (instances > 0) & ~boundary
+    p = np.stack([instances == 0, interior, boundary]).astype(np.float32)
+    p = np.stack([ndi.gaussian_filter(c, blur) for c in p])
+    return p / p.sum(axis=0, keepdims=True)
+
+
+def matched_fraction(gt: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> float:
+    """Fraction of ground-truth objects with a predicted object of IoU > ``iou`` (one-to-one above 0.5)."""
+    n_gt = int(gt.max())
+    pairs = np.stack([gt.ravel(), pred.ravel()], 1)
+    pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+    uniq, inter = np.unique(pairs, axis=0, return_counts=True)
+    area_gt = np.bincount(gt.ravel(), minlength=n_gt + 1)
+    area_pr = np.bincount(pred.ravel(), minlength=int(pred.max()) + 1)
+    ious = inter / (area_gt[uniq[:, 0]] + area_pr[uniq[:, 1]] - inter)
+    return len(np.unique(uniq[ious > iou, 0])) / n_gt
+
+
+def test_instances_recovered_from_touching_nuclei():
+    _, gt = make_nuclei((256, 256), touching=0.6, seed=3)
+    # The ground truth has many touching pairs: a plain foreground labelling merges them.
+    merged = ndi.label(gt > 0)[0].max()
+    assert merged < gt.max() - 5
+    p = ideal_probabilities(gt)
+    labels = pp.instance_labels(p[1], p[1] + p[2], min_size=15)
+    assert labels.dtype == np.uint16
+    assert matched_fraction(gt, labels) > 0.95
+    assert abs(int(labels.max()) - int(gt.max())) <= 2
+    # Boundaries recovered: the foreground of the result is the true foreground.
+    assert ((labels > 0) == (gt > 0)).mean() > 0.99
+    # Consecutive ids.
+    assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
+
+
+def test_banded_watershed_equals_whole_image():
+    _, gt = make_nuclei((300, 200), seed=5)
+    p = ideal_probabilities(gt, blur=1.0)
+    whole = pp.instance_labels(p[1], p[1] + p[2], block=10_000)
+    banded = pp.instance_labels(p[1], p[1] + p[2], block=64, halo=48)
+    assert whole.max() == banded.max()
+    assert (whole == banded).mean() > 0.999
+
+
+def test_small_objects_removed_and_holes_filled():
+    interior = np.zeros((60, 60), np.float32)
+    interior[5:25, 5:25] = 1.0
+    interior[12:16, 12:16] = 0.0  # a hole in the first cell
+    interior[40:43, 40:43] = 1.0  # 9 pixels: too small
+    interior[30:50, 5:20] = 1.0
+    labels = pp.instance_labels(interior, interior, min_size=15)
+    assert labels.max() == 2
+    assert labels[14, 14] == labels[6, 6] != 0
+    assert labels[41, 41] == 0
+    assert labels[35, 10] not in (0, labels[6, 6])
+
+
+def test_semantic_argmax_and_dtypes():
+    p = np.zeros((4, 5, 6), np.float32)
+    p[2, :, :3] = 1
+    p[3, :, 3:] = 0.6
+    lab = pp.semantic_labels(p)
+    assert lab.dtype == np.uint8 and lab.shape == (5, 6)
+    assert (lab[:, :3] == 2).all() and (lab[:, 3:] == 3).all()
+    assert pp.semantic_labels(np.zeros((300, 2, 2))).dtype == np.uint16
+    assert pp.label_dtype(65535) == np.uint16 and pp.label_dtype(65536) == np.uint32
+    with pytest.raises(ValueError, match="probabilities must be"):
+        pp.semantic_labels(np.zeros((3, 4)))
+
+
+def test_stack_ids_unique_and_dtype_grows():
+    _, gt = make_nuclei((128, 128), seed=1)
+    p = ideal_probabilities(gt)
+    stack = np.stack([p, p[:, ::-1]], axis=1)  # (3, 2, Y, X)
+    labels = pp.labels_from_probabilities(stack, "instances")
+    n0 = int(labels[0].max())
+    assert n0 > 3
+    assert labels[1][labels[1] > 0].min() == n0 + 1
+    assert labels.max() == 2 * n0
+    s = pp.StackLabels((2, 4, 4))
+    big = np.full((4, 4), 40_000, np.uint16)
+    s.put((0,), big)
+    s.put((1,), big)
+    assert s.labels.dtype == np.uint32 and s.labels[1, 0, 0] == 80_000
+    with pytest.raises(ValueError, match="3 classes"):
+        pp.labels_from_probabilities(np.zeros((2, 8, 8)), "instances")
