@@ -1,0 +1,304 @@
+"""Plumbing shared by the dock widgets: layer pickers, worker life cycle, notifications.
+
+No algorithm lives here (nor in the widgets): the widgets copy layer data on the main
+thread, hand arrays and configs to the core generators running in a napari
+``thread_worker``, and create or update layers in main-thread slots. Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import weakref
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Select
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, QThreadPool, Signal
+from qtpy.QtWidgets import QFileDialog, QLabel, QMessageBox, QWidget
+
+from .._writer import axes_letters
+from ..io import first_line
+
+__all__ = [
+    "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
+    "image_channel_axis", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
+    "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel",
+]
+
+#: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
+#: out of memory): a one-line notification and the widget goes back to idle. Anything else is
+#: a bug and leaves the widget in the "failed" state (still usable) with the traceback logged.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
+
+_LAYER_EVENTS = ("inserted", "removed", "reordered", "renamed")
+
+
+@dataclass
+class ModelEntry:
+    """A model a widget can use: loaded (``model`` set) or still on disk (``path`` set).
+
+    The Segment widget lists these; the Train widget publishes one when training ends
+    (a snapshot, so that segmenting never races with continued training of the same
+    network).
+    """
+
+    name: str
+    model: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    def describe(self) -> str:
+        meta = self.metadata or {}
+        arch = meta.get("model") or (self.model.config.to_dict() if self.model is not None else {})
+        if not arch:
+            return self.name
+        return (f"{meta.get('mode', '?')} model, {arch.get('in_channels', '?')} channel(s) in, "
+                f"depth {arch.get('depth')}, width {arch.get('base_filters')}, {arch.get('padding')} padding")
+
+
+# ---- notifications ------------------------------------------------------------------------------
+
+def notify_error(message: str | BaseException) -> None:
+    """One-line error notification (never a traceback dialog)."""
+    show_error(first_line(message) if isinstance(message, BaseException) else message)
+
+
+def notify_warning(message: str) -> None:
+    show_warning(message)
+
+
+def notify_info(message: str) -> None:
+    show_info(message)
+
+
+def ask_overwrite(parent: QWidget | None, paths: list[str]) -> bool:
+    """Ask before overwriting files; a module function so tests can replace it."""
+    names = "\n".join(paths[:10]) + ("\n..." if len(paths) > 10 else "")
+    answer = QMessageBox.question(parent, "Overwrite files?", f"These files exist and will be replaced:\n{names}",
+                                  QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+    return answer == QMessageBox.Yes
+
+
+def ask_save_path(parent: QWidget | None, caption: str, default: str, filter_: str) -> str | None:
+    """A save-file dialog; a module function so tests can replace it. ``None`` if cancelled."""
+    path, _ = QFileDialog.getSaveFileName(parent, caption, default, filter_)
+    return path or None
+
+
+def safe_file_stem(name: str) -> str:
+    """A layer name turned into a file name (no path separators or odd characters)."""
+    stem = re.sub(r"[^\w.\- ]+", "_", name).strip(" .")
+    return stem or "labels"
+
+
+class StateLabel(QLabel):
+    """Shows the widget's state (idle, training, stopping, done, failed, ...) in one line."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.state = ""
+        self.set_state("idle")
+
+    def set_state(self, state: str, detail: str = "") -> None:
+        self.state = state
+        self.setText(f"<b>{state}</b>" + (f": {detail}" if detail else ""))
+
+
+# ---- layers -------------------------------------------------------------------------------------
+
+def layer_picker(viewer, layer_type: type, label: str, nullable: bool = False) -> ComboBox:
+    """A magicgui combo box listing the viewer's layers of ``layer_type``.
+
+    The choices come from the viewer given to the widget's constructor (not from a parent
+    window lookup), so the picker works before the widget is docked, e.g. in tests; call
+    :func:`follow_layers` to refresh it when layers change.
+    """
+
+    def choices(_widget=None):
+        return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, layer_type)]
+
+    return ComboBox(label=label, choices=choices, nullable=nullable)
+
+
+def layers_select(viewer, layer_type: type, label: str) -> Select:
+    """A magicgui multi-selection list of the viewer's layers of ``layer_type``."""
+
+    def choices(_widget=None):
+        return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, layer_type)]
+
+    return Select(label=label, choices=choices, allow_multiple=True)
+
+
+def follow_layers(viewer, callback: Callable[..., Any], owner: QWidget) -> None:
+    """Call ``callback`` when the viewer's layers are added, removed, reordered or renamed.
+
+    The connections are dropped when ``owner`` is destroyed, so a closed widget is never called.
+    """
+    events = viewer.layers.events
+    for name in _LAYER_EVENTS:
+        getattr(events, name).connect(callback)
+
+    def _disconnect(*_):
+        for name in _LAYER_EVENTS:
+            with contextlib.suppress(Exception):
+                getattr(events, name).disconnect(callback)
+
+    owner.destroyed.connect(_disconnect)
+
+
+def copy_layer_data(layer) -> np.ndarray:
+    """A private copy of a layer's data (highest resolution level), taken on the main thread."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.array(data, copy=True)
+
+
+def image_channel_axis(layer, in_channels: int | None = None) -> int | None:
+    """The channel axis of an Image layer: the last axis of RGB(A) layers; else, for a model
+    taking ``in_channels`` > 1 channels, the first axis of that size; else ``None``."""
+    if getattr(layer, "rgb", False):
+        return layer.ndim - 1
+    if in_channels and in_channels > 1:
+        shape = np.shape(layer.data[0] if layer.multiscale else layer.data)
+        for axis, n in enumerate(shape[:-2]):
+            if n == in_channels:
+                return axis
+    return None
+
+
+def spatial_axes_letters(ndim: int, axis_labels: tuple[str, ...] | None = None) -> str:
+    """ImageJ axis letters for labels of ``ndim`` dimensions (see :func:`napari_unet._writer.axes_letters`)."""
+    return axes_letters(ndim, axis_labels)
+
+
+def find_docked(viewer, cls: type) -> list:
+    """The widgets of class ``cls`` docked in this viewer's window.
+
+    Widgets of one viewer find each other through napari's public ``window.dock_widgets``
+    (the inner widgets); this keeps the link per viewer with no module-level registry.
+    """
+    window = getattr(viewer, "window", None)
+    docks = getattr(window, "dock_widgets", None) if window is not None else None
+    if docks is None:
+        return []
+    found = []
+    with contextlib.suppress(RuntimeError):  # a dock being deleted while we look
+        for widget in list(docks.values()):
+            if isinstance(widget, cls):
+                found.append(widget)
+    return found
+
+
+# ---- workers ------------------------------------------------------------------------------------
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+class WorkerRunner(QObject):
+    """Runs one generator job at a time in a napari worker thread and stops it cleanly.
+
+    The slots given to :meth:`start` run on the main thread (Qt queued signals). ``stop``
+    asks the worker to quit at its next yield; :meth:`shutdown` (the widget is being
+    destroyed, e.g. the viewer closes) also waits for the thread, so none is left running.
+    ``finished`` is emitted after the widget's own ``finished`` slot, once per job (tests
+    wait on it: it exists before the job starts, unlike the worker's signal).
+    """
+
+    finished = Signal()
+
+    def __init__(self, owner: QWidget):
+        super().__init__()
+        self.worker = None
+        self.stop_reason: str | None = None
+        # The destroyed slot must not hold the widget itself (it is being deleted): a weak
+        # reference to this runner is enough to reach the worker.
+        ref = weakref.ref(self)
+        self.owner_alive = True
+
+        def _on_destroyed(*_):
+            runner = ref()
+            if runner is not None:
+                runner.owner_alive = False
+                runner.shutdown()
+
+        owner.destroyed.connect(_on_destroyed)
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(self, job: Callable[..., Generator], *, yielded=None, returned=None, errored=None,
+              finished=None) -> Any:
+        """Start ``job()`` (a generator function) in a worker; returns the worker."""
+        if self.worker is not None:
+            raise RuntimeError("a job is already running")
+        self.stop_reason = None
+
+        def _run():  # a generator function, so napari makes a (stoppable) GeneratorWorker
+            try:
+                return (yield from job())
+            except EXPECTED_ERRORS as e:
+                # The user's input problem: handed to the widget as a value, so napari does not
+                # also pop up a traceback notification for it (it does for unexpected errors).
+                return _Failed(e)
+
+        def _guard(slot):  # the widget's slots must not run once Qt has deleted the widget
+            if slot is None:
+                return None
+            return lambda *args: slot(*args) if self.owner_alive else None
+
+        yielded, returned, errored, finished = map(_guard, (yielded, returned, errored, finished))
+
+        def _returned(value):
+            if isinstance(value, _Failed):
+                if errored is not None:
+                    errored(value.error)
+            elif returned is not None:
+                returned(value)
+
+        worker = create_worker(_run, _start_thread=False)
+        if yielded is not None:
+            worker.yielded.connect(yielded)
+        worker.returned.connect(_returned)
+        if errored is not None:
+            worker.errored.connect(errored)
+
+        def _done():
+            if self.worker is worker:
+                self.worker = None
+            try:
+                if finished is not None:
+                    finished()
+            finally:
+                self.finished.emit()
+
+        worker.finished.connect(_done)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def stop(self, reason: str | None = None) -> bool:
+        """Ask the running worker to quit at its next yield; False if none runs."""
+        if self.worker is None:
+            return False
+        self.stop_reason = self.stop_reason or reason
+        self.worker.quit()
+        return True
+
+    def shutdown(self, msecs: int = 30000) -> None:
+        """Stop and wait for the worker thread (used when the widget or viewer goes away)."""
+        worker = self.worker
+        if worker is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            worker.quit()
+            # Blocking is fine here: the window is closing. The worker never waits on the
+            # main thread (its signals are queued), so this cannot deadlock.
+            QThreadPool.globalInstance().waitForDone(msecs)

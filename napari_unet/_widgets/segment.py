@@ -1,0 +1,453 @@
+"""Segment with U-Net: runs :func:`napari_unet.inference.predict` in a worker, results as editable Labels."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import napari.layers
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, RadioButtons, SpinBox
+from napari.utils import progress
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from .. import _sample_data
+from . import _common
+from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
+
+__all__ = ["SegmentWidget", "training_labels_from_corrected"]
+
+_FILE_ENTRY = ModelEntry(name="model file...")
+_RING = 4  # px of background painted around corrected cells, as paint_sparse_labels does
+
+
+def training_labels_from_corrected(current: np.ndarray, predicted: np.ndarray | None = None,
+                                   only_edited: bool = False) -> np.ndarray:
+    """Turn a (corrected) U-Net output into painted training labels (0 unlabelled, 1 background, 2.. objects).
+
+    Parameters
+    ----------
+    current : numpy.ndarray
+        The output Labels layer as the user left it: 0 background, ``k >= 1`` an object
+        (instances) or class ``k`` (semantic).
+    predicted : numpy.ndarray, optional
+        The output as the U-Net produced it (needed for ``only_edited``).
+    only_edited : bool
+        ``False``: the whole image becomes training labels (background -> 1, ``k`` -> ``k + 1``),
+        for outputs the user has checked everywhere. ``True``: only the objects the user
+        edited (any pixel changed) become objects, with a ring of background around them,
+        and pixels the user erased become background; everything else stays 0 (unlabelled),
+        so errors the user did not look at are not learnt.
+    """
+    current = np.asarray(current)
+    dtype = np.uint32 if int(current.max(initial=0)) >= np.iinfo(np.uint16).max - 1 else np.uint16
+    if not only_edited:
+        return (current.astype(np.int64) + 1).astype(dtype)
+    if predicted is None or predicted.shape != current.shape:
+        raise ValueError("the U-Net output has changed shape since it was predicted; segment again")
+    from scipy import ndimage as ndi
+
+    changed = current != predicted
+    if not changed.any():
+        raise ValueError("no cell was edited: correct some cells with the paint tools first (or untick 'only edited')")
+    ids = np.unique(current[changed])
+    ids = ids[ids > 0]
+    edited = np.isin(current, ids)
+    out = np.zeros(current.shape, dtype)
+    ring = ndi.binary_dilation(edited, iterations=_RING) & (current == 0)
+    out[ring | (changed & (current == 0))] = 1
+    out[edited] = current[edited].astype(np.int64) + 1
+    return out
+
+
+def _update_labels_undoably(layer, new: np.ndarray, index: tuple = ()) -> None:
+    """Write ``new`` into ``layer.data[index]`` through ``Labels.data_setitem`` so napari's undo works.
+
+    Only the changed pixels are written (one undo step). A shape or dtype change replaces
+    the data instead (napari then starts a fresh undo history).
+    """
+    current = layer.data[index] if index else layer.data
+    if current.shape != new.shape or int(new.max(initial=0)) > np.iinfo(layer.data.dtype).max:
+        if index:
+            raise ValueError("the output layer no longer fits the image; delete it and segment again")
+        layer.data = new
+        return
+    changed = np.nonzero(current != new)
+    if changed[0].size == 0:
+        return
+    full = tuple(np.full(changed[0].shape, i, dtype=np.intp) for i in index) + changed
+    layer.data_setitem(full, new[changed])
+
+
+def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, config, rgb: bool,
+                 current: tuple[int, ...] | None):
+    """Worker thread: load the model if needed, then drain :func:`predict` (yielding its events).
+
+    Returns ``(prediction, plane_index, metadata)``; ``plane_index`` is the index over the
+    image's leading axes when only the current plane was segmented, else ``None``.
+    """
+    import dataclasses
+
+    from ..inference import predict
+    from ..io import load_model
+
+    if isinstance(model_source, str):
+        model, metadata = load_model(model_source)
+    else:
+        model = model_source
+    in_ch = model.config.in_channels
+    if rgb:
+        channel_axis = image.ndim - 1
+    else:
+        channel_axis = None
+        if in_ch > 1:
+            leading = [a for a, n in enumerate(image.shape[:-2]) if n == in_ch]
+            if not leading:
+                raise ValueError(f"the model takes {in_ch} channels but no axis of the image (shape {image.shape}) "
+                                 f"has {in_ch} entries; pick a {in_ch}-channel image")
+            channel_axis = leading[0]
+    config = dataclasses.replace(config, channel_axis=channel_axis)
+    planes = plane = None
+    if current is not None:
+        spatial = [a for a in range(image.ndim) if a != channel_axis][-2:]
+        lead_axes = [a for a in range(image.ndim) if a != channel_axis and a not in spatial]
+        if lead_axes:
+            plane = tuple(int(current[a]) for a in lead_axes)
+            planes = [plane]
+    pred = yield from predict(model, image, config=config, metadata=metadata, planes=planes)
+    return pred, plane, metadata
+
+
+class SegmentWidget(QWidget):
+    """Segment with U-Net: model picker, image picker, output options, Run / Cancel.
+
+    Results go to a Labels layer ``"<image> [U-Net]"`` with the image's scale and
+    translate; running again updates that layer (undoably) instead of adding one. The
+    user's own layers are never modified.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer whose Image layers are listed and where results appear.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.runner = WorkerRunner(self)
+        self._models: list[ModelEntry] = []
+        sample = _sample_data.sample_model_path()
+        if sample is not None:
+            self._models.append(ModelEntry(name="sample model: nuclei (packaged)", path=str(sample)))
+        # Output layers this widget made, per image layer (weak: a deleted layer is forgotten).
+        self._outputs: list[tuple[weakref.ref, weakref.ref]] = []
+        self._prob_layers: dict[int, weakref.ref] = {}
+        self._predicted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._train_labels: dict[int, weakref.ref] = {}
+        self._job_layers: tuple = ()
+        self._pbar = None
+
+        self.model = ComboBox(label="Model", choices=self._model_choices)
+        self.model_file = FileEdit(label="Model file", mode="r", filter="napari-unet model (*.safetensors)")
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.image = layer_picker(napari_viewer, napari.layers.Image, "Image")
+        self.output = ComboBox(label="Output", choices=["as trained", "instances", "semantic"], value="as trained")
+        self.probabilities = CheckBox(label="Also probabilities", value=False)
+        self.scope = RadioButtons(label="Planes", choices=["current plane", "whole stack"], value="whole stack",
+                                  orientation="horizontal")
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.device_info = QLabel("")
+        self.tile_size = SpinBox(label="Tile size (0 = auto)", value=0, min=0, max=8192, step=16)
+        self.precision = ComboBox(label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto")
+        self.min_size = SpinBox(label="Smallest cell (px)", value=15, min=0, max=100000)
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.only_edited = CheckBox(label="Only cells I edited", value=False)
+        self.to_training_button = QPushButton("Use corrected result as training labels")
+        self.state = StateLabel()
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(Container(widgets=[self.model, self.model_file], labels=True).native)
+        layout.addWidget(self.model_info)
+        layout.addWidget(Container(widgets=[self.image, self.output, self.probabilities, self.scope, self.device],
+                                   labels=True).native)
+        layout.addWidget(self.device_info)
+        advanced = QCollapsible("Options")
+        advanced.addWidget(Container(widgets=[self.tile_size, self.precision, self.min_size], labels=True).native)
+        layout.addWidget(advanced)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        layout.addWidget(self.state)
+        layout.addWidget(self.only_edited.native)
+        layout.addWidget(self.to_training_button)
+        layout.addStretch(1)
+
+        self.model.changed.connect(self._on_model)
+        self.image.changed.connect(self._on_image)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.to_training_button.clicked.connect(self.make_training_labels)
+        follow_layers(napari_viewer, self.reset_choices, self)
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
+        self.destroyed.connect(_disconnect_removed(napari_viewer, self._on_layer_removed))
+        self._pull_trained_models()
+        self._on_model()
+        self._on_image()
+        self._set_running(False)
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def _model_choices(self, _widget=None):
+        return [(m.name, m) for m in self._models] + [(_FILE_ENTRY.name, _FILE_ENTRY)]
+
+    def _pull_trained_models(self) -> None:
+        """List the models published by Train widgets already docked in this viewer."""
+        from .train import TrainWidget
+
+        for trainer in _common.find_docked(self.viewer, TrainWidget):
+            entry = trainer.published_model
+            if entry is not None and all(m is not entry for m in self._models):
+                self._models.insert(0, entry)
+
+    def use_model(self, entry: ModelEntry) -> None:
+        """Add ``entry`` to the model list and select it (the Train widget calls this)."""
+        self._models = [entry] + [m for m in self._models if m is not entry and
+                                  not (m.model is not None and m.name == entry.name)]
+        self.model.reset_choices()
+        self.model.value = entry
+        self._on_model()
+
+    def _on_model(self, *_):
+        entry = self.model.value
+        self.model_file.visible = entry is _FILE_ENTRY
+        self.model_info.setText(entry.describe() if entry is not None and entry is not _FILE_ENTRY else "")
+
+    def _selected_model(self) -> tuple[Any, dict | None]:
+        entry = self.model.value
+        if entry is None:
+            raise ValueError("choose a model: train one, use the sample model or pick a model file")
+        if entry is _FILE_ENTRY:
+            path = str(self.model_file.value)
+            if path in ("", "."):
+                raise ValueError("choose a model file (*.safetensors) first")
+            return path, None
+        if entry.model is not None:
+            return entry.model, dict(entry.metadata)
+        return entry.path, None
+
+    # ---- layers ---------------------------------------------------------------------------------
+
+    def reset_choices(self, *_):
+        self._pull_trained_models()
+        self.image.reset_choices()
+        self.model.reset_choices()
+
+    def _on_image(self, *_):
+        layer = self.image.value
+        stack = layer is not None and layer.ndim > 2
+        self.scope.enabled = stack
+
+    def output_layer(self, image_layer) -> napari.layers.Labels | None:
+        """The Labels layer this widget made for ``image_layer``, if it is still in the viewer."""
+        for img_ref, out_ref in self._outputs:
+            img, out = img_ref(), out_ref()
+            if img is image_layer and out is not None and out in self.viewer.layers:
+                return out
+        return None
+
+    def _on_layer_removed(self, event) -> None:
+        if self.runner.running and any(event.value is layer for layer in self._job_layers):
+            self.runner.stop(f"the layer '{event.value.name}' was removed")
+            self.state.set_state("cancelling", "input layer removed")
+
+    # ---- running --------------------------------------------------------------------------------
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.to_training_button.setEnabled(not running)
+
+    def prediction_config(self):
+        """The :class:`~napari_unet.config.PredictConfig` the widget's settings describe."""
+        from ..config import PredictConfig
+
+        return PredictConfig(output=None if self.output.value == "as trained" else self.output.value,
+                             probabilities=bool(self.probabilities.value),
+                             tile_size=int(self.tile_size.value) or None, device=self.device.value,
+                             precision=self.precision.value, min_size=int(self.min_size.value))
+
+    def run(self) -> None:
+        """Copy the image (main thread) and segment it in a worker thread."""
+        if self.runner.running:
+            return
+        layer = self.image.value
+        try:
+            if layer is None:
+                raise ValueError("add or choose an image layer to segment")
+            model_source, metadata = self._selected_model()
+            config = self.prediction_config()
+        except ValueError as e:
+            _common.notify_error(e)
+            return
+        image = _common.copy_layer_data(layer)
+        current = None
+        if layer.ndim > 2 and self.scope.value == "current plane":
+            point = self.viewer.dims.point[-layer.ndim:]
+            idx = np.round(layer.world_to_data(point)).astype(int)
+            shape = image.shape
+            current = tuple(int(np.clip(i, 0, n - 1)) for i, n in zip(idx, shape))
+        self._job_layers = (layer,)
+        self._job_image = weakref.ref(layer)
+        self._job_meta = {"scale": np.asarray(layer.scale), "translate": np.asarray(layer.translate),
+                          "name": layer.name, "rgb": bool(layer.rgb), "data_ndim": image.ndim}
+        self._job_result = None
+        self._set_running(True)
+        self.state.set_state("segmenting", layer.name)
+        self._pbar = progress(total=0, desc=f"U-Net: {layer.name}")
+        rgb = bool(layer.rgb)
+        self.runner.start(lambda: _segment_job(model_source, metadata, image, config, rgb, current),
+                          yielded=self._on_yielded, returned=self._on_returned, errored=self._on_errored,
+                          finished=self._on_finished)
+
+    def cancel(self) -> None:
+        if self.runner.stop("cancelled"):
+            self.state.set_state("cancelling")
+            self.cancel_button.setEnabled(False)
+
+    def _on_yielded(self, ev) -> None:
+        pbar = self._pbar  # local: napari's progress display may process events (and end the run)
+        if pbar is not None and ev.total:
+            if pbar.total != ev.total:
+                pbar.total = ev.total
+            pbar.n = ev.done
+            pbar.set_description(f"U-Net: {ev.message}")
+        self.device_info.setText(f"{self.device.value} \u2192 {ev.device} ({ev.precision})")
+        if self.state.state == "segmenting":
+            self.state.set_state("segmenting", ev.message)
+
+    def _on_returned(self, result) -> None:
+        self._job_result = result
+
+    def _on_errored(self, exc: BaseException) -> None:
+        expected = isinstance(exc, _common.EXPECTED_ERRORS)
+        self.state.set_state("idle" if expected else "failed", _common.first_line(exc))
+        hint = "" if expected else " (see the console for details)"
+        _common.notify_error(f"Segmentation failed: {_common.first_line(exc)}{hint}")
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._set_running(False)
+        result, self._job_result = self._job_result, None
+        self._job_layers = ()
+        if result is None:
+            if self.runner.stop_reason and self.state.state == "cancelling":
+                self.state.set_state("idle", self.runner.stop_reason)
+                if "removed" in self.runner.stop_reason:
+                    _common.notify_warning(f"Segmentation stopped: {self.runner.stop_reason}")
+            return
+        pred, plane, _meta = result
+        try:
+            layer = self._show(pred, plane)
+        except ValueError as e:
+            self.state.set_state("idle", _common.first_line(e))
+            _common.notify_error(e)
+            return
+        n = int(pred.labels.max(initial=0)) if pred.output == "instances" else None
+        self.state.set_state("done", f"{layer.name}" + (f": {n} cells" if n is not None and plane is None else ""))
+
+    def _show(self, pred, plane) -> napari.layers.Labels:
+        """Create or update the output layer(s) on the main thread."""
+        meta = self._job_meta
+        image_layer = self._job_image()
+        labels = pred.labels
+        nd = labels.ndim
+        scale, translate = meta["scale"][-nd:], meta["translate"][-nd:]
+        if len(scale) < nd:  # the channel axis was among the layer's dims
+            scale = np.concatenate([np.ones(nd - len(scale)), scale])
+            translate = np.concatenate([np.zeros(nd - len(translate)), translate])
+        out = self.output_layer(image_layer) if image_layer is not None else None
+        if out is not None and out.data.shape != labels.shape:
+            out = None if plane is None else out
+        if out is not None and plane is not None and out.data.shape != labels.shape:
+            raise ValueError("the output layer no longer fits the image; delete it and segment again")
+        if out is None:
+            data = labels if plane is None else np.zeros_like(labels)
+            if plane is not None:
+                data[plane] = labels[plane]
+            out = self.viewer.add_labels(data, name=f"{meta['name']} [U-Net]", scale=scale, translate=translate)
+            if image_layer is not None:
+                self._outputs = [(i, o) for i, o in self._outputs if i() is not image_layer]
+                self._outputs.append((weakref.ref(image_layer), weakref.ref(out)))
+        elif plane is None:
+            _update_labels_undoably(out, labels)
+        else:
+            _update_labels_undoably(out, labels[plane], plane)
+        self._predicted[out] = np.array(out.data, copy=True)
+        if pred.probabilities is not None:
+            probs = pred.probabilities if plane is None else pred.probabilities[(slice(None), *plane)]
+            self._show_probabilities(probs, image_layer, meta, scale if plane is None else scale[-2:],
+                                     translate if plane is None else translate[-2:])
+        return out
+
+    def _show_probabilities(self, probs, image_layer, meta, scale, translate) -> None:
+        key = id(image_layer)
+        ref = self._prob_layers.get(key)
+        layer = ref() if ref is not None else None
+        full_scale = np.concatenate([[1.0], scale])
+        full_translate = np.concatenate([[0.0], translate])
+        if layer is not None and layer in self.viewer.layers and layer.data.shape == probs.shape:
+            layer.data = probs
+        else:
+            layer = self.viewer.add_image(probs, name=f"{meta['name']} [U-Net probabilities]", scale=full_scale,
+                                          translate=full_translate, colormap="magma", contrast_limits=(0, 1),
+                                          visible=False, axis_labels=None)
+            self._prob_layers[key] = weakref.ref(layer)
+
+    # ---- human in the loop ----------------------------------------------------------------------
+
+    def make_training_labels(self) -> napari.layers.Labels | None:
+        """Turn the (corrected) output of the selected image into a training Labels layer.
+
+        A new layer ``"<image> [training labels]"`` in the painted convention (see
+        :func:`training_labels_from_corrected`); pressing again updates that layer. The
+        output layer itself is left as it is.
+        """
+        image_layer = self.image.value
+        out = self.output_layer(image_layer) if image_layer is not None else None
+        if out is None:
+            _common.notify_error("segment the image first: there is no U-Net output to turn into training labels")
+            return None
+        try:
+            labels = training_labels_from_corrected(out.data, self._predicted.get(out), bool(self.only_edited.value))
+        except ValueError as e:
+            _common.notify_error(e)
+            return None
+        ref = self._train_labels.get(id(out))
+        target = ref() if ref is not None else None
+        if target is not None and target in self.viewer.layers and target.data.shape == labels.shape:
+            _update_labels_undoably(target, labels)
+        else:
+            target = self.viewer.add_labels(labels, name=f"{image_layer.name} [training labels]", scale=out.scale,
+                                            translate=out.translate, opacity=0.6)
+            self._train_labels[id(out)] = weakref.ref(target)
+        _common.notify_info(f"'{target.name}' is ready: pick it as the labels layer in Train U-Net and press Start")
+        return target
+
+
+def _disconnect_removed(viewer, slot):
+    """A callable that disconnects ``slot`` from the viewer's layer-removed event (for ``destroyed``)."""
+    events = viewer.layers.events
+
+    def _disconnect(*_):
+        try:
+            events.removed.disconnect(slot)
+        except Exception:  # noqa: BLE001 - already gone with the viewer
+            pass
+
+    return _disconnect

@@ -1,0 +1,479 @@
+"""Train U-Net: runs :func:`napari_unet.training.train` in a worker, with a live plot and a live preview.
+
+How the trained model reaches the Segment widget: when a run ends, this widget publishes a
+snapshot of the model (:attr:`TrainWidget.published_model`, plus the ``model_published``
+signal) and hands it to every Segment widget docked in the same viewer, found through
+napari's public ``viewer.window.dock_widgets``; a Segment widget opened later pulls it the
+same way. The link is per viewer and visible in the code, with no module-level registry.
+The snapshot is a copy because pressing Start again keeps training this widget's model in
+place, which must not change a model that is segmenting at the same time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import threading
+import weakref
+from typing import Any
+
+import napari.layers
+import numpy as np
+import pyqtgraph as pg
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, RadioButtons, SpinBox
+from napari.utils import progress
+from psygnal import Signal
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from . import _common
+from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
+
+__all__ = ["TrainWidget", "train_config_from", "model_config_from", "PREVIEW_SIDE"]
+
+#: Largest side of the preview crop (the visible part of the image, centred): the preview
+#: runs in the training thread every few seconds and must stay cheap.
+PREVIEW_SIDE = 384
+OPTIMIZERS = {"Adam (fine-tuning)": ("adam", 1e-3), "SGD, momentum 0.99 (paper)": ("sgd", 1e-2)}
+START_CURRENT, START_NEW, START_FILE = "current model (continue)", "new model", "model file"
+
+
+def train_config_from(s: dict[str, Any]):
+    """The :class:`~napari_unet.config.TrainConfig` a widget state (a plain dict) describes."""
+    from ..config import TrainConfig
+
+    optimizer, _ = OPTIMIZERS[s["optimizer"]]
+    seconds = s["budget_kind"] == "seconds"
+    return TrainConfig(mode=s["mode"], iterations=None if seconds else int(s["budget"]),
+                       max_time=float(s["budget"]) if seconds else None, patch_size=int(s["patch_size"]),
+                       batch_size=int(s["batch_size"]), learning_rate=float(s["learning_rate"]), optimizer=optimizer,
+                       augment=bool(s["augment"]), device=s["device"])
+
+
+def model_config_from(s: dict[str, Any]):
+    """The architecture of a new model (channels and classes are set by the training engine)."""
+    from ..config import ModelConfig
+
+    return ModelConfig(depth=int(s["depth"]), base_filters=int(s["width"]), padding=s["padding"],
+                       batch_norm=bool(s["batch_norm"]))
+
+
+@dataclasses.dataclass
+class _Crop:
+    """The image region the live preview segments (set on the main thread, read by the worker)."""
+
+    image: np.ndarray
+    plane: tuple[int, ...]  # indices of the leading (non-spatial) axes of the layer
+    offset: tuple[int, int]  # (y, x) of the crop's top-left pixel in the layer
+
+
+class _JobState:
+    """What the worker thread shares with the main thread during one run."""
+
+    def __init__(self):
+        self.gen = None  # the engine's generator (closed on the main thread when the worker ends)
+        self.crop: _Crop | None = None  # replaced (never mutated) by the main thread when the view moves
+        self.lock = threading.Lock()
+
+
+def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_mode: str | None,
+               channel_axis: int | None):
+    """Worker thread: import the engine (torch) here, not at napari start-up, and relay its events."""
+    from ..training import train
+
+    preview = None
+    if preview_mode is not None:
+        from ..config import PredictConfig
+        from ..inference import predict_all
+
+        # The crop is normalised on its own; close enough for a preview (the real
+        # segmentation normalises each whole plane).
+        pconf = PredictConfig(output=preview_mode, device=config.device, min_size=15)
+
+        def preview(model):
+            crop = state.crop
+            if crop is None:
+                return None
+            pred = predict_all(model, crop.image, pconf, {"normalization": {"method": "percentile"}},
+                               ) if channel_axis is None else predict_all(
+                model, crop.image, dataclasses.replace(pconf, channel_axis=crop.image.ndim - 1),
+                {"normalization": {"method": "percentile"}})
+            return crop, pred.labels
+
+    gen = train(images, labels, config, channel_axis=channel_axis, preview=preview, preview_every=5.0, **kwargs)
+    state.gen = gen
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield event
+
+
+class TrainWidget(QWidget):
+    """Train U-Net: pick image and painted labels, a new model or a file, then Start / Stop.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer whose layers are listed and where the live preview appears.
+
+    Attributes
+    ----------
+    current : ModelEntry or None
+        The model being trained (Start continues it); ``None`` before the first run.
+    published_model : ModelEntry or None
+        The latest finished model, as a snapshot for the Segment widget.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.runner = WorkerRunner(self)
+        #: ``events.model_published(entry)`` fires when a run ends (a snapshot ModelEntry).
+        self.events = _Events()
+        self.current: ModelEntry | None = None
+        self.published_model: ModelEntry | None = None
+        self._pbar = None
+        self._job: _JobState | None = None
+        self._last_event = None
+        self._job_layers: tuple = ()
+        self._preview_layer: weakref.ref | None = None
+        self._runs = 0
+        self._error: BaseException | None = None
+        self._returned = None
+
+        self.image = layer_picker(napari_viewer, napari.layers.Image, "Image")
+        self.labels = layer_picker(napari_viewer, napari.layers.Labels, "Painted labels")
+        self.mode = RadioButtons(label="Mode", choices=["instances", "semantic"], value="instances",
+                                 orientation="horizontal")
+        self.start_from = ComboBox(label="Start from", choices=self._start_choices, value=START_NEW)
+        self.depth = SpinBox(label="Depth", value=4, min=2, max=6)
+        self.width = SpinBox(label="Width (filters)", value=16, min=4, max=128, step=4)
+        self.padding = ComboBox(label="Padding", choices=["same", "valid"], value="same")
+        self.batch_norm = CheckBox(label="Batch norm", value=True)
+        self.model_file = FileEdit(label="Model file", mode="r", filter="napari-unet model (*.safetensors)")
+        self.budget_kind = RadioButtons(label="Budget", choices=["seconds", "iterations"], value="seconds",
+                                        orientation="horizontal")
+        self.budget = SpinBox(label="Stop after", value=60, min=1, max=1_000_000)
+        self.learning_rate = FloatSpinBox(label="Learning rate", value=1e-3, min=1e-6, max=1.0, step=1e-4)
+        self.optimizer = ComboBox(label="Optimiser", choices=list(OPTIMIZERS), value="Adam (fine-tuning)")
+        self.augment = CheckBox(label="Augmentation", value=True)
+        self.patch_size = SpinBox(label="Patch size", value=256, min=32, max=1024, step=16)
+        self.batch_size = SpinBox(label="Batch size", value=4, min=1, max=64)
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.live_preview = CheckBox(label="Live preview of the visible part", value=True)
+        self.start_button = QPushButton("Start")
+        self.stop_button = QPushButton("Stop")
+        self.save_button = QPushButton("Save model...")
+        self.state = StateLabel()
+
+        self.plot = pg.GraphicsLayoutWidget()
+        self.plot.setMinimumHeight(180)
+        loss_plot = self.plot.addPlot(row=0, col=0, title="training loss")
+        iou_plot = self.plot.addPlot(row=1, col=0, title="validation IoU")
+        iou_plot.setYRange(0, 1)
+        iou_plot.setXLink(loss_plot)
+        self._loss_curve = loss_plot.plot(pen=pg.mkPen("#ffb000", width=1.5))
+        self._iou_curve = iou_plot.plot(pen=pg.mkPen("#00c0ff", width=1.5), symbol="o", symbolSize=4)
+        self._loss_xy: tuple[list, list] = ([], [])
+        self._iou_xy: tuple[list, list] = ([], [])
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(Container(widgets=[self.image, self.labels, self.mode, self.start_from, self.depth,
+                                            self.width, self.padding, self.batch_norm, self.model_file,
+                                            self.budget_kind, self.budget], labels=True).native)
+        advanced = QCollapsible("Advanced options")
+        advanced.addWidget(Container(widgets=[self.optimizer, self.learning_rate, self.augment, self.patch_size,
+                                              self.batch_size, self.device, self.live_preview], labels=True).native)
+        layout.addWidget(advanced)
+        buttons = QHBoxLayout()
+        for b in (self.start_button, self.stop_button, self.save_button):
+            buttons.addWidget(b)
+        layout.addLayout(buttons)
+        layout.addWidget(self.state)
+        layout.addWidget(self.plot)
+        layout.addStretch(1)
+
+        self.start_from.changed.connect(self._on_start_from)
+        self.budget_kind.changed.connect(self._on_budget_kind)
+        self.optimizer.changed.connect(self._on_optimizer)
+        self.start_button.clicked.connect(self.start)
+        self.stop_button.clicked.connect(self.stop)
+        self.save_button.clicked.connect(lambda *_: self.save_model())
+        follow_layers(napari_viewer, self.reset_choices, self)
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
+        # napari 0.9 moved the camera to viewer.scene.camera (the old attribute warns).
+        camera = napari_viewer.scene.camera if hasattr(napari_viewer, "scene") else napari_viewer.camera
+        camera.events.center.connect(self._on_view_changed)
+        camera.events.zoom.connect(self._on_view_changed)
+        napari_viewer.dims.events.current_step.connect(self._on_view_changed)
+        self._on_start_from()
+        self._set_buttons("idle")
+
+    # ---- settings -------------------------------------------------------------------------------
+
+    def _start_choices(self, _widget=None):
+        return ([START_CURRENT] if self.current is not None else []) + [START_NEW, START_FILE]
+
+    def _on_start_from(self, *_):
+        new = self.start_from.value == START_NEW
+        for w in (self.depth, self.width, self.padding, self.batch_norm):
+            w.visible = new
+        self.model_file.visible = self.start_from.value == START_FILE
+
+    def _on_budget_kind(self, *_):
+        if self.budget_kind.value == "seconds":
+            self.budget.value = 60
+        else:
+            self.budget.value = 300
+
+    def _on_optimizer(self, *_):
+        self.learning_rate.value = OPTIMIZERS[self.optimizer.value][1]
+
+    def settings(self) -> dict[str, Any]:
+        """The widget's state as a plain dict (see :func:`train_config_from`)."""
+        return {"mode": self.mode.value, "budget_kind": self.budget_kind.value, "budget": self.budget.value,
+                "patch_size": self.patch_size.value, "batch_size": self.batch_size.value,
+                "learning_rate": self.learning_rate.value, "optimizer": self.optimizer.value,
+                "augment": self.augment.value, "device": self.device.value, "depth": self.depth.value,
+                "width": self.width.value, "padding": self.padding.value, "batch_norm": self.batch_norm.value}
+
+    def reset_choices(self, *_):
+        self.image.reset_choices()
+        self.labels.reset_choices()
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def _set_buttons(self, state: str, detail: str = "") -> None:
+        running = state in ("training", "stopping")
+        self.start_button.setEnabled(not running)
+        self.stop_button.setEnabled(state == "training")
+        self.save_button.setEnabled(not running and self.current is not None)
+        self.start_button.setText("Continue" if self.current is not None and
+                                  self.start_from.value == START_CURRENT else "Start")
+        self.state.set_state(state, detail)
+
+    # ---- start / stop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Copy the layers (main thread) and train in a worker thread."""
+        if self.runner.running:
+            return
+        image_layer, labels_layer = self.image.value, self.labels.value
+        try:
+            if image_layer is None:
+                raise ValueError("add or choose an image layer to train on")
+            if labels_layer is None:
+                raise ValueError("add a Labels layer and paint a few cells (2, 3, ...) and some background (1)")
+            s = self.settings()
+            config = train_config_from(s)
+            kwargs: dict[str, Any] = {}
+            choice = self.start_from.value
+            if choice == START_CURRENT and self.current is not None:
+                kwargs.update(model=self.current.model, metadata=dict(self.current.metadata))
+            elif choice == START_FILE:
+                path = str(self.model_file.value)
+                if path in ("", "."):
+                    raise ValueError("choose the model file to fine-tune, or start from a new model")
+                kwargs.update(init_from=path)
+            else:
+                kwargs.update(model_config=model_config_from(s))
+        except ValueError as e:
+            _common.notify_error(e)
+            return
+        images = _common.copy_layer_data(image_layer)
+        labels = _common.copy_layer_data(labels_layer)
+        channel_axis = images.ndim - 1 if image_layer.rgb else None
+        job = _JobState()
+        self._job = job
+        self._image_layer = weakref.ref(image_layer)
+        self._job_layers = (image_layer, labels_layer)
+        if self.live_preview.value:
+            job.crop = self._visible_crop(image_layer, images)
+        self._last_event = None
+        self._returned = None
+        self._loss_xy, self._iou_xy = ([], []), ([], [])
+        self._loss_curve.setData([], [])
+        self._iou_curve.setData([], [])
+        self._job_images = images
+        self._pbar = progress(total=1000, desc="Training U-Net")
+        self._set_buttons("training", "starting (loading PyTorch)")
+        preview_mode = config.mode if self.live_preview.value else None
+        self.runner.start(lambda: _train_job(job, images, labels, config, kwargs, preview_mode, channel_axis),
+                          yielded=self._on_yielded, returned=self._on_returned, errored=self._on_errored,
+                          finished=self._on_finished)
+
+    def stop(self) -> None:
+        """Stop at the next iteration; the best weights so far are kept."""
+        if self.runner.stop("stopped"):
+            self._set_buttons("stopping", "finishing the current step")
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        if self.runner.running and any(layer is x for x in self._job_layers):
+            self.runner.stop(f"the layer '{layer.name}' was removed")
+            self._set_buttons("stopping", "input layer removed")
+
+    # ---- preview --------------------------------------------------------------------------------
+
+    def _visible_crop(self, layer, data: np.ndarray) -> _Crop | None:
+        """The visible part of the layer's current plane (at most PREVIEW_SIDE a side), as a copy."""
+        spatial_nd = layer.ndim  # an RGB layer's ndim leaves out its channel axis
+        if spatial_nd < 2:
+            return None
+        corners = np.asarray(layer.corner_pixels)
+        point = np.round(layer.world_to_data(self.viewer.dims.point[-spatial_nd:])).astype(int)
+        shape = data.shape[:spatial_nd]
+        plane = tuple(int(np.clip(p, 0, n - 1)) for p, n in zip(point[:-2], shape[:-2]))
+        (y0, x0), (y1, x1) = corners[0, -2:], corners[1, -2:]
+        h, w = shape[-2:]
+        if y1 <= y0 or x1 <= x0:  # nothing visible (yet): the whole plane
+            y0, x0, y1, x1 = 0, 0, h, w
+        cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+        hh, hw = min(y1 - y0, PREVIEW_SIDE) // 2, min(x1 - x0, PREVIEW_SIDE) // 2
+        y0, x0 = int(np.clip(cy - hh, 0, max(h - 2 * hh, 0))), int(np.clip(cx - hw, 0, max(w - 2 * hw, 0)))
+        y1, x1 = min(y0 + max(2 * hh, 16), h), min(x0 + max(2 * hw, 16), w)
+        return _Crop(image=np.array(data[plane + (slice(y0, y1), slice(x0, x1))], copy=True), plane=plane,
+                     offset=(y0, x0))
+
+    def _on_view_changed(self, *_):
+        job = self._job
+        if job is None or job.crop is None or not self.runner.running:
+            return
+        layer = self._image_layer()
+        if layer is None:
+            return
+        job.crop = self._visible_crop(layer, self._job_images)
+
+    def _show_preview(self, crop: _Crop, labels: np.ndarray) -> None:
+        image_layer = self._image_layer()
+        if image_layer is None:
+            return
+        scale = np.asarray(image_layer.scale)[-2:]
+        translate = np.asarray(image_layer.translate)[-2:] + np.asarray(crop.offset) * scale
+        layer = self._preview_layer() if self._preview_layer is not None else None
+        if layer is not None and layer in self.viewer.layers:
+            layer.data = labels
+            layer.translate = translate
+            layer.scale = scale
+        else:
+            layer = self.viewer.add_labels(labels, name=f"{image_layer.name} [U-Net preview]", scale=scale,
+                                           translate=translate, opacity=0.5)
+            self._preview_layer = weakref.ref(layer)
+
+    # ---- worker slots (main thread) -------------------------------------------------------------
+
+    def _on_yielded(self, ev) -> None:
+        self._last_event = ev
+        if ev.preview is not None:
+            self._show_preview(*ev.preview)
+        # napari's progress display may process events, so the run can finish (and the bar
+        # close) while this slot runs: work on a local reference.
+        pbar = self._pbar
+        if pbar is not None:
+            pbar.n = int(round(ev.fraction * 1000))
+            pbar.set_description(f"Training U-Net: iteration {ev.iteration}")
+        if ev.loss is not None:
+            self._loss_xy[0].append(ev.iteration)
+            self._loss_xy[1].append(ev.loss)
+            self._loss_curve.setData(*self._loss_xy)
+        if ev.val_iou is not None:
+            self._iou_xy[0].append(ev.iteration)
+            self._iou_xy[1].append(ev.val_iou)
+            self._iou_curve.setData(*self._iou_xy)
+        if ev.message:
+            _common.notify_info(ev.message)
+        if self.state.state == "training":
+            parts = [f"iteration {ev.iteration}" + (f"/{ev.total}" if ev.total else ""),
+                     f"{ev.elapsed:.0f}" + (f"/{ev.max_time:.0f}" if ev.max_time else "") + " s"]
+            if ev.loss is not None:
+                parts.append(f"loss {ev.loss:.3f}")
+            if ev.best_val_iou is not None:
+                parts.append(f"best IoU {ev.best_val_iou:.2f}")
+            self.state.set_state("training", ", ".join(parts))
+
+    def _on_returned(self, result) -> None:
+        self._returned = result
+
+    def _on_errored(self, exc: BaseException) -> None:
+        self._error = exc
+
+    def _on_finished(self) -> None:
+        job, self._job = self._job, None
+        if job is not None and job.gen is not None:
+            # worker.quit() leaves the engine's generator suspended; closing it here (the worker
+            # thread is done with it) runs its clean-up now: best weights back into the model.
+            job.gen.close()
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._job_layers = ()
+        self._job_images = None
+        error, self._error = self._error, None
+        result = self._returned or (self._last_event.result if self._last_event is not None else None)
+        stop_reason = self.runner.stop_reason
+        if error is not None:
+            expected = isinstance(error, _common.EXPECTED_ERRORS)
+            _common.notify_error(f"Training failed: {_common.first_line(error)}"
+                                 + ("" if expected else " (see the console for details)"))
+            self._set_buttons("idle" if expected else "failed", _common.first_line(error))
+            return
+        if result is None or result.model is None:
+            self._set_buttons("idle", stop_reason or "")
+            return
+        self._runs += 1
+        ev = self._last_event
+        iterations = ev.iteration if ev is not None else 0
+        name = self.current.name if self.current is not None and result.model is self.current.model else \
+            f"trained model {self._runs} ({_dt.datetime.now():%H:%M})"
+        self.current = ModelEntry(name=name, model=result.model, metadata=result.metadata)
+        self._publish()
+        self.start_from.reset_choices()
+        self.start_from.value = START_CURRENT
+        detail = f"{iterations} iterations"
+        if ev is not None and ev.best_val_iou is not None:
+            detail += f", best validation IoU {ev.best_val_iou:.2f}"
+        if stop_reason and "removed" in stop_reason:
+            _common.notify_warning(f"Training stopped: {stop_reason}; the best weights so far are kept")
+        self._set_buttons("done", detail + ("; stopped" if stop_reason else ""))
+
+    def _publish(self) -> None:
+        """Hand a snapshot of the current model to the Segment widgets of this viewer."""
+        from .segment import SegmentWidget
+
+        entry = ModelEntry(name=f"{self.current.name}", model=copy.deepcopy(self.current.model),
+                           metadata=copy.deepcopy(self.current.metadata))
+        self.published_model = entry
+        self.events.model_published.emit(entry)
+        for seg in _common.find_docked(self.viewer, SegmentWidget):
+            seg.use_model(entry)
+
+    # ---- saving ---------------------------------------------------------------------------------
+
+    def save_model(self, path: str | None = None) -> str | None:
+        """Write the current model to a ``.safetensors`` file (atomically); asks for the path if not given."""
+        if self.current is None:
+            _common.notify_error("train a model first")
+            return None
+        if not path:
+            path = _common.ask_save_path(self, "Save U-Net model", "unet.safetensors",
+                                         "napari-unet model (*.safetensors)")
+            if not path:
+                return None
+        from ..io import save_model
+
+        try:
+            written = save_model(path, self.current.model, self.current.metadata)
+        except (ValueError, OSError) as e:
+            _common.notify_error(f"Could not save the model: {_common.first_line(e)}")
+            return None
+        _common.notify_info(f"Model saved to {written}")
+        return str(written)
+
+
+class _Events:
+    """psygnal signals of the Train widget (connect any callable)."""
+
+    model_published = Signal(object)

@@ -1,0 +1,58 @@
+"""Shared fixtures. Widget tests use napari's ``make_napari_viewer`` and pytest-qt's ``qtbot``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """Record the widgets' napari notifications: ``notes["error"]``, ``notes["warning"]``, ``notes["info"]``."""
+    from napari_unet._widgets import _common
+
+    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    monkeypatch.setattr(_common, "show_error", seen["error"].append)
+    monkeypatch.setattr(_common, "show_warning", seen["warning"].append)
+    monkeypatch.setattr(_common, "show_info", seen["info"].append)
+    return seen
+
+
+@pytest.fixture
+def small_cells():
+    """A 96 x 96 synthetic nuclei image and sparse painted labels (0 unlabelled, 1 background, 2.. cells)."""
+    from napari_unet.synthetic import make_nuclei, paint_sparse_labels
+
+    image, truth = make_nuclei((96, 96), radius=(5, 9), seed=3)
+    labels = paint_sparse_labels(truth, n_cells=4, seed=3, exclude_border=4)
+    return image, labels
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path):
+    """A saved, untrained, tiny instance model (depth 2, width 4, padded): fast to run, any output."""
+    from napari_unet.io import save_model
+    from napari_unet.model import UNet
+
+    def make(in_channels: int = 1, name: str = "tiny.safetensors"):
+        import torch
+
+        torch.manual_seed(0)
+        model = UNet(in_channels, 3, depth=2, base_filters=4, padding="same", batch_norm=True)
+        return save_model(tmp_path / name, model.eval(), {"mode": "instances",
+                                                          "class_names": ["background", "cell", "boundary"]})
+
+    return make
+
+
+@pytest.fixture
+def no_threads_left():
+    """After the test body: no worker of napari's thread pool still runs."""
+    yield
+    from qtpy.QtCore import QThreadPool
+
+    assert QThreadPool.globalInstance().waitForDone(20000)
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,137 @@
+"""Train U-Net widget, driven through its own buttons (tiny models, a few iterations)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unet._widgets import SegmentWidget, TrainWidget
+
+
+def _setup(make_napari_viewer, image, labels, iterations=3):
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells", scale=(0.5, 0.5), translate=(10, 20))
+    viewer.add_labels(labels, name="painted")
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train U-Net")
+    train.depth.value, train.width.value = 2, 4
+    train.patch_size.value, train.batch_size.value = 64, 2
+    train.budget_kind.value = "iterations"
+    train.budget.value = iterations
+    return viewer, train
+
+
+def _run(qtbot, widget, button, timeout=120_000):
+    """Click ``button`` and wait until the job it starts has finished."""
+    with qtbot.waitSignal(widget.runner.finished, timeout=timeout):
+        button.click()
+    assert widget.runner.worker is None
+
+
+def test_train_then_stop_keeps_model_and_feeds_segment(make_napari_viewer, qtbot, small_cells, notes,
+                                                       no_threads_left):
+    image, labels = small_cells
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=10_000)
+    segment = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment, name="Segment with U-Net")
+    assert train.image.value is viewer.layers["cells"] and train.labels.value is viewer.layers["painted"]
+    assert train.state.state == "idle" and not train.stop_button.isEnabled()
+
+    train.start_button.click()
+    assert train.state.state == "training" and not train.start_button.isEnabled()
+    worker = train.runner.worker
+    with qtbot.waitSignal(worker.yielded, timeout=120_000, check_params_cb=lambda ev: ev.iteration >= 1):
+        pass
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        train.stop_button.click()
+        assert train.state.state == "stopping"
+    assert train.state.state == "done", train.state.text()
+    assert train.start_button.isEnabled() and train.save_button.isEnabled()
+    meta = train.current.metadata
+    assert meta["training"]["status"] == "stopped"
+    assert 1 <= meta["training"]["iterations"] < 10_000
+    assert train._loss_xy[0], "the loss plot got points"
+    # The Segment widget docked in the same viewer now uses a snapshot of the trained model.
+    entry = segment.model.value
+    assert entry is train.published_model and entry.model is not train.current.model
+    for a, b in zip(entry.model.state_dict().values(), train.current.model.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy())
+    # The user's layers are untouched.
+    np.testing.assert_array_equal(viewer.layers["painted"].data, labels)
+    assert notes["error"] == []
+
+
+def test_start_again_continues_same_model_and_preview(make_napari_viewer, qtbot, small_cells, tmp_path, monkeypatch,
+                                                      no_threads_left):
+    image, labels = small_cells
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=2)
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "done"
+    first = train.current.model
+    # The run ends with a preview of the visible part, in a layer of its own placed on the image.
+    preview = viewer.layers["cells [U-Net preview]"]
+    assert preview.data.ndim == 2 and preview.data.shape[0] <= 96
+    np.testing.assert_allclose(preview.scale, (0.5, 0.5))
+    # Human in the loop: paint one more cell, press Start again: the same network keeps training.
+    assert train.start_from.value == "current model (continue)"
+    _run(qtbot, train, train.start_button)
+    assert train.current.model is first
+    assert train.current.metadata["training"]["previous"] is not None
+    # Save model (the dialog is replaced), then reload it.
+    target = tmp_path / "m.safetensors"
+    monkeypatch.setattr("napari_unet._widgets._common.ask_save_path", lambda *a, **k: str(target))
+    train.save_button.click()
+    from napari_unet.io import load_model
+
+    model, meta = load_model(target)
+    assert meta["mode"] == "instances" and model.config.base_filters == 4
+
+
+@pytest.mark.parametrize("problem", ["nothing painted", "shapes differ"])
+def test_bad_input_notifies_and_returns_to_idle(make_napari_viewer, qtbot, small_cells, notes, problem,
+                                                no_threads_left):
+    image, labels = small_cells
+    labels = np.zeros_like(labels) if problem == "nothing painted" else labels[:80]
+    viewer, train = _setup(make_napari_viewer, image, labels)
+    before = viewer.layers["painted"].data.copy()
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "idle"
+    assert train.start_button.isEnabled() and not train.stop_button.isEnabled()
+    assert len(notes["error"]) == 1 and "\n" not in notes["error"][0]
+    assert notes["error"][0].startswith("Training failed:")
+    assert train.current is None
+    np.testing.assert_array_equal(viewer.layers["painted"].data, before)
+    assert [layer.name for layer in viewer.layers] == ["cells", "painted"]
+
+
+def test_no_layers_notifies(make_napari_viewer, notes):
+    viewer = make_napari_viewer()
+    train = TrainWidget(viewer)
+    train.start_button.click()
+    assert train.runner.worker is None and train.state.state == "idle"
+    assert "image layer" in notes["error"][0]
+
+
+def test_removing_a_layer_stops_training(make_napari_viewer, qtbot, small_cells, notes, no_threads_left):
+    image, labels = small_cells
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=10_000)
+    train.start_button.click()
+    worker = train.runner.worker
+    with qtbot.waitSignal(worker.yielded, timeout=120_000):
+        pass
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        viewer.layers.remove("painted")
+    assert train.state.state in ("done", "idle")
+    assert any("removed" in w for w in notes["warning"])
+
+
+def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot, small_cells, no_threads_left):
+    image, labels = small_cells
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=10_000)
+    train.start_button.click()
+    worker = train.runner.worker
+    with qtbot.waitSignal(worker.yielded, timeout=120_000):
+        pass
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        viewer.close()
+    assert not worker.is_running
