@@ -26,19 +26,22 @@ def _add_gui(sub) -> None:
 
 
 def _cmd_gui(args) -> int:
+    """Open napari with the three widgets docked as tabs (Train in front) and, with --sample, the sample."""
     import napari
     from npe2 import PluginManager
 
     viewer = napari.Viewer(title="napari-unet")
     for f in args.files:
         viewer.open(f)
-    pm = PluginManager.instance()
-    manifest = pm.get_manifest("napari-unet")
+    manifest = PluginManager.instance().get_manifest("napari-unet")
     if args.sample:
-        for sample in manifest.contributions.sample_data or []:
-            viewer.open_sample("napari-unet", sample.key)
-    for widget in manifest.contributions.widgets or []:
-        viewer.window.add_plugin_dock_widget("napari-unet", widget.display_name)
+        viewer.open_sample("napari-unet", "cells")
+    docks = [viewer.window.add_plugin_dock_widget("napari-unet", widget.display_name, tabify=True)[0]
+             for widget in manifest.contributions.widgets or []]
+    if docks:
+        docks[0].raise_()  # the Train tab in front: the first step of the walkthrough
+    if args.sample and len(viewer.layers) > 1:
+        viewer.layers.selection.active = viewer.layers[-1]  # the painted labels, ready for painting
     napari.run()
     return 0
 

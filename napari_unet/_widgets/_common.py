@@ -93,7 +93,7 @@ def ask_save_path(parent: QWidget | None, caption: str, default: str, filter_: s
 
 def safe_file_stem(name: str) -> str:
     """A layer name turned into a file name (no path separators or odd characters)."""
-    stem = re.sub(r"[^\w.\- ]+", "_", name).strip(" .")
+    stem = re.sub(r"[^\w.\-\[\] ]+", "_", name).strip(" .")
     return stem or "labels"
 
 

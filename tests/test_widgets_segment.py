@@ -1,0 +1,149 @@
+"""Segment with U-Net widget, driven through its own controls (tiny untrained model files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unet._widgets import SegmentWidget
+from napari_unet._widgets.segment import training_labels_from_corrected
+
+
+def _setup(make_napari_viewer, image, model_file=None, **layer_kw):
+    """A viewer with the image and a docked Segment widget using ``model_file`` (default: the packaged model)."""
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells", **layer_kw)
+    seg = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg, name="Segment with U-Net")
+    if model_file is not None:
+        seg.model.value = seg.model.choices[-1]  # "model file..."
+        seg.model_file.value = str(model_file)
+    else:
+        assert seg.model.value.name == "sample model: nuclei (packaged)"
+    return viewer, seg
+
+
+def _run(qtbot, seg, timeout=120_000):
+    with qtbot.waitSignal(seg.runner.finished, timeout=timeout):
+        seg.run_button.click()
+    assert seg.runner.worker is None
+
+
+def test_segment_2d_creates_then_updates_one_layer_undoably(make_napari_viewer, qtbot, small_cells, notes,
+                                                            no_threads_left):
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, image, scale=(0.5, 0.25), translate=(3, 4))
+    seg.min_size.value = 0
+    _run(qtbot, seg)
+    assert seg.state.state == "done", seg.state.text()
+    out = viewer.layers["cells [U-Net]"]
+    assert out.data.shape == image.shape
+    np.testing.assert_allclose(out.scale, (0.5, 0.25))
+    np.testing.assert_allclose(out.translate, (3, 4))
+    np.testing.assert_array_equal(viewer.layers["cells"].data, image)  # the user's layer is untouched
+    assert "cpu" in seg.device_info.text()
+    first = out.data.copy()
+
+    # The user edits the output, then segments again: same layer, and undo brings the edit back.
+    out.data_setitem((np.array([5, 5]), np.array([5, 6])), 77)
+    edited = out.data.copy()
+    _run(qtbot, seg)
+    assert [layer.name for layer in viewer.layers] == ["cells", "cells [U-Net]"]
+    np.testing.assert_array_equal(out.data, first)
+    out.undo()
+    np.testing.assert_array_equal(out.data, edited)
+    assert notes["error"] == []
+
+
+def test_segment_stack_whole_and_current_plane(make_napari_viewer, qtbot, no_threads_left):
+    from napari_unet.synthetic import make_nuclei
+
+    stack = np.stack([make_nuclei((64, 64), radius=(6, 10), seed=s)[0] for s in range(3)])
+    viewer, seg = _setup(make_napari_viewer, stack)
+    seg.min_size.value = 0
+    assert seg.scope.enabled
+    seg.scope.value = "whole stack"
+    _run(qtbot, seg)
+    out = viewer.layers["cells [U-Net]"]
+    assert out.data.shape == stack.shape and all(out.data[z].any() for z in range(3))
+
+    out.data = np.zeros_like(out.data)
+    viewer.dims.set_current_step(0, 1)
+    seg.scope.value = "current plane"
+    seg.probabilities.value = True
+    _run(qtbot, seg)
+    assert out.data[1].any() and not out.data[0].any() and not out.data[2].any()
+    probs = viewer.layers["cells [U-Net probabilities]"]
+    assert probs.data.shape == (3, 64, 64) and probs.data.dtype == np.float32
+    np.testing.assert_allclose(probs.data.sum(axis=0), 1.0, atol=1e-3)
+
+
+def test_segment_rgb_image(make_napari_viewer, qtbot, small_cells, tiny_model_file, no_threads_left):
+    image, _ = small_cells
+    rgb = np.stack([image // 256] * 3, axis=-1).astype(np.uint8)
+    viewer, seg = _setup(make_napari_viewer, rgb, tiny_model_file(), rgb=True)
+    _run(qtbot, seg)
+    assert viewer.layers["cells [U-Net]"].data.shape == image.shape
+
+
+def test_channel_mismatch_and_cancel(make_napari_viewer, qtbot, small_cells, tiny_model_file, notes,
+                                    no_threads_left):
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, image, tiny_model_file(in_channels=2, name="two.safetensors"))
+    _run(qtbot, seg)
+    assert seg.state.state == "idle" and seg.run_button.isEnabled()
+    assert len(notes["error"]) == 1 and "2 channels" in notes["error"][0]
+    assert [layer.name for layer in viewer.layers] == ["cells"]
+
+    # Cancel: a stack with small tiles gives many events; cancel at the first one.
+    seg.model_file.value = str(tiny_model_file(name="one.safetensors"))
+    viewer.layers["cells"].data = np.stack([image] * 6)
+    seg.scope.value = "whole stack"
+    seg.tile_size.value = 32
+    with qtbot.waitSignal(seg.runner.finished, timeout=120_000):
+        seg.run_button.click()
+        with qtbot.waitSignal(seg.runner.worker.yielded, timeout=120_000):
+            pass
+        seg.cancel_button.click()
+    assert seg.state.state == "idle"
+    assert [layer.name for layer in viewer.layers] == ["cells"]
+
+
+def test_corrected_output_becomes_training_labels(make_napari_viewer, qtbot, small_cells, notes, no_threads_left):
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, image)
+    seg.min_size.value = 0
+    _run(qtbot, seg)
+    out = viewer.layers["cells [U-Net]"]
+    # The user paints a new cell (id 500) on background in the output.
+    y, x = np.argwhere(out.data == 0)[len(np.argwhere(out.data == 0)) // 2]
+    out.data_setitem((np.array([y]), np.array([x])), 500)
+    seg.only_edited.value = True
+    seg.to_training_button.click()
+    train = viewer.layers["cells [training labels]"]
+    assert train.data[y, x] == 501 and set(np.unique(train.data)) == {0, 1, 501}
+    seg.only_edited.value = False
+    seg.to_training_button.click()
+    assert train.data.min() == 1 and train.data[y, x] == 501  # whole image now, same layer
+    assert len([layer for layer in viewer.layers if "training" in layer.name]) == 1
+
+
+def test_training_labels_conversion():
+    predicted = np.array([[0, 0, 3], [0, 2, 2]])
+    current = predicted.copy()
+    np.testing.assert_array_equal(training_labels_from_corrected(current), [[1, 1, 4], [1, 3, 3]])
+    current[0, 2] = 0  # erased a false positive
+    edited = training_labels_from_corrected(current, predicted, only_edited=True)
+    np.testing.assert_array_equal(edited, [[0, 0, 1], [0, 0, 0]])  # erased -> background, the rest unlabelled
+    current[1, 1] = 5  # split a cell: the new cell and a background ring around it are labelled
+    edited = training_labels_from_corrected(current, predicted, only_edited=True)
+    np.testing.assert_array_equal(edited, [[1, 1, 1], [1, 6, 0]])
+    with pytest.raises(ValueError, match="no cell was edited"):
+        training_labels_from_corrected(predicted, predicted, only_edited=True)
+
+
+def test_packaged_sample_model_is_listed(make_napari_viewer):
+    viewer = make_napari_viewer()
+    seg = SegmentWidget(viewer)
+    names = [name for name, _ in seg._model_choices()]
+    assert names[0] == "sample model: nuclei (packaged)" and names[-1] == "model file..."
