@@ -105,12 +105,23 @@ class TrainConfig(_DictMixin):
         Weight-map parameters (paper: 10 and 5 px).
     val_fraction : float
         Fraction of labelled objects held out for validation (0 disables validation).
+    val_every : int
+        Validate (and keep the weights if they are the best so far) every this many steps.
+    val_margin : int
+        Pixels around each held-out object that are also kept out of the training loss.
+    min_val_objects : int
+        With fewer painted objects, validation is skipped and the last weights are kept.
+    momentum : float
+        Momentum of the ``"sgd"`` optimiser (paper: 0.99).
     seed : int or None
         Makes CPU runs repeatable.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
     precision : str
         ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast).
+    threads : int or None
+        CPU threads for torch during training (``None``: leave torch's setting). On a CPU
+        shared with other jobs one thread can be several times faster than two.
     """
 
     mode: str = "instances"
@@ -125,11 +136,18 @@ class TrainConfig(_DictMixin):
     w0: float = 10.0
     sigma: float = 5.0
     val_fraction: float = 0.2
+    val_every: int = 10
+    val_margin: int = 8
+    min_val_objects: int = 3
+    momentum: float = 0.99
     seed: int | None = 0
     device: str = "auto"
     precision: str = "auto"
+    threads: int | None = None
 
     def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be a positive integer, got {self.threads}")
         if self.mode not in ("instances", "semantic"):
             raise ConfigError(f"mode must be 'instances' or 'semantic', got {self.mode!r}")
         if self.iterations is None and self.max_time is None:
@@ -146,6 +164,22 @@ class TrainConfig(_DictMixin):
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.val_every < 1 or self.val_margin < 0 or self.min_val_objects < 2:
+            raise ConfigError("val_every must be >= 1, val_margin >= 0 and min_val_objects >= 2")
+        if self.learning_rate <= 0 or not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("learning_rate must be positive and momentum in [0, 1)")
+
+    @classmethod
+    def paper_preset(cls, **overrides) -> TrainConfig:
+        """The paper's optimisation: SGD, momentum 0.99, batch 1, 572 px tiles, border weight map.
+
+        Use it with the paper's unpadded network (``napari_unet.training.paper_preset``
+        returns both configs).
+        """
+        kw: dict[str, Any] = dict(optimizer="sgd", momentum=0.99, batch_size=1, patch_size=572,
+                                  learning_rate=0.01, border_weights=True)
+        kw.update(overrides)
+        return cls(**kw)
 
 
 @dataclass(frozen=True)

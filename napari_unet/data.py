@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["normalize", "normalize_like"]
+__all__ = ["normalize", "normalize_like", "IGNORE", "TrainingDataError", "as_list", "check_labels", "split_channels",
+           "apply_roi", "instance_targets", "semantic_targets", "class_balance", "border_weight_map"]
 
 
 def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, channel_axis: int | None = None,
@@ -42,3 +43,183 @@ def normalize_like(image: np.ndarray, params: dict[str, Any] | None, channel_axi
     if method != "percentile":
         raise ValueError(f"unknown normalisation method {method!r} in the model file")
     return normalize(image, float(params.get("low", 1.0)), float(params.get("high", 99.8)), channel_axis)
+
+
+# ---- painted labels -> training data ---------------------------------------------------------
+
+#: Target value of pixels the loss ignores (unlabelled, or held out for validation).
+IGNORE = 255
+
+#: Smallest image side (in pixels) training accepts.
+MIN_IMAGE_SIZE = 16
+
+
+class TrainingDataError(ValueError):
+    """Images or painted labels that cannot be trained on; the one-line message says why."""
+
+
+def as_list(x: Any, name: str) -> list:
+    """One array, or a list/tuple of arrays, as a list (``None`` stays an empty list)."""
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+def check_labels(labels: Any, name: str = "labels") -> np.ndarray:
+    """Painted labels as a non-negative integer array, or :class:`TrainingDataError`.
+
+    Float arrays are accepted when every value is a whole number (ImageJ writes labels as
+    float32 sometimes); anything else that is not integer is refused.
+    """
+    lab = np.asarray(labels)
+    if lab.dtype == bool:
+        raise TrainingDataError(f"{name} are boolean; paint 1 for background and 2, 3, ... for objects")
+    if np.issubdtype(lab.dtype, np.floating):
+        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise TrainingDataError(f"{name} are not integers (dtype {lab.dtype} with fractional values)")
+        lab = lab.astype(np.int64)
+    elif not np.issubdtype(lab.dtype, np.integer):
+        raise TrainingDataError(f"{name} are not integers (dtype {lab.dtype})")
+    if lab.size and lab.min() < 0:
+        raise TrainingDataError(f"{name} have negative values; use 0 unlabelled, 1 background, 2.. objects")
+    return lab
+
+
+def split_channels(image: Any, labels_shape: tuple[int, ...], channel_axis: int | None = None,
+                   name: str = "image") -> np.ndarray:
+    """The image with its channels as the last axis (``(..., Y, X, C)``), matched to the labels' shape.
+
+    Without ``channel_axis``: an image of the labels' shape has one channel; an image with
+    one extra axis has channels there (the last axis if it fits, e.g. RGB, else the first).
+    """
+    img = np.asarray(image)
+    if img.dtype == bool:
+        img = img.astype(np.float32)
+    if not (np.issubdtype(img.dtype, np.number)):
+        raise TrainingDataError(f"{name} is not numeric (dtype {img.dtype})")
+    if channel_axis is not None:
+        if not -img.ndim <= channel_axis < img.ndim:
+            raise TrainingDataError(f"channel_axis {channel_axis} is out of range for {name} of shape {img.shape}")
+        img = np.moveaxis(img, channel_axis, -1)
+        if img.shape[:-1] != tuple(labels_shape):
+            raise TrainingDataError(f"{name} shape {img.shape[:-1]} (without channels) and labels shape "
+                                    f"{tuple(labels_shape)} differ")
+        return img
+    if img.shape == tuple(labels_shape):
+        return img[..., None]
+    if img.ndim == len(labels_shape) + 1:
+        candidates = [ax for ax in range(img.ndim) if img.shape[:ax] + img.shape[ax + 1:] == tuple(labels_shape)]
+        if candidates:
+            ax = img.ndim - 1 if img.ndim - 1 in candidates else candidates[0]
+            return np.moveaxis(img, ax, -1)
+    raise TrainingDataError(f"{name} shape {img.shape} and labels shape {tuple(labels_shape)} differ")
+
+
+def apply_roi(labels: np.ndarray, roi: Any) -> np.ndarray:
+    """Inside the region of interest, unlabelled pixels (0) become background (1)."""
+    if roi is None:
+        return labels
+    mask = np.asarray(roi)
+    if mask.shape != labels.shape:
+        raise TrainingDataError(f"roi shape {mask.shape} and labels shape {labels.shape} differ")
+    out = labels.copy()
+    out[(mask != 0) & (labels == 0)] = 1
+    return out
+
+
+def instance_targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Painted instance labels (2D) -> targets: 0 background, 1 interior, 2 boundary, :data:`IGNORE`.
+
+    The boundary is each cell's own border pixels (next to background, unlabelled pixels
+    or another cell), so touching cells are separated by two boundary rings.
+
+    Returns
+    -------
+    target : numpy.ndarray
+        uint8 class per pixel.
+    cells : numpy.ndarray
+        int32 instances, 0 outside cells and 1..N (renumbered) inside.
+    """
+    from skimage.segmentation import find_boundaries, relabel_sequential
+
+    cells = np.where(labels >= 2, labels, 0)
+    cells = relabel_sequential(cells.astype(np.int64, copy=False))[0].astype(np.int32)
+    target = np.full(labels.shape, IGNORE, np.uint8)
+    target[labels == 1] = 0
+    target[cells > 0] = 1
+    target[find_boundaries(cells, mode="inner") & (cells > 0)] = 2
+    return target, cells
+
+
+def semantic_targets(labels: np.ndarray) -> np.ndarray:
+    """Painted semantic labels -> class per pixel (painted k -> k - 1), :data:`IGNORE` where unpainted."""
+    if labels.size and labels.max() > IGNORE:
+        raise TrainingDataError(f"semantic labels go up to {labels.max()}; at most {IGNORE} classes are supported")
+    target = labels.astype(np.int16) - 1
+    target[labels == 0] = IGNORE
+    return target.astype(np.uint8)
+
+
+def class_balance(targets: list[np.ndarray], n_classes: int) -> np.ndarray:
+    """Class weights ``w_c = 1 / (K f_c)`` over the labelled pixels (mean weight 1).
+
+    ``f_c`` is class c's share of the labelled pixels and ``K`` the number of classes
+    present; absent classes get weight 1.
+    """
+    counts = np.zeros(n_classes, np.float64)
+    for t in targets:
+        counts += np.bincount(t[t != IGNORE].ravel(), minlength=n_classes)[:n_classes]
+    total = counts.sum()
+    present = counts > 0
+    w = np.ones(n_classes, np.float64)
+    if total > 0:
+        w[present] = total / (present.sum() * counts[present])
+    return w.astype(np.float32)
+
+
+def border_weight_map(cells: np.ndarray, target: np.ndarray, class_weights: np.ndarray, w0: float = 10.0,
+                      sigma: float = 5.0) -> np.ndarray:
+    """The U-Net paper's weight map ``w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``.
+
+    Parameters
+    ----------
+    cells : numpy.ndarray
+        int instances (0 = no cell), 2D.
+    target : numpy.ndarray
+        Class per pixel (:data:`IGNORE` for unlabelled pixels, which get weight 0).
+    class_weights : numpy.ndarray
+        ``w_c`` per class (see :func:`class_balance`).
+    w0, sigma : float
+        The paper's 10 and 5 px.
+
+    Notes
+    -----
+    ``d1`` and ``d2`` are the Euclidean distances to the nearest and second-nearest cell
+    (scipy's distance transform; a pixel next to a cell is at distance 1, a pixel inside
+    a cell at 0). Each cell's distance transform is computed in a window around it of
+    ``4 sigma`` px beyond its bounding box: farther away the exponential term is below
+    ``1e-6 w0`` and is dropped.
+    """
+    from scipy import ndimage as ndi
+
+    w = np.zeros(target.shape, np.float32)
+    labelled = target != IGNORE
+    w[labelled] = class_weights[target[labelled]]
+    if w0 <= 0 or cells.max() == 0:
+        return w
+    reach = int(np.ceil(4 * sigma)) + 1
+    d1 = np.full(cells.shape, np.inf, np.float32)
+    d2 = np.full(cells.shape, np.inf, np.float32)
+    for i, sl in enumerate(ndi.find_objects(cells), start=1):
+        if sl is None:
+            continue
+        win = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, n)) for s, n in zip(sl, cells.shape))
+        d = ndi.distance_transform_edt(cells[win] != i).astype(np.float32)
+        a, b = d1[win], d2[win]
+        d2[win] = np.minimum(b, np.maximum(a, d))
+        d1[win] = np.minimum(a, d)
+    both = np.isfinite(d2) & labelled
+    w[both] += w0 * np.exp(-((d1[both] + d2[both]) ** 2) / (2 * sigma**2))
+    return w

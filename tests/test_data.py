@@ -1,0 +1,188 @@
+"""Painted labels -> training data: conventions, checks, weight map, validation split."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from napari_unet.data import (
+    IGNORE,
+    TrainingDataError,
+    apply_roi,
+    border_weight_map,
+    check_labels,
+    class_balance,
+    instance_targets,
+    semantic_targets,
+    split_channels,
+)
+from napari_unet.training import prepare_training_data
+
+
+def _two_cells(gap=4):
+    lab = np.zeros((40, 60), np.int32)
+    lab[5:35, 2:58] = 1
+    lab[10:30, 10:25] = 2
+    lab[10:30, 25 + gap:40 + gap] = 3
+    return lab
+
+
+def test_instance_targets_convention():
+    lab = np.zeros((12, 12), np.uint8)
+    lab[0:2] = 1
+    lab[4:9, 2:7] = 2
+    lab[4:9, 7:11] = 5  # touches cell 2
+    target, cells = instance_targets(lab)
+    assert target[0, 0] == 0  # painted background -> class 0
+    assert target[11, 11] == IGNORE  # unlabelled -> ignored
+    assert target[6, 4] == 1  # interior
+    assert target[4, 4] == 2 and target[6, 2] == 2  # the cell's own border
+    assert target[6, 6] == 2 and target[6, 7] == 2  # both sides of the contact between touching cells
+    assert set(np.unique(cells)) == {0, 1, 2}
+    assert (target[cells > 0] > 0).all()
+
+
+def test_semantic_targets_convention():
+    lab = np.array([[0, 1, 2, 3]], np.uint16)
+    assert semantic_targets(lab).tolist() == [[IGNORE, 0, 1, 2]]
+
+
+def test_roi_makes_unlabelled_background():
+    lab = np.zeros((6, 6), np.int32)
+    lab[2, 2] = 2
+    roi = np.zeros((6, 6), bool)
+    roi[:3, :3] = True
+    out = apply_roi(lab, roi)
+    assert out[2, 2] == 2 and out[0, 0] == 1 and out[5, 5] == 0
+    with pytest.raises(TrainingDataError, match="roi shape"):
+        apply_roi(lab, roi[:5])
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (np.full((4, 4), 0.5), "not integers"),
+    (np.full((4, 4), -1), "negative"),
+    (np.zeros((4, 4), bool), "boolean"),
+    (np.array([["a"]]), "not integers"),
+])
+def test_check_labels_refuses(bad, msg):
+    with pytest.raises(TrainingDataError, match=msg):
+        check_labels(bad)
+
+
+def test_check_labels_accepts_whole_floats():
+    assert check_labels(np.array([[0.0, 2.0]], np.float32)).dtype.kind == "i"
+
+
+def test_split_channels():
+    lab_shape = (20, 30)
+    assert split_channels(np.zeros((20, 30)), lab_shape).shape == (20, 30, 1)
+    assert split_channels(np.zeros((20, 30, 3)), lab_shape).shape == (20, 30, 3)  # RGB last
+    assert split_channels(np.zeros((2, 20, 30)), lab_shape).shape == (20, 30, 2)  # channels first
+    assert split_channels(np.zeros((20, 5, 30)), lab_shape, channel_axis=1).shape == (20, 30, 5)
+    with pytest.raises(TrainingDataError, match="differ"):
+        split_channels(np.zeros((21, 30)), lab_shape)
+
+
+def test_weight_map_between_two_cells():
+    gap, w0, sigma = 4, 10.0, 5.0
+    lab = _two_cells(gap)
+    target, cells = instance_targets(lab)
+    cw = class_balance([target], 3)
+    w = border_weight_map(cells, target, cw, w0=w0, sigma=sigma)
+    # Background pixel in the gap, k px right of cell 2: d1 + d2 = gap + 1 for every pixel of the gap.
+    row = 20
+    for x in range(25, 25 + gap):
+        expected = cw[0] + w0 * np.exp(-((gap + 1) ** 2) / (2 * sigma**2))
+        assert w[row, x] == pytest.approx(expected, rel=1e-5)
+    # Far from both cells: only the class weight.
+    assert w[6, 56] == pytest.approx(cw[0] + w0 * np.exp(-((ndi.distance_transform_edt(cells != 1)[6, 56]
+                                                             + ndi.distance_transform_edt(cells != 2)[6, 56]) ** 2)
+                                                         / (2 * sigma**2)), rel=1e-4)
+    assert w[0, 0] == 0.0  # unlabelled: weight 0
+    # Interior pixel of cell 2: d1 = 0, d2 = distance to cell 3.
+    d2 = ndi.distance_transform_edt(cells != 2)[20, 15]
+    assert w[20, 15] == pytest.approx(cw[1] + w0 * np.exp(-(d2**2) / (2 * sigma**2)), rel=1e-5)
+    assert w[20, 26] > w[8, 56]  # gap weighs more than open background
+
+
+def test_class_balance_mean_one():
+    t = np.array([0] * 90 + [1] * 8 + [2] * 2 + [IGNORE] * 50, np.uint8)
+    cw = class_balance([t], 3)
+    labelled = t[t != IGNORE]
+    assert cw[labelled].mean() == pytest.approx(1.0)
+    assert cw[2] > cw[1] > cw[0]
+
+
+def _painted(n_cells=6, seed=0):
+    from napari_unet.synthetic import make_nuclei, paint_sparse_labels
+
+    img, gt = make_nuclei((128, 128), seed=seed)
+    return img, paint_sparse_labels(gt, n_cells=n_cells, seed=seed)
+
+
+@pytest.mark.parametrize("images, labels, msg", [
+    (np.zeros((30, 30)), np.ones((31, 30), np.uint8), "differ"),
+    (np.zeros((10, 10)), np.pad(np.array([[2]]), ((5, 4), (5, 4)), constant_values=1), "too small"),
+    (np.full((21, 21), np.nan), np.pad(np.array([[2]]), 10, constant_values=1), "no finite"),
+    (np.zeros((30, 30)), np.full((30, 30), 2), "no background"),
+    (np.zeros((30, 30)), np.ones((30, 30), np.int32), "no object"),
+    (np.zeros((30, 30)), np.zeros((30, 30), np.int32), "empty"),
+    (np.zeros((30, 30)), np.full((30, 30), 1.5), "not integers"),
+    ([np.zeros((30, 30))] * 2, [np.ones((30, 30), np.int32)], "2 images but 1"),
+])
+def test_prepare_refuses_bad_input(images, labels, msg):
+    with pytest.raises(TrainingDataError, match=msg):
+        prepare_training_data(images, labels)
+
+
+def test_training_data_error_is_value_error():
+    assert issubclass(TrainingDataError, ValueError)
+
+
+def test_prepare_stack_uses_labelled_planes_only():
+    img, lab = _painted()
+    stack = np.stack([img, img[::-1], img])
+    labs = np.zeros(stack.shape, np.int32)
+    labs[1] = lab[::-1]
+    data = prepare_training_data(stack, labs, val_fraction=0)
+    assert len(data.planes) == 1 and data.planes[0].source == (0, 1)
+    assert data.in_channels == 1 and data.n_classes == 3
+    assert np.array_equal(data.planes[0].target != IGNORE, labs[1] > 0)
+    # Normalised per image: 1st percentile -> 0, 99.8th -> 1.
+    assert data.planes[0].image.dtype == np.float32
+    assert abs(np.percentile(data.planes[0].image, 99.8) - 1) < 0.05
+
+
+def test_prepare_semantic_classes():
+    lab = np.zeros((32, 32), np.int32)
+    lab[:4] = 1
+    lab[10:14] = 2
+    lab[20:24] = 4
+    data = prepare_training_data(np.random.default_rng(0).random((32, 32)), lab, "semantic", val_fraction=0)
+    assert data.n_classes == 4 and data.class_names[0] == "background"
+    assert set(np.unique(data.planes[0].target)) == {0, 1, 3, IGNORE}
+
+
+def test_validation_split_has_no_leakage():
+    img, lab = _painted(n_cells=6)
+    margin = 8
+    data = prepare_training_data(img, lab, val_fraction=0.34, val_margin=margin, seed=3)
+    assert data.n_objects == 6 and data.n_val_objects == 2
+    pl = data.planes[0]
+    held = pl.val_target != IGNORE
+    held_cells = np.unique(lab[held & (lab >= 2)])
+    assert len(held_cells) == 2
+    # The held-out objects and a margin around them are out of the training loss...
+    zone = ndi.distance_transform_edt(~np.isin(lab, held_cells)) <= margin
+    assert not (pl.target[zone] != IGNORE).any()
+    assert not np.isin(pl.centres, np.flatnonzero(zone)).any()
+    assert (pl.weight[zone] == 0).all()
+    # ...and every other painted pixel is trained on.
+    assert ((pl.target != IGNORE) == ((lab > 0) & ~zone)).all()
+
+
+def test_validation_skipped_with_few_objects():
+    img, lab = _painted(n_cells=2)
+    data = prepare_training_data(img, lab)
+    assert data.n_val_objects == 0
+    assert "validation skipped" in data.messages[0]
+    assert all(p.val_target is None for p in data.planes)

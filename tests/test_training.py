@@ -1,0 +1,219 @@
+"""The training generator: events, stop/resume, repeatability, fine-tuning, quality on synthetic nuclei."""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unet.config import ModelConfig, TrainConfig
+from napari_unet.io import load_model, save_model
+from napari_unet.synthetic import make_nuclei, paint_sparse_labels
+from napari_unet.training import (
+    TrainingDataError,
+    TrainProgress,
+    TrainResult,
+    default_model_config,
+    paper_preset,
+    train,
+)
+
+TINY = ModelConfig(depth=2, base_filters=4, padding="same", batch_norm=True)
+
+
+def _fast(**kw):
+    base = dict(iterations=6, max_time=None, patch_size=32, batch_size=2, precision="fp32", val_every=2, seed=0,
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    img, gt = make_nuclei((96, 96), seed=2)
+    return img, paint_sparse_labels(gt, n_cells=5, seed=2), gt
+
+
+def _drain(gen):
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return events, stop.value
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_events_and_result(nuclei):
+    img, lab, _ = nuclei
+    events, result = _drain(train(img, lab, _fast(), model_config=TINY))
+    assert all(isinstance(e, TrainProgress) for e in events)
+    assert [e.iteration for e in events] == list(range(7))
+    assert isinstance(result, TrainResult) and all(e.result is result for e in events)
+    assert events[0].loss is None and all(np.isfinite(e.loss) for e in events[1:])
+    assert events[-1].fraction == 1.0 and all(0 <= e.fraction <= 1 for e in events)
+    assert [e.iteration for e in events if e.val_iou is not None] == [2, 4, 6]
+    assert all(0 <= e.val_iou <= 1 and e.val_loss > 0 for e in events if e.val_iou is not None)
+    assert events[-1].best_val_iou == max(e.val_iou for e in events if e.val_iou is not None)
+    assert events[-1].total == 6 and events[-1].elapsed > 0
+    meta = result.metadata
+    assert meta["normalization"] == {"method": "percentile", "low": 1.0, "high": 99.8}
+    assert meta["mode"] == "instances" and meta["class_names"] == ["background", "cell", "boundary"]
+    t = meta["training"]
+    assert t["status"] == "finished" and t["iterations"] == 6 and t["data_shapes"] == [[96, 96]]
+    n_cells = len(np.unique(lab[lab >= 2]))
+    assert n_cells >= 3 and t["n_objects"] == n_cells and t["n_val_objects"] == 1
+    assert t["best_val_iou"] == events[-1].best_val_iou
+    assert t["config"]["patch_size"] == 32 and t["elapsed"] > 0 and t["date"]
+    assert result.model.config.n_classes == 3 and not result.model.training
+
+
+def test_stop_keeps_best_weights_and_complete_metadata(nuclei, tmp_path):
+    img, lab, _ = nuclei
+    gen = train(img, lab, _fast(iterations=50, val_every=1), model_config=TINY)
+    snapshots = {}
+    for ev in gen:
+        if ev.val_iou is not None:
+            snapshots[ev.iteration] = (ev.val_iou, ev.val_loss, _state(ev.result.model))
+        if ev.iteration == 7:
+            break
+    gen.close()  # what napari's worker.quit() amounts to
+    result = ev.result
+    best_it = result.metadata["training"]["best_iteration"]
+    assert snapshots[best_it][0] == max(v[0] for v in snapshots.values()) == result.metadata["training"]["best_val_iou"]
+    assert _same(_state(result.model), snapshots[best_it][2])
+    t = result.metadata["training"]
+    assert t["status"] == "stopped" and t["iterations"] == 7
+    save_model(tmp_path / "m.safetensors", result.model, result.metadata)
+    model2, meta2 = load_model(tmp_path / "m.safetensors")
+    assert meta2["training"]["iterations"] == 7 and meta2["mode"] == "instances"
+
+
+def test_garbage_collected_generator_also_finishes(nuclei):
+    img, lab, _ = nuclei
+    gen = train(img, lab, _fast(iterations=50), model_config=TINY)
+    for ev in gen:
+        if ev.iteration == 3:
+            break
+    result = ev.result
+    del gen, ev
+    gc.collect()
+    assert result.metadata["training"]["status"] == "stopped" and result.metadata["training"]["iterations"] == 3
+    assert not result.model.training
+
+
+def test_continue_training_the_same_model(nuclei):
+    img, lab, _ = nuclei
+    _, first = _drain(train(img, lab, _fast(), model_config=TINY))
+    model = first.model
+    before = _state(model)
+    lab2 = lab.copy()
+    lab2[:4, :] = np.where(lab2[:4, :] == 0, 1, lab2[:4, :])  # the user paints more background
+    _, second = _drain(train(img, lab2, _fast(seed=1), model=model, metadata=first.metadata))
+    assert second.model is model  # trained in place
+    assert not _same(before, _state(model))
+    assert second.metadata["training"]["previous"]["iterations"] == 6
+    assert second.metadata["class_names"] == first.metadata["class_names"]
+
+
+def test_same_seed_same_losses(nuclei):
+    img, lab, _ = nuclei
+    runs = [[e.loss for e in _drain(train(img, lab, _fast(seed=s), model_config=TINY))[0][1:]] for s in (5, 5, 6)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_fine_tune_with_class_change(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.random((48, 48)).astype(np.float32)
+    lab = np.zeros((48, 48), np.uint8)
+    lab[:10] = 1
+    lab[20:30, 5:15] = 2
+    path = tmp_path / "two.safetensors"
+    _, r2 = _drain(train(img, lab, _fast(mode="semantic", iterations=2), model_config=TINY))
+    assert r2.model.config.n_classes == 2
+    save_model(path, r2.model, r2.metadata)
+    lab[20:30, 30:40] = 3
+    events, r3 = _drain(train(img, lab, _fast(mode="semantic", iterations=2), init_from=path))
+    assert "replaced the output layer: 2 -> 3 classes" in events[0].message
+    assert r3.model.config.n_classes == 3 and r3.model.outc.out_channels == 3
+    assert r3.metadata["class_names"] == ["background", "class 1", "class 2"]
+    assert r3.metadata["training"]["init_from"] == str(path)
+    # The rest of the network kept the saved weights' architecture and trained on.
+    assert r3.model.config.depth == 2 and r3.model.config.base_filters == 4
+    save_model(tmp_path / "three.safetensors", r3.model, r3.metadata)
+    assert load_model(tmp_path / "three.safetensors")[0].config.n_classes == 3
+
+
+def test_preview_runs_in_eval_mode_without_grad(nuclei):
+    img, lab, _ = nuclei
+    calls = []
+
+    def preview(model):
+        calls.append((model.training, torch.is_grad_enabled()))
+        return len(calls)
+
+    events, result = _drain(train(img, lab, _fast(iterations=3), model_config=TINY, preview=preview,
+                                  preview_every=0.0))
+    assert calls == [(False, False)] * 3
+    assert [e.preview for e in events] == [None, 1, 2, 3]
+    assert result.model.training is False
+
+
+def test_stacks_channels_roi_and_valid_padding():
+    img, gt = make_nuclei((64, 64), seed=4)
+    lab = paint_sparse_labels(gt, n_cells=2, seed=4)
+    stack = np.stack([np.stack([img, img // 2], -1)] * 2)  # (Z, Y, X, C=2)
+    labs = np.zeros(stack.shape[:-1], np.int32)
+    labs[1] = np.where(lab == 1, 0, lab)  # no background painted...
+    roi = np.zeros(labs.shape, bool)
+    roi[1, :20] = True  # ...but a region of interest says unlabelled = background there
+    with pytest.raises(TrainingDataError, match="no background"):
+        next(train(stack, labs, _fast(iterations=1), model_config=TINY))
+    events, r = _drain(train(stack, labs, _fast(iterations=2), model_config=TINY, roi=roi, channel_axis=-1))
+    assert r.model.config.in_channels == 2
+    assert "validation skipped" in events[0].message and r.metadata["training"]["best_val_iou"] is None
+    valid = ModelConfig(depth=2, base_filters=4, padding="valid", batch_norm=False)
+    _, r = _drain(train(img, lab, _fast(iterations=2, patch_size=40), model_config=valid))
+    assert r.model.config.padding == "valid" and r.metadata["training"]["patch"][1] < 40
+
+
+def test_semantic_validation_reports_mean_iou():
+    rng = np.random.default_rng(1)
+    img = rng.random((64, 64)).astype(np.float32)
+    lab = np.zeros((64, 64), np.uint8)
+    lab[:6] = 1
+    for k, x in enumerate(range(4, 60, 12)):
+        lab[20:30, x:x + 6] = 2 + k % 2
+    events, r = _drain(train(img, lab, _fast(mode="semantic", iterations=2, val_every=1), model_config=TINY))
+    assert r.metadata["training"]["n_val_objects"] == 1
+    assert all(e.val_iou is not None and 0 <= e.val_iou <= 1 for e in events[1:])
+
+
+def test_bad_input_raises_on_first_next():
+    gen = train(np.zeros((32, 32)), np.ones((32, 31), np.uint8), _fast())
+    with pytest.raises(TrainingDataError, match="differ"):
+        next(gen)
+
+
+def test_time_budget_stops(nuclei):
+    img, lab, _ = nuclei
+    events, r = _drain(train(img, lab, _fast(iterations=None, max_time=0.5), model_config=TINY))
+    assert events[-1].elapsed >= 0.5 and events[-1].fraction == 1.0 and events[-1].total is None
+    assert r.metadata["training"]["status"] == "finished"
+
+
+def test_presets():
+    cfg, mc = paper_preset()
+    assert cfg.optimizer == "sgd" and cfg.momentum == 0.99 and cfg.batch_size == 1 and cfg.patch_size >= 512
+    assert mc.padding == "valid" and mc.base_filters == 64 and mc.depth == 5
+    assert TrainConfig.paper_preset(max_time=10).max_time == 10
+    d = default_model_config(2, 3)
+    assert d.in_channels == 2 and d.padding == "same" and d.batch_norm
