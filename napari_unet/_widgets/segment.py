@@ -307,7 +307,7 @@ class SegmentWidget(QWidget):
         self._job_result = None
         self._set_running(True)
         self.state.set_state("segmenting", layer.name)
-        self._pbar = progress(total=0, desc=f"U-Net: {layer.name}")
+        self._pbar = progress(total=100, desc=f"U-Net: {layer.name}")
         rgb = bool(layer.rgb)
         self.runner.start(lambda: _segment_job(model_source, metadata, image, config, rgb, current),
                           yielded=self._on_yielded, returned=self._on_returned, errored=self._on_errored,
@@ -319,12 +319,13 @@ class SegmentWidget(QWidget):
             self.cancel_button.setEnabled(False)
 
     def _on_yielded(self, ev) -> None:
-        pbar = self._pbar  # local: napari's progress display may process events (and end the run)
+        # napari's progress bar runs QApplication.processEvents() on every change (and may end
+        # the run under us): update it at most once per percent, through a local reference.
+        pbar = self._pbar
         if pbar is not None and ev.total:
-            if pbar.total != ev.total:
-                pbar.total = ev.total
-            pbar.n = ev.done
-            pbar.set_description(f"U-Net: {ev.message}")
+            value = int(100 * ev.done / ev.total)
+            if value != pbar.n:
+                pbar.update(value - pbar.n)
         self.device_info.setText(f"{self.device.value} \u2192 {ev.device} ({ev.precision})")
         if self.state.state == "segmenting":
             self.state.set_state("segmenting", ev.message)

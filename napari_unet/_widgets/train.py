@@ -292,13 +292,17 @@ class TrainWidget(QWidget):
         self._job_layers = (image_layer, labels_layer)
         if self.live_preview.value:
             job.crop = self._visible_crop(image_layer, images)
+            if job.crop is not None:
+                # Creating a layer costs napari a few hundred ms on the GUI thread: do it now, at
+                # the click, rather than in the middle of the run; previews then only swap data.
+                self._show_preview(job.crop, np.zeros(job.crop.image.shape[:2], np.uint16))
         self._last_event = None
         self._returned = None
         self._loss_xy, self._iou_xy = ([], []), ([], [])
         self._loss_curve.setData([], [])
         self._iou_curve.setData([], [])
         self._job_images = images
-        self._pbar = progress(total=1000, desc="Training U-Net")
+        self._pbar = progress(total=100, desc="Training U-Net")
         self._set_buttons("training", "starting (loading PyTorch)")
         preview_mode = config.mode if self.live_preview.value else None
         self.runner.start(lambda: _train_job(job, images, labels, config, kwargs, preview_mode, channel_axis),
@@ -356,8 +360,11 @@ class TrainWidget(QWidget):
         layer = self._preview_layer() if self._preview_layer is not None else None
         if layer is not None and layer in self.viewer.layers:
             layer.data = labels
-            layer.translate = translate
-            layer.scale = scale
+            # Setting scale/translate rebuilds napari's transforms (tens of ms): only on a move.
+            if not np.allclose(layer.translate, translate):
+                layer.translate = translate
+            if not np.allclose(layer.scale, scale):
+                layer.scale = scale
         else:
             layer = self.viewer.add_labels(labels, name=f"{image_layer.name} [U-Net preview]", scale=scale,
                                            translate=translate, opacity=0.5)
@@ -372,9 +379,11 @@ class TrainWidget(QWidget):
         # napari's progress display may process events, so the run can finish (and the bar
         # close) while this slot runs: work on a local reference.
         pbar = self._pbar
-        if pbar is not None:
-            pbar.n = int(round(ev.fraction * 1000))
-            pbar.set_description(f"Training U-Net: iteration {ev.iteration}")
+        value = int(ev.fraction * 100)
+        if pbar is not None and value != pbar.n:
+            # napari's progress bar runs QApplication.processEvents() on every change (it repaints
+            # the viewer): update it once per percent, never its description, to keep slots short.
+            pbar.update(value - pbar.n)
         if ev.loss is not None:
             self._loss_xy[0].append(ev.iteration)
             self._loss_xy[1].append(ev.loss)
