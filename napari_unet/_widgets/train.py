@@ -142,6 +142,7 @@ class TrainWidget(QWidget):
         self._preview_layer: weakref.ref | None = None
         self._runs = 0
         self._error: BaseException | None = None
+        self._empty_preview: weakref.ref | None = None
         self._returned = None
 
         self.image = layer_picker(napari_viewer, napari.layers.Image, "Image")
@@ -295,7 +296,9 @@ class TrainWidget(QWidget):
             if job.crop is not None:
                 # Creating a layer costs napari a few hundred ms on the GUI thread: do it now, at
                 # the click, rather than in the middle of the run; previews then only swap data.
+                had_preview = self._preview_layer is not None and self._preview_layer() in self.viewer.layers
                 self._show_preview(job.crop, np.zeros(job.crop.image.shape[:2], np.uint16))
+                self._empty_preview = None if had_preview else self._preview_layer
         self._last_event = None
         self._returned = None
         self._loss_xy, self._iou_xy = ([], []), ([], [])
@@ -376,6 +379,7 @@ class TrainWidget(QWidget):
         self._last_event = ev
         if ev.preview is not None:
             self._show_preview(*ev.preview)
+            self._empty_preview = None
         # napari's progress display may process events, so the run can finish (and the bar
         # close) while this slot runs: work on a local reference.
         pbar = self._pbar
@@ -421,6 +425,9 @@ class TrainWidget(QWidget):
         self._job_layers = ()
         self._job_images = None
         error, self._error = self._error, None
+        empty, self._empty_preview = self._empty_preview, None
+        if empty is not None and empty() is not None and empty() in self.viewer.layers:
+            self.viewer.layers.remove(empty())  # made at Start, never got a preview: no stray layer
         result = self._returned or (self._last_event.result if self._last_event is not None else None)
         stop_reason = self.runner.stop_reason
         if error is not None:
