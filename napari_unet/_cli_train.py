@@ -46,6 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="adam, or sgd with momentum 0.99")
     p.add_argument("--no-augment", action="store_true", help="no geometric or intensity augmentation")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of painted objects held out")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -54,7 +55,8 @@ def _config(args):
     from .config import TrainConfig
 
     kw = {"mode": args.mode, "seed": args.seed, "device": args.device, "precision": args.precision,
-          "iterations": args.iterations, "max_time": args.max_time, "augment": not args.no_augment}
+          "iterations": args.iterations, "max_time": args.max_time, "augment": not args.no_augment,
+          "threads": args.threads}
     if args.iterations is None and args.max_time is None:
         kw["max_time"] = 60.0
     for name, value in (("patch_size", args.patch_size), ("batch_size", args.batch_size),
@@ -115,7 +117,8 @@ def run(args) -> int:
                 bar = tqdm(total=1000, file=sys.stderr, desc="training",
                            bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
             if event.message:
-                print(f"napari-unet train: {event.message}", file=sys.stderr)
+                msg = f"napari-unet train: {event.message}"
+                bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr)
             if bar is not None:
                 bar.n = int(round(event.fraction * 1000))
                 post = f"step {event.iteration}"

@@ -162,11 +162,12 @@ def semantic_targets(labels: np.ndarray) -> np.ndarray:
     return target.astype(np.uint8)
 
 
-def class_balance(targets: list[np.ndarray], n_classes: int) -> np.ndarray:
-    """Class weights ``w_c = 1 / (K f_c)`` over the labelled pixels (mean weight 1).
+def class_balance(targets: list[np.ndarray], n_classes: int, power: float = 1.0) -> np.ndarray:
+    """Class weights ``w_c`` proportional to ``f_c ** -power`` over the labelled pixels (mean weight 1).
 
-    ``f_c`` is class c's share of the labelled pixels and ``K`` the number of classes
-    present; absent classes get weight 1.
+    ``f_c`` is class c's share of the labelled pixels; ``power=1`` gives ``1 / (K f_c)``
+    with ``K`` the number of classes present, ``power=0.5`` a softer balance. Absent
+    classes get weight 1.
     """
     counts = np.zeros(n_classes, np.float64)
     for t in targets:
@@ -175,7 +176,9 @@ def class_balance(targets: list[np.ndarray], n_classes: int) -> np.ndarray:
     present = counts > 0
     w = np.ones(n_classes, np.float64)
     if total > 0:
-        w[present] = total / (present.sum() * counts[present])
+        f = counts[present] / total
+        raw = f ** -float(power)
+        w[present] = raw / (f * raw).sum()  # labelled pixels' mean weight is 1
     return w.astype(np.float32)
 
 

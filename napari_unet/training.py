@@ -570,7 +570,10 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 raise ValueError("give either model (continue training) or init_from (fine-tune a file), not both")
             model, prior_meta = load_model(init_from, device="cpu")
             st["init_from"] = str(init_from)
-        target_classes = model.config.n_classes if (model is not None and config.mode == "semantic") else None
+        # A semantic model keeps its classes when fine-tuned on labels that use only some of them.
+        target_classes = None
+        if model is not None and config.mode == "semantic" and prior_meta.get("mode") == "semantic":
+            target_classes = model.config.n_classes
         data = prepare_training_data(
             images, labels, config.mode, roi=roi, channel_axis=channel_axis, val_fraction=config.val_fraction,
             val_margin=config.val_margin, min_val_objects=config.min_val_objects,

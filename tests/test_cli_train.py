@@ -1,0 +1,110 @@
+"""``napari-unet train``: the model file it writes, its progress output and its one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unet.cli import main
+from napari_unet.io import load_model
+from napari_unet.synthetic import make_nuclei, paint_sparse_labels
+
+FAST = ["--iterations", "3", "--depth", "2", "--width", "4", "--patch-size", "32", "--batch-size", "2",
+        "--threads", "1", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    img, gt = make_nuclei((64, 64), seed=3)
+    lab = paint_sparse_labels(gt, n_cells=4, seed=3)
+    tifffile.imwrite(d / "img.tif", img)
+    tifffile.imwrite(d / "lab.tif", lab)
+    return d, img, lab
+
+
+def _err_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_train_writes_exactly_out(files, capsys):
+    d, _, lab = files
+    out = d / "m.safetensors"
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out), *FAST]) == 0
+    model, meta = load_model(out)
+    assert meta["mode"] == "instances" and meta["training"]["iterations"] == 3
+    assert model.config.depth == 2 and model.config.base_filters == 4
+    assert [p.name for p in d.iterdir() if p.name.startswith(".") or p.name.endswith(".part")] == []
+    err = capsys.readouterr().err
+    assert "training" in err and "wrote" in err  # progress bar and summary on stderr
+    # Refuses to overwrite, then --overwrite replaces it; --from fine-tunes it.
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out), *FAST]) == 2
+    assert "already exists" in _err_line(capsys)
+    two = _write(d, "two_classes.tif", np.minimum(lab, 2).astype(np.uint16))  # background and one class
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", two, "--out", str(out),
+                 "--from", str(out), "--overwrite", "--mode", "semantic", *FAST]) == 0
+    assert "replaced the output layer: 3 -> 2 classes" in capsys.readouterr().err
+    assert load_model(out)[1]["mode"] == "semantic"
+
+
+def test_several_images(files, capsys):
+    d, img, lab = files
+    tifffile.imwrite(d / "img2.tif", img[::-1])
+    tifffile.imwrite(d / "lab2.tif", lab[::-1])
+    out = d / "two.safetensors"
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--image",
+                 str(d / "img2.tif"), "--labels", str(d / "lab2.tif"), "--out", str(out), "--quiet", *FAST]) == 0
+    assert load_model(out)[1]["training"]["data_shapes"] == [[64, 64], [64, 64]]
+
+
+def _write(d, name, arr):
+    tifffile.imwrite(d / name, arr)
+    return str(d / name)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no such file"),
+    ("shape", "differ"),
+    ("no_background", "no background"),
+    ("no_object", "no object"),
+    ("float_labels", "not integers"),
+    ("pairs", "give one --labels per --image"),
+])
+def test_bad_input_one_line_error(files, capsys, case, expected):
+    d, img, lab = files
+    image, labels = str(d / "img.tif"), str(d / "lab.tif")
+    extra = []
+    if case == "missing":
+        image = str(d / "nope.tif")
+    elif case == "shape":
+        labels = _write(d, "small.tif", lab[:50])
+    elif case == "no_background":
+        labels = _write(d, "nobg.tif", np.where(lab == 1, 0, lab).astype(np.uint16))
+    elif case == "no_object":
+        labels = _write(d, "noobj.tif", np.minimum(lab, 1).astype(np.uint16))
+    elif case == "float_labels":
+        labels = _write(d, "float.tif", lab.astype(np.float32) + 0.5)
+    elif case == "pairs":
+        extra = ["--image", image]
+    out = d / f"{case}.safetensors"
+    code = main(["train", "--image", image, "--labels", labels, *extra, "--out", str(out), *FAST])
+    assert code == 2
+    line = _err_line(capsys)
+    assert line.startswith("napari-unet train: error:") and expected in line
+    assert not out.exists()
+
+
+def test_subprocess_error_exit_status(files):
+    d, _, lab = files
+    bad = _write(d, "neg.tif", (lab.astype(np.int16) - 1))
+    exe = Path(sys.executable).parent / "napari-unet"
+    r = subprocess.run([str(exe), "train", "--image", str(d / "img.tif"), "--labels", bad, "--out",
+                        str(d / "x.safetensors"), *FAST], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "negative" in r.stderr and not (d / "x.safetensors").exists()
