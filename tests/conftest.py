@@ -54,5 +54,15 @@ def no_threads_left():
     assert QThreadPool.globalInstance().waitForDone(20000)
 
 
-def assert_same(a, b):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+@pytest.fixture
+def dock():
+    """Open one of the plugin's widgets the way napari does (Plugins menu): ``dock(viewer, "Train U-Net")``.
+
+    napari builds it from the manifest and passes a proxy of the viewer, as users get it.
+    """
+
+    def _dock(viewer, name: str):
+        _, widget = viewer.window.add_plugin_dock_widget("napari-unet", name)
+        return widget
+
+    return _dock

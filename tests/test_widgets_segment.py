@@ -9,12 +9,16 @@ from napari_unet._widgets import SegmentWidget
 from napari_unet._widgets.segment import training_labels_from_corrected
 
 
-def _setup(make_napari_viewer, image, model_file=None, **layer_kw):
+def _setup(make_napari_viewer, image, model_file=None, dock=None, **layer_kw):
     """A viewer with the image and a docked Segment widget using ``model_file`` (default: the packaged model)."""
     viewer = make_napari_viewer()
     viewer.add_image(image, name="cells", **layer_kw)
-    seg = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(seg, name="Segment with U-Net")
+    if dock is not None:  # as napari makes it (with a proxy of the viewer)
+        seg = dock(viewer, "Segment with U-Net")
+        assert isinstance(seg, SegmentWidget)
+    else:
+        seg = SegmentWidget(viewer)
+        viewer.window.add_dock_widget(seg, name="Segment with U-Net")
     if model_file is not None:
         seg.model.value = seg.model.choices[-1]  # "model file..."
         seg.model_file.value = str(model_file)
@@ -29,10 +33,10 @@ def _run(qtbot, seg, timeout=120_000):
     assert seg.runner.worker is None
 
 
-def test_segment_2d_creates_then_updates_one_layer_undoably(make_napari_viewer, qtbot, small_cells, notes,
+def test_segment_2d_creates_then_updates_one_layer_undoably(make_napari_viewer, qtbot, small_cells, notes, dock,
                                                             no_threads_left):
     image, _ = small_cells
-    viewer, seg = _setup(make_napari_viewer, image, scale=(0.5, 0.25), translate=(3, 4))
+    viewer, seg = _setup(make_napari_viewer, image, dock=dock, scale=(0.5, 0.25), translate=(3, 4))
     seg.min_size.value = 0
     _run(qtbot, seg)
     assert seg.state.state == "done", seg.state.text()
@@ -109,9 +113,10 @@ def test_channel_mismatch_and_cancel(make_napari_viewer, qtbot, small_cells, tin
     assert [layer.name for layer in viewer.layers] == ["cells"]
 
 
-def test_corrected_output_becomes_training_labels(make_napari_viewer, qtbot, small_cells, notes, no_threads_left):
+def test_corrected_output_becomes_training_labels(make_napari_viewer, qtbot, small_cells, notes, dock,
+                                                  no_threads_left):
     image, _ = small_cells
-    viewer, seg = _setup(make_napari_viewer, image)
+    viewer, seg = _setup(make_napari_viewer, image, dock=dock)
     seg.min_size.value = 0
     _run(qtbot, seg)
     out = viewer.layers["cells [U-Net]"]

@@ -8,12 +8,16 @@ import pytest
 from napari_unet._widgets import SegmentWidget, TrainWidget
 
 
-def _setup(make_napari_viewer, image, labels, iterations=3):
+def _setup(make_napari_viewer, image, labels, iterations=3, dock=None):
     viewer = make_napari_viewer()
     viewer.add_image(image, name="cells", scale=(0.5, 0.5), translate=(10, 20))
     viewer.add_labels(labels, name="painted")
-    train = TrainWidget(viewer)
-    viewer.window.add_dock_widget(train, name="Train U-Net")
+    if dock is not None:  # as napari makes it (with a proxy of the viewer)
+        train = dock(viewer, "Train U-Net")
+        assert isinstance(train, TrainWidget) and type(train.viewer).__name__ == "PublicOnlyProxy"
+    else:
+        train = TrainWidget(viewer)
+        viewer.window.add_dock_widget(train, name="Train U-Net")
     train.depth.value, train.width.value = 2, 4
     train.patch_size.value, train.batch_size.value = 64, 2
     train.budget_kind.value = "iterations"
@@ -28,13 +32,12 @@ def _run(qtbot, widget, button, timeout=120_000):
     assert widget.runner.worker is None
 
 
-def test_train_then_stop_keeps_model_and_feeds_segment(make_napari_viewer, qtbot, small_cells, notes,
+def test_train_then_stop_keeps_model_and_feeds_segment(make_napari_viewer, qtbot, small_cells, notes, dock,
                                                        no_threads_left):
     image, labels = small_cells
-    viewer, train = _setup(make_napari_viewer, image, labels, iterations=10_000)
-    segment = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(segment, name="Segment with U-Net")
-    assert train.image.value is viewer.layers["cells"] and train.labels.value is viewer.layers["painted"]
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=10_000, dock=dock)
+    segment = dock(viewer, "Segment with U-Net")
+    assert train.image.value == viewer.layers["cells"] and train.labels.value == viewer.layers["painted"]
     assert train.state.state == "idle" and not train.stop_button.isEnabled()
 
     train.start_button.click()
@@ -62,9 +65,9 @@ def test_train_then_stop_keeps_model_and_feeds_segment(make_napari_viewer, qtbot
 
 
 def test_start_again_continues_same_model_and_preview(make_napari_viewer, qtbot, small_cells, tmp_path, monkeypatch,
-                                                      no_threads_left):
+                                                      dock, no_threads_left):
     image, labels = small_cells
-    viewer, train = _setup(make_napari_viewer, image, labels, iterations=2)
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=2, dock=dock)
     _run(qtbot, train, train.start_button)
     assert train.state.state == "done"
     first = train.current.model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import napari.layers
@@ -140,11 +140,8 @@ class SegmentWidget(QWidget):
         sample = _sample_data.sample_model_path()
         if sample is not None:
             self._models.append(ModelEntry(name="sample model: nuclei (packaged)", path=str(sample)))
-        # Output layers this widget made, per image layer (weak: a deleted layer is forgotten).
-        self._outputs: list[tuple[weakref.ref, weakref.ref]] = []
-        self._prob_layers: dict[int, weakref.ref] = {}
-        self._predicted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._train_labels: dict[int, weakref.ref] = {}
+        self._outputs: list[_Output] = []
+        self._job_image = None
         self._job_layers: tuple = ()
         self._pbar = None
 
@@ -251,16 +248,26 @@ class SegmentWidget(QWidget):
         stack = layer is not None and layer.ndim > 2
         self.scope.enabled = stack
 
-    def output_layer(self, image_layer) -> napari.layers.Labels | None:
-        """The Labels layer this widget made for ``image_layer``, if it is still in the viewer."""
-        for img_ref, out_ref in self._outputs:
-            img, out = img_ref(), out_ref()
-            if img is image_layer and out is not None and out in self.viewer.layers:
-                return out
+    def _record(self, image_layer) -> _Output | None:
+        for rec in self._outputs:
+            if rec.image == image_layer and rec.labels in self.viewer.layers:
+                return rec
         return None
 
+    def output_layer(self, image_layer) -> napari.layers.Labels | None:
+        """The Labels layer this widget made for ``image_layer``, if it is still in the viewer."""
+        rec = self._record(image_layer) if image_layer is not None else None
+        return rec.labels if rec is not None else None
+
     def _on_layer_removed(self, event) -> None:
-        if self.runner.running and any(event.value is layer for layer in self._job_layers):
+        gone = event.value
+        self._outputs = [r for r in self._outputs if not (r.image == gone or r.labels == gone)]
+        for r in self._outputs:
+            if r.probabilities is not None and r.probabilities == gone:
+                r.probabilities = None
+            if r.training is not None and r.training == gone:
+                r.training = None
+        if self.runner.running and any(gone == layer for layer in self._job_layers):
             self.runner.stop(f"the layer '{event.value.name}' was removed")
             self.state.set_state("cancelling", "input layer removed")
 
@@ -301,7 +308,7 @@ class SegmentWidget(QWidget):
             shape = image.shape
             current = tuple(int(np.clip(i, 0, n - 1)) for i, n in zip(idx, shape))
         self._job_layers = (layer,)
-        self._job_image = weakref.ref(layer)
+        self._job_image = layer
         self._job_meta = {"scale": np.asarray(layer.scale), "translate": np.asarray(layer.translate),
                           "name": layer.name, "rgb": bool(layer.rgb), "data_ndim": image.ndim}
         self._job_result = None
@@ -346,6 +353,7 @@ class SegmentWidget(QWidget):
         self._set_running(False)
         result, self._job_result = self._job_result, None
         self._job_layers = ()
+        image_layer, self._job_image = self._job_image, None
         if result is None:
             if self.runner.stop_reason and self.state.state == "cancelling":
                 self.state.set_state("idle", self.runner.stop_reason)
@@ -354,7 +362,7 @@ class SegmentWidget(QWidget):
             return
         pred, plane, _meta = result
         try:
-            layer = self._show(pred, plane)
+            layer = self._show(pred, plane, image_layer)
         except ValueError as e:
             self.state.set_state("idle", _common.first_line(e))
             _common.notify_error(e)
@@ -362,53 +370,50 @@ class SegmentWidget(QWidget):
         n = int(pred.labels.max(initial=0)) if pred.output == "instances" else None
         self.state.set_state("done", f"{layer.name}" + (f": {n} cells" if n is not None and plane is None else ""))
 
-    def _show(self, pred, plane) -> napari.layers.Labels:
+    def _show(self, pred, plane, image_layer) -> napari.layers.Labels:
         """Create or update the output layer(s) on the main thread."""
         meta = self._job_meta
-        image_layer = self._job_image()
         labels = pred.labels
         nd = labels.ndim
         scale, translate = meta["scale"][-nd:], meta["translate"][-nd:]
         if len(scale) < nd:  # the channel axis was among the layer's dims
             scale = np.concatenate([np.ones(nd - len(scale)), scale])
             translate = np.concatenate([np.zeros(nd - len(translate)), translate])
-        out = self.output_layer(image_layer) if image_layer is not None else None
-        if out is not None and out.data.shape != labels.shape:
-            out = None if plane is None else out
-        if out is not None and plane is not None and out.data.shape != labels.shape:
-            raise ValueError("the output layer no longer fits the image; delete it and segment again")
-        if out is None:
+        rec = self._record(image_layer) if image_layer is not None else None
+        if rec is not None and rec.labels.data.shape != labels.shape:
+            if plane is not None:
+                raise ValueError("the output layer no longer fits the image; delete it and segment again")
+            rec.labels.data = labels  # a new shape: napari starts a fresh undo history
+            rec.labels.scale, rec.labels.translate = scale, translate
+        elif rec is not None:
+            if plane is None:
+                _update_labels_undoably(rec.labels, labels)
+            else:
+                _update_labels_undoably(rec.labels, labels[plane], plane)
+        else:
             data = labels if plane is None else np.zeros_like(labels)
             if plane is not None:
                 data[plane] = labels[plane]
             out = self.viewer.add_labels(data, name=f"{meta['name']} [U-Net]", scale=scale, translate=translate)
+            rec = _Output(image=image_layer, labels=out)
+            self._outputs = [r for r in self._outputs if not (image_layer is not None and r.image == image_layer)]
             if image_layer is not None:
-                self._outputs = [(i, o) for i, o in self._outputs if i() is not image_layer]
-                self._outputs.append((weakref.ref(image_layer), weakref.ref(out)))
-        elif plane is None:
-            _update_labels_undoably(out, labels)
-        else:
-            _update_labels_undoably(out, labels[plane], plane)
-        self._predicted[out] = np.array(out.data, copy=True)
+                self._outputs.append(rec)
+        rec.predicted = np.array(rec.labels.data, copy=True)
         if pred.probabilities is not None:
             probs = pred.probabilities if plane is None else pred.probabilities[(slice(None), *plane)]
-            self._show_probabilities(probs, image_layer, meta, scale if plane is None else scale[-2:],
+            self._show_probabilities(rec, probs, meta, scale if plane is None else scale[-2:],
                                      translate if plane is None else translate[-2:])
-        return out
+        return rec.labels
 
-    def _show_probabilities(self, probs, image_layer, meta, scale, translate) -> None:
-        key = id(image_layer)
-        ref = self._prob_layers.get(key)
-        layer = ref() if ref is not None else None
-        full_scale = np.concatenate([[1.0], scale])
-        full_translate = np.concatenate([[0.0], translate])
+    def _show_probabilities(self, rec: _Output, probs, meta, scale, translate) -> None:
+        layer = rec.probabilities
         if layer is not None and layer in self.viewer.layers and layer.data.shape == probs.shape:
             layer.data = probs
         else:
-            layer = self.viewer.add_image(probs, name=f"{meta['name']} [U-Net probabilities]", scale=full_scale,
-                                          translate=full_translate, colormap="magma", contrast_limits=(0, 1),
-                                          visible=False, axis_labels=None)
-            self._prob_layers[key] = weakref.ref(layer)
+            rec.probabilities = self.viewer.add_image(
+                probs, name=f"{meta['name']} [U-Net probabilities]", scale=np.concatenate([[1.0], scale]),
+                translate=np.concatenate([[0.0], translate]), colormap="magma", contrast_limits=(0, 1), visible=False)
 
     # ---- human in the loop ----------------------------------------------------------------------
 
@@ -420,25 +425,36 @@ class SegmentWidget(QWidget):
         output layer itself is left as it is.
         """
         image_layer = self.image.value
-        out = self.output_layer(image_layer) if image_layer is not None else None
-        if out is None:
+        rec = self._record(image_layer) if image_layer is not None else None
+        if rec is None:
             _common.notify_error("segment the image first: there is no U-Net output to turn into training labels")
             return None
         try:
-            labels = training_labels_from_corrected(out.data, self._predicted.get(out), bool(self.only_edited.value))
+            labels = training_labels_from_corrected(rec.labels.data, rec.predicted, bool(self.only_edited.value))
         except ValueError as e:
             _common.notify_error(e)
             return None
-        ref = self._train_labels.get(id(out))
-        target = ref() if ref is not None else None
+        target = rec.training
         if target is not None and target in self.viewer.layers and target.data.shape == labels.shape:
             _update_labels_undoably(target, labels)
         else:
-            target = self.viewer.add_labels(labels, name=f"{image_layer.name} [training labels]", scale=out.scale,
-                                            translate=out.translate, opacity=0.6)
-            self._train_labels[id(out)] = weakref.ref(target)
+            target = self.viewer.add_labels(labels, name=f"{image_layer.name} [training labels]",
+                                            scale=rec.labels.scale, translate=rec.labels.translate, opacity=0.6)
+            rec.training = target
         _common.notify_info(f"'{target.name}' is ready: pick it as the labels layer in Train U-Net and press Start")
         return target
+
+
+@dataclass
+class _Output:
+    """The layers this widget made for one image layer (strong references, dropped when a layer is
+    removed). Layers are compared with ``==``, not ``is``: napari hands plugins proxies of them."""
+
+    image: Any
+    labels: Any
+    predicted: np.ndarray | None = None  # the output as predicted, to find the user's edits
+    probabilities: Any = None
+    training: Any = None
 
 
 def _disconnect_removed(viewer, slot):

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import datetime as _dt
 import threading
-import weakref
 from typing import Any
 
 import napari.layers
@@ -139,10 +138,12 @@ class TrainWidget(QWidget):
         self._job: _JobState | None = None
         self._last_event = None
         self._job_layers: tuple = ()
-        self._preview_layer: weakref.ref | None = None
+        # Strong references, compared with ==: napari hands plugins proxies of its layers.
+        self._preview_layer = None
+        self._image_layer = None
         self._runs = 0
         self._error: BaseException | None = None
-        self._empty_preview: weakref.ref | None = None
+        self._empty_preview = None
         self._returned = None
 
         self.image = layer_picker(napari_viewer, napari.layers.Image, "Image")
@@ -289,14 +290,14 @@ class TrainWidget(QWidget):
         channel_axis = images.ndim - 1 if image_layer.rgb else None
         job = _JobState()
         self._job = job
-        self._image_layer = weakref.ref(image_layer)
+        self._image_layer = image_layer
         self._job_layers = (image_layer, labels_layer)
         if self.live_preview.value:
             job.crop = self._visible_crop(image_layer, images)
             if job.crop is not None:
                 # Creating a layer costs napari a few hundred ms on the GUI thread: do it now, at
                 # the click, rather than in the middle of the run; previews then only swap data.
-                had_preview = self._preview_layer is not None and self._preview_layer() in self.viewer.layers
+                had_preview = self._preview_layer is not None and self._preview_layer in self.viewer.layers
                 self._show_preview(job.crop, np.zeros(job.crop.image.shape[:2], np.uint16))
                 self._empty_preview = None if had_preview else self._preview_layer
         self._last_event = None
@@ -319,7 +320,9 @@ class TrainWidget(QWidget):
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
-        if self.runner.running and any(layer is x for x in self._job_layers):
+        if self._preview_layer is not None and self._preview_layer == layer:
+            self._preview_layer = None
+        if self.runner.running and any(layer == x for x in self._job_layers):
             self.runner.stop(f"the layer '{layer.name}' was removed")
             self._set_buttons("stopping", "input layer removed")
 
@@ -349,18 +352,18 @@ class TrainWidget(QWidget):
         job = self._job
         if job is None or job.crop is None or not self.runner.running:
             return
-        layer = self._image_layer()
-        if layer is None:
+        layer = self._image_layer
+        if layer is None or self._job_images is None:
             return
         job.crop = self._visible_crop(layer, self._job_images)
 
     def _show_preview(self, crop: _Crop, labels: np.ndarray) -> None:
-        image_layer = self._image_layer()
+        image_layer = self._image_layer
         if image_layer is None:
             return
         scale = np.asarray(image_layer.scale)[-2:]
         translate = np.asarray(image_layer.translate)[-2:] + np.asarray(crop.offset) * scale
-        layer = self._preview_layer() if self._preview_layer is not None else None
+        layer = self._preview_layer
         if layer is not None and layer in self.viewer.layers:
             layer.data = labels
             # Setting scale/translate rebuilds napari's transforms (tens of ms): only on a move.
@@ -371,7 +374,7 @@ class TrainWidget(QWidget):
         else:
             layer = self.viewer.add_labels(labels, name=f"{image_layer.name} [U-Net preview]", scale=scale,
                                            translate=translate, opacity=0.5)
-            self._preview_layer = weakref.ref(layer)
+            self._preview_layer = layer
 
     # ---- worker slots (main thread) -------------------------------------------------------------
 
@@ -424,10 +427,11 @@ class TrainWidget(QWidget):
             self._pbar = None
         self._job_layers = ()
         self._job_images = None
+        self._image_layer = None
         error, self._error = self._error, None
         empty, self._empty_preview = self._empty_preview, None
-        if empty is not None and empty() is not None and empty() in self.viewer.layers:
-            self.viewer.layers.remove(empty())  # made at Start, never got a preview: no stray layer
+        if empty is not None and empty in self.viewer.layers:
+            self.viewer.layers.remove(empty)  # made at Start, never got a preview: no stray layer
         result = self._returned or (self._last_event.result if self._last_event is not None else None)
         stop_reason = self.runner.stop_reason
         if error is not None:
