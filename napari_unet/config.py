@@ -103,6 +103,9 @@ class TrainConfig(_DictMixin):
         The paper's border weight map; ``None`` means on for ``"instances"``, off otherwise.
     w0, sigma : float
         Weight-map parameters (paper: 10 and 5 px).
+    class_balance : float
+        Class weights ``w_c`` proportional to ``(class frequency) ** -class_balance``:
+        1 is full inverse-frequency balancing, 0.5 a softer one, 0 none.
     val_fraction : float
         Fraction of labelled objects held out for validation (0 disables validation).
     val_every : int
@@ -135,6 +138,7 @@ class TrainConfig(_DictMixin):
     border_weights: bool | None = None
     w0: float = 10.0
     sigma: float = 5.0
+    class_balance: float = 1.0
     val_fraction: float = 0.2
     val_every: int = 10
     val_margin: int = 8

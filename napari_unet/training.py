@@ -199,7 +199,8 @@ def _planes_2d(arr: np.ndarray, spatial_ndim: int) -> np.ndarray:
 def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, roi: Any = None,
                           channel_axis: int | None = None, val_fraction: float = 0.2, val_margin: int = 8,
                           min_val_objects: int = 3, border_weights: bool | None = None, w0: float = 10.0,
-                          sigma: float = 5.0, n_classes: int | None = None, seed: int | None = 0) -> TrainingData:
+                          sigma: float = 5.0, class_balance_power: float = 1.0, n_classes: int | None = None,
+                          seed: int | None = 0) -> TrainingData:
     """Check images and painted labels and turn them into training planes; raise :class:`TrainingDataError`.
 
     Parameters
@@ -219,6 +220,9 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         validation is skipped.
     border_weights : bool, optional
         The paper's weight map (default: on in instance mode).
+    w0, sigma, class_balance_power : float
+        Weight-map parameters (see :func:`napari_unet.data.border_weight_map` and
+        :func:`napari_unet.data.class_balance`).
     n_classes : int, optional
         Force the number of classes (semantic mode, fine-tuning a model with more classes).
     seed : int, optional
@@ -330,7 +334,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         cells_list.append(cells)
         planes.append(_Plane(image=np.ascontiguousarray(np.moveaxis(im, -1, 0)), target=target, weight=None,
                              val_target=val_target, source=src))
-    cw = class_balance(targets, n_cls)
+    cw = class_balance(targets, n_cls, class_balance_power)
     use_border = (mode == "instances") if border_weights is None else bool(border_weights)
     for pl, cells in zip(planes, cells_list):
         if use_border and cells is not None:
@@ -577,7 +581,8 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         data = prepare_training_data(
             images, labels, config.mode, roi=roi, channel_axis=channel_axis, val_fraction=config.val_fraction,
             val_margin=config.val_margin, min_val_objects=config.min_val_objects,
-            border_weights=config.border_weights, w0=config.w0, sigma=config.sigma, seed=config.seed,
+            border_weights=config.border_weights, w0=config.w0, sigma=config.sigma,
+            class_balance_power=config.class_balance, seed=config.seed,
             n_classes=target_classes)
         st["data"] = data
         st["messages"].extend(data.messages)
