@@ -39,7 +39,10 @@ def _cmd_gui(args) -> int:
     docks = [viewer.window.add_plugin_dock_widget("napari-unet", widget.display_name, tabify=True)[0]
              for widget in manifest.contributions.widgets or []]
     if docks:
-        docks[0].raise_()  # the Train tab in front: the first step of the walkthrough
+        from qtpy.QtCore import QTimer
+
+        # The Train tab in front (the first step of the walkthrough), once the docks are laid out.
+        QTimer.singleShot(0, docks[0].raise_)
     if args.sample and len(viewer.layers) > 1:
         viewer.layers.selection.active = viewer.layers[-1]  # the painted labels, ready for painting
     napari.run()

@@ -26,6 +26,7 @@ from psygnal import Signal
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
+from .. import _sample_data
 from . import _common
 from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
 
@@ -36,6 +37,7 @@ __all__ = ["TrainWidget", "train_config_from", "model_config_from", "PREVIEW_SID
 PREVIEW_SIDE = 384
 OPTIMIZERS = {"Adam (fine-tuning)": ("adam", 1e-3), "SGD, momentum 0.99 (paper)": ("sgd", 1e-2)}
 START_CURRENT, START_NEW, START_FILE = "current model (continue)", "new model", "model file"
+START_SAMPLE = "sample nuclei model (fine-tune)"
 
 
 def train_config_from(s: dict[str, Any]):
@@ -217,7 +219,8 @@ class TrainWidget(QWidget):
     # ---- settings -------------------------------------------------------------------------------
 
     def _start_choices(self, _widget=None):
-        return ([START_CURRENT] if self.current is not None else []) + [START_NEW, START_FILE]
+        sample = [START_SAMPLE] if _sample_data.sample_model_path() is not None else []
+        return ([START_CURRENT] if self.current is not None else []) + [START_NEW] + sample + [START_FILE]
 
     def _on_start_from(self, *_):
         new = self.start_from.value == START_NEW
@@ -275,6 +278,8 @@ class TrainWidget(QWidget):
             choice = self.start_from.value
             if choice == START_CURRENT and self.current is not None:
                 kwargs.update(model=self.current.model, metadata=dict(self.current.metadata))
+            elif choice == START_SAMPLE:
+                kwargs.update(init_from=str(_sample_data.sample_model_path()))
             elif choice == START_FILE:
                 path = str(self.model_file.value)
                 if path in ("", "."):

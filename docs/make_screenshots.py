@@ -1,0 +1,126 @@
+"""Take the README walkthrough's screenshots: napari with the three widgets, driven through their controls.
+
+Run under Xvfb from the repository root::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
+
+It opens napari as ``napari-unet gui --sample`` does, then: paints one more cell, fine-tunes
+the packaged nuclei model for ``--seconds`` (screenshot during training, with the live preview), segments with the
+trained model, corrects a cell and turns the result into training labels, and exports the
+masks to a temporary folder. The images go to ``docs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DOCS = Path(__file__).resolve().parent
+
+
+def _wait_until(app, cond, timeout: float) -> None:
+    end = time.perf_counter() + timeout
+    while not cond() and time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=60, help="training time budget")
+    args = parser.parse_args(argv)
+
+    import napari
+    from napari.settings import get_settings
+    from qtpy.QtWidgets import QApplication
+
+    # napari shows a PyQt5 deprecation toast over the canvas when the window first appears:
+    # keep it out of the pictures (and give the user's setting back right after).
+    settings = get_settings().application
+    level = settings.gui_notification_level
+    settings.gui_notification_level = "error"
+    try:
+        viewer = napari.Viewer(title="napari-unet")
+        QApplication.instance().processEvents()
+    finally:
+        settings.gui_notification_level = level
+    viewer.window.resize(1560, 960)
+    viewer.open_sample("napari-unet", "cells")
+    names = ["Train U-Net", "Segment with U-Net", "Export masks"]
+    docks, widgets = zip(*[viewer.window.add_plugin_dock_widget("napari-unet", n, tabify=True) for n in names])
+    train, segment, export = widgets
+    app = QApplication.instance()
+
+    def shot(name: str) -> None:
+        _wait_until(app, lambda: False, 0.5)
+        viewer.screenshot(str(DOCS / name), canvas_only=False)
+        print("wrote", DOCS / name)
+
+    # 1. The sample, and one more cell painted with the paint brush (label 7).
+    _wait_until(app, lambda: False, 0.5)
+    docks[0].raise_()
+    labels = viewer.layers["painted labels"]
+    image = viewer.layers["nuclei"]
+    viewer.layers.selection.active = labels
+    labels.mode = "paint"
+    labels.selected_label = 7
+    labels.brush_size = 8
+    from napari_unet.synthetic import make_nuclei
+
+    _, truth = make_nuclei((384, 384), seed=7)
+    unpainted = [i for i in np.unique(truth[40:-40, 40:-40]) if i and not labels.data[truth == i].any()]
+    cell = truth == unpainted[len(unpainted) // 2]
+    labels.data_setitem(np.nonzero(cell), 7)
+    shot("01_sample_and_painting.png")
+
+    # 2. Train: a live plot of the loss and validation IoU, a live preview of the visible part.
+    train.start_from.value = "sample nuclei model (fine-tune)"
+    train.budget_kind.value = "seconds"
+    train.budget.value = args.seconds
+    train.start_button.click()
+    _wait_until(app, lambda: train._last_event is not None and train._last_event.elapsed > args.seconds * 0.6,
+                args.seconds * 3 + 60)
+    shot("02_training.png")
+    _wait_until(app, lambda: not train.runner.running, args.seconds * 3 + 60)
+    shot("03_trained.png")
+
+    # 3. Segment with the model just trained (the Train widget made it the Segment widget's model).
+    docks[1].raise_()
+    viewer.layers["nuclei [U-Net preview]"].visible = False
+    labels.visible = False
+    segment.image.value = image
+    _wait_until(app, lambda: False, 0.3)
+    segment.run_button.click()
+    _wait_until(app, lambda: not segment.runner.running, 300)
+    out = viewer.layers["nuclei [U-Net]"]
+    viewer.layers.selection.active = out
+    shot("04_segmented.png")
+
+    # 4. Correct: erase one predicted cell (as with the eraser), then make training labels of it.
+    ids, counts = np.unique(out.data[out.data > 0], return_counts=True)
+    wrong = ids[np.argmax(counts)]
+    out.data_setitem(np.nonzero(out.data == wrong), 0)
+    segment.only_edited.value = False
+    segment.to_training_button.click()
+    viewer.layers["nuclei [training labels]"].visible = False
+    shot("05_corrected.png")
+
+    # 5. Export the masks (to a temporary folder here).
+    docks[2].raise_()
+    export.layers.value = [out]
+    target = Path(tempfile.mkdtemp()) / "nuclei_masks.tif"
+    export.file.value = str(target)
+    export.export_button.click()
+    _wait_until(app, lambda: not export.runner.running and target.exists(), 60)
+    shot("06_exported.png")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
