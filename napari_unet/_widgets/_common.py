@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -201,6 +202,32 @@ class _Failed:
     error: BaseException
 
 
+#: How much lower (in nice steps) the worker threads run than the GUI thread, see background_priority().
+WORKER_NICENESS = 5
+
+
+def background_priority() -> None:
+    """Lower the OS priority of the calling (worker) thread, on Linux; call it before torch is used.
+
+    With as many busy torch threads as cores, the GUI thread had to wait for a core and the
+    viewer stuttered. A lower priority (nice) gives the GUI thread the CPU as soon as it needs
+    it, and costs training nothing while the GUI is idle. torch's intra-op threads are created
+    by the first thread that runs a parallel op and inherit its priority. On Linux ``nice`` is
+    per thread; elsewhere this does nothing. A pool thread keeps the lower priority until Qt
+    retires it (30 s idle): fine for the background jobs it runs.
+    """
+    import os
+    import threading
+
+    if not (sys.platform.startswith("linux") and hasattr(os, "setpriority")):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if current < WORKER_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICENESS)
+
+
 class WorkerRunner(QObject):
     """Runs one generator job at a time in a napari worker thread and stops it cleanly.
 
@@ -242,6 +269,7 @@ class WorkerRunner(QObject):
         self.stop_reason = None
 
         def _run():  # a generator function, so napari makes a (stoppable) GeneratorWorker
+            background_priority()
             try:
                 return (yield from job())
             except EXPECTED_ERRORS as e:
