@@ -152,3 +152,30 @@ def test_packaged_sample_model_is_listed(make_napari_viewer):
     seg = SegmentWidget(viewer)
     names = [name for name, _ in seg._model_choices()]
     assert names[0] == "sample model: nuclei (packaged)" and names[-1] == "model file..."
+
+
+def test_two_channel_image_with_a_two_channel_model(make_napari_viewer, qtbot, small_cells, tiny_model_file,
+                                                    no_threads_left):
+    image, _ = small_cells
+    two = np.stack([image, image[::-1]])  # (C, Y, X): napari shows it as a stack with a slider
+    viewer, seg = _setup(make_napari_viewer, two, tiny_model_file(in_channels=2, name="two.safetensors"),
+                         scale=(1.0, 0.5, 0.5))
+    _run(qtbot, seg)
+    out = viewer.layers["cells [U-Net]"]
+    assert out.data.shape == image.shape
+    np.testing.assert_allclose(out.scale, (0.5, 0.5))
+
+
+def test_removing_the_image_during_a_run_stops_it(make_napari_viewer, qtbot, small_cells, tiny_model_file, notes,
+                                                  no_threads_left):
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, np.stack([image] * 8), tiny_model_file())
+    seg.tile_size.value = 32
+    with qtbot.waitSignal(seg.runner.finished, timeout=120_000):
+        seg.run_button.click()
+        with qtbot.waitSignal(seg.runner.worker.yielded, timeout=120_000):
+            pass
+        viewer.layers.remove("cells")
+    assert seg.state.state == "idle" and seg.run_button.isEnabled()
+    assert any("removed" in w for w in notes["warning"])
+    assert len(viewer.layers) == 0
