@@ -46,6 +46,7 @@ def test_segment_2d_creates_then_updates_one_layer_undoably(make_napari_viewer, 
     np.testing.assert_allclose(out.translate, (3, 4))
     np.testing.assert_array_equal(viewer.layers["cells"].data, image)  # the user's layer is untouched
     assert "cpu" in seg.device_info.text()
+    assert seg.model_info.text().startswith("instances model, 1 channel(s) in, depth 4")
     first = out.data.copy()
 
     # The user edits the output, then segments again: same layer, and undo brings the edit back.

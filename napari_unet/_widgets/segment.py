@@ -360,7 +360,13 @@ class SegmentWidget(QWidget):
                 if "removed" in self.runner.stop_reason:
                     _common.notify_warning(f"Segmentation stopped: {self.runner.stop_reason}")
             return
-        pred, plane, _meta = result
+        pred, plane, meta = result
+        entry = self.model.value
+        if entry is not None and entry.model is None and meta:
+            # A model read from a file: now that the worker has loaded it, show what it is.
+            if entry is not _FILE_ENTRY:
+                entry.metadata = dict(meta)
+            self.model_info.setText(ModelEntry(name="", metadata=dict(meta)).describe())
         try:
             layer = self._show(pred, plane, image_layer)
         except ValueError as e:
