@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import threading
 from typing import Any
 
 import napari.layers
@@ -74,8 +73,9 @@ class _JobState:
 
     def __init__(self):
         self.gen = None  # the engine's generator (closed on the main thread when the worker ends)
-        self.crop: _Crop | None = None  # replaced (never mutated) by the main thread when the view moves
-        self.lock = threading.Lock()
+        # Replaced, never mutated, by the main thread when the view moves; the worker reads the
+        # reference once per preview (an atomic read in Python), so it needs no lock.
+        self.crop: _Crop | None = None
 
 
 def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_mode: str | None,
@@ -88,19 +88,16 @@ def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_m
         from ..config import PredictConfig
         from ..inference import predict_all
 
-        # The crop is normalised on its own; close enough for a preview (the real
-        # segmentation normalises each whole plane).
-        pconf = PredictConfig(output=preview_mode, device=config.device, min_size=15)
+        # The crop is normalised on its own (the engine's percentiles); close enough for a
+        # preview, while Segment normalises each whole plane.
+        pconf = PredictConfig(output=preview_mode, device=config.device,
+                              channel_axis=None if channel_axis is None else -1)
 
         def preview(model):
             crop = state.crop
             if crop is None:
                 return None
-            pred = predict_all(model, crop.image, pconf, {"normalization": {"method": "percentile"}},
-                               ) if channel_axis is None else predict_all(
-                model, crop.image, dataclasses.replace(pconf, channel_axis=crop.image.ndim - 1),
-                {"normalization": {"method": "percentile"}})
-            return crop, pred.labels
+            return crop, predict_all(model, crop.image, pconf).labels
 
     gen = train(images, labels, config, channel_axis=channel_axis, preview=preview, preview_every=5.0, **kwargs)
     state.gen = gen
@@ -223,6 +220,7 @@ class TrainWidget(QWidget):
         return ([START_CURRENT] if self.current is not None else []) + [START_NEW] + sample + [START_FILE]
 
     def _on_start_from(self, *_):
+        self.start_button.setText("Continue" if self.start_from.value == START_CURRENT else "Start")
         new = self.start_from.value == START_NEW
         for w in (self.depth, self.width, self.padding, self.batch_norm):
             w.visible = new
@@ -256,8 +254,7 @@ class TrainWidget(QWidget):
         self.start_button.setEnabled(not running)
         self.stop_button.setEnabled(state == "training")
         self.save_button.setEnabled(not running and self.current is not None)
-        self.start_button.setText("Continue" if self.current is not None and
-                                  self.start_from.value == START_CURRENT else "Start")
+        self.start_button.setText("Continue" if self.start_from.value == START_CURRENT else "Start")
         self.state.set_state(state, detail)
 
     # ---- start / stop ---------------------------------------------------------------------------
