@@ -1,7 +1,7 @@
 """Make the plugin's packaged sample model: ``napari_unet/_data/nuclei_unet.safetensors``.
 
 A small instance-segmentation U-Net (depth 4, 16 base filters, padded convolutions, batch
-norm; about 0.5 M parameters, 2 MB) trained for a couple of minutes on synthetic nuclei
+norm; about 0.5 M parameters, 2 MB) trained for five minutes on synthetic nuclei
 from :mod:`napari_unet.synthetic`, fully labelled (every nucleus and all background), so
 that "Segment with U-Net" works before any training. The sample *images* are not stored:
 napari_unet._sample_data makes them on the fly with the same generator (seeded).
@@ -40,7 +40,7 @@ def _average_precision(truth: np.ndarray, pred: np.ndarray, threshold: float = 0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=120.0, help="training time budget (default 120)")
+    parser.add_argument("--seconds", type=float, default=300.0, help="training time budget (default 300)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"model file to write (default {OUT})")
     args = parser.parse_args(argv)
 
