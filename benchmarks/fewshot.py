@@ -193,13 +193,14 @@ def forest_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray,
 
 # ---- the U-Net --------------------------------------------------------------------------------
 
-def unet(image, painted, seed: int, max_time: float, spec: str | None, threads: int | None):
+def unet(image, painted, seed: int, max_time: float | None, spec: str | None, threads: int | None,
+         iterations: int | None = None):
     """Train with the library defaults (or ``spec`` = width/depth/patch/batch/lr) and predict."""
     from napari_unet.config import ModelConfig, PredictConfig, TrainConfig
     from napari_unet.inference import predict_all
     from napari_unet.training import default_model_config, train
 
-    kw: dict = dict(max_time=max_time, seed=seed, threads=threads)
+    kw: dict = dict(max_time=None if iterations else max_time, iterations=iterations, seed=seed, threads=threads)
     mc = default_model_config()
     if spec:
         w, d, p, b, lr, *rest = spec.split("/")
@@ -230,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unet", action="append", default=None, metavar="W/D/PATCH/BATCH/LR[/BALANCE[/BORDER]]",
                     help="U-Net settings to compare (default: the library defaults)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="train a fixed number of steps instead of --max-time (compares settings on a loaded CPU)")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     args = ap.parse_args(argv)
@@ -267,11 +270,11 @@ def main(argv=None) -> int:
             for spec in specs:
                 label = "U-Net " + (spec or "defaults")
                 t0 = time.perf_counter()
-                pred, info = unet(image, painted, seed, args.max_time, spec, args.threads)
+                pred, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations)
                 ap50, miou = score(pred, objects, region, train_ids, small)
                 results.setdefault(label, []).append((ap50, miou, time.perf_counter() - t0, info["iterations"]))
                 print(f"  {name} seed {seed} {label}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
-                      f"{info['iterations']} steps, held-out val IoU {info['best_val_iou']}, "
+                      f"{info['iterations']} steps in {info['elapsed']:.0f} s, val IoU {info['best_val_iou']}, "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
         for label, vals in results.items():
             v = np.array([x[:3] for x in vals], float)

@@ -183,7 +183,7 @@ def class_balance(targets: list[np.ndarray], n_classes: int, power: float = 1.0)
 
 
 def border_weight_map(cells: np.ndarray, target: np.ndarray, class_weights: np.ndarray, w0: float = 10.0,
-                      sigma: float = 5.0) -> np.ndarray:
+                      sigma: float = 5.0, skip_class: int | None = 1) -> np.ndarray:
     """The U-Net paper's weight map ``w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``.
 
     Parameters
@@ -196,6 +196,15 @@ def border_weight_map(cells: np.ndarray, target: np.ndarray, class_weights: np.n
         ``w_c`` per class (see :func:`class_balance`).
     w0, sigma : float
         The paper's 10 and 5 px.
+    skip_class : int or None
+        A class that gets no border term: by default 1, the cell interior, so the term
+        weights what separates cells (the background gaps and, with our explicit boundary
+        class, the boundary pixels where cells touch), which is what the paper wants it for
+        ("to learn the small separation borders between touching cells"). Applied to
+        interior pixels as well (where ``d1 = 0``), it weighted every cell pixel near a
+        neighbour ~10x and the network predicted thick boundaries that split cells
+        (few-shot AP on Huh7 0.06-0.16 instead of ~0.5). ``None`` applies it everywhere,
+        as the formula reads.
 
     Notes
     -----
@@ -224,5 +233,7 @@ def border_weight_map(cells: np.ndarray, target: np.ndarray, class_weights: np.n
         d2[win] = np.minimum(b, np.maximum(a, d))
         d1[win] = np.minimum(a, d)
     both = np.isfinite(d2) & labelled
+    if skip_class is not None:
+        both &= target != skip_class
     w[both] += w0 * np.exp(-((d1[both] + d2[both]) ** 2) / (2 * sigma**2))
     return w

@@ -58,8 +58,12 @@ __all__ = ["train", "TrainProgress", "TrainResult", "TrainingDataError", "Traini
 
 INSTANCE_CLASS_NAMES = ["background", "cell", "boundary"]
 NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8}
-#: Fraction of patches centred on a labelled pixel (the rest anywhere), so a few painted cells get seen.
-LABELLED_CENTRE_FRACTION = 0.9
+#: Fractions of patches centred on a painted object pixel and on any painted pixel (the rest anywhere):
+#: painted background usually outnumbers the few painted cells many times over.
+OBJECT_CENTRE_FRACTION = 0.5
+#: Validation IoU within this of the best so far counts as no worse (the later weights are kept).
+VAL_TOLERANCE = 0.02
+LABELLED_CENTRE_FRACTION = 0.4
 
 
 def default_model_config(in_channels: int = 1, n_classes: int = 3) -> ModelConfig:
@@ -152,6 +156,7 @@ class _Plane:
     val_target: np.ndarray | None  # (H, W) uint8, labelled only in the held-out zones
     source: tuple[int, int]  # (image index, plane index)
     centres: np.ndarray = field(default=None)  # flat indices of trainable labelled pixels
+    object_centres: np.ndarray = field(default=None)  # ... of those in objects (class > 0)
 
 
 @dataclass
@@ -342,6 +347,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         elif use_border:  # semantic with border weights requested: class balance only
             pl.weight = np.where(pl.target != IGNORE, cw[np.minimum(pl.target, n_cls - 1)], 0).astype(np.float32)
         pl.centres = np.flatnonzero(pl.target.ravel() != IGNORE)
+        pl.object_centres = np.flatnonzero((pl.target.ravel() != IGNORE) & (pl.target.ravel() > 0))
     planes = [p for p in planes if len(p.centres) or p.val_target is not None]
     if not any(len(p.centres) for p in planes):
         raise TrainingDataError("nothing left to train on after holding out validation objects; paint more")
@@ -387,7 +393,10 @@ class _Sampler:
         for _ in range(batch):
             pl = self.planes[self.rng.choice(len(self.planes), p=self.p)]
             H, W = pl.target.shape
-            if self.rng.random() < LABELLED_CENTRE_FRACTION:
+            r = self.rng.random()
+            if r < OBJECT_CENTRE_FRACTION and len(pl.object_centres):
+                cy, cx = divmod(int(pl.object_centres[self.rng.integers(len(pl.object_centres))]), W)
+            elif r < OBJECT_CENTRE_FRACTION + LABELLED_CENTRE_FRACTION:
                 cy, cx = divmod(int(pl.centres[self.rng.integers(len(pl.centres))]), W)
             else:
                 cy, cx = int(self.rng.integers(H)), int(self.rng.integers(W))
@@ -663,8 +672,12 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 with torch.no_grad():
                     val = _validate(model, crops, data.mode, data.n_classes, device, precision, memory_format)
                 model.train()
-                if st["best_iou"] is None or val[1] > st["best_iou"] or (
-                        val[1] == st["best_iou"] and val[0] < st.get("best_loss", np.inf)):
+                # Later weights win near-ties: a few held-out objects make a noisy IoU, and
+                # keeping an early best threw away most of the training.
+                # (Compared with the running maximum, so small decreases cannot chain downwards.)
+                top = max(val[1], st.get("max_iou", -1.0))
+                st["max_iou"] = top
+                if val[1] >= top - VAL_TOLERANCE:
                     st["best_iou"], st["best_loss"], st["best_iteration"] = val[1], val[0], it
                     st["best_state"] = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})
             prev = None

@@ -98,10 +98,16 @@ def test_weight_map_between_two_cells():
                                                              + ndi.distance_transform_edt(cells != 2)[6, 56]) ** 2)
                                                          / (2 * sigma**2)), rel=1e-4)
     assert w[0, 0] == 0.0  # unlabelled: weight 0
-    # Interior pixel of cell 2: d1 = 0, d2 = distance to cell 3.
-    d2 = ndi.distance_transform_edt(cells != 2)[20, 15]
-    assert w[20, 15] == pytest.approx(cw[1] + w0 * np.exp(-(d2**2) / (2 * sigma**2)), rel=1e-5)
+    # Interior pixels keep their class weight: the border term is for what separates cells...
+    assert w[20, 23] == pytest.approx(cw[1])
+    d_other = ndi.distance_transform_edt(cells != 2)[20, 24]  # boundary pixel of cell 1 facing cell 2: d1 = 0
+    assert w[20, 24] == pytest.approx(cw[2] + w0 * np.exp(-(d_other**2) / (2 * sigma**2)), rel=1e-5)
     assert w[20, 26] > w[8, 56]  # gap weighs more than open background
+    # ...unless asked for everywhere, as the paper's formula reads: interior pixel d1 = 0, d2 = distance to cell 3.
+    wall = border_weight_map(cells, target, cw, w0=w0, sigma=sigma, skip_class=None)
+    d2 = ndi.distance_transform_edt(cells != 2)[20, 23]
+    assert wall[20, 23] == pytest.approx(cw[1] + w0 * np.exp(-(d2**2) / (2 * sigma**2)), rel=1e-5)
+    assert np.array_equal(wall[target == 0], w[target == 0])
 
 
 def test_class_balance_mean_one():
