@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unet._widgets import SegmentWidget, TrainWidget
+from napari_unet._widgets import TrainWidget
 
 
 def _setup(make_napari_viewer, image, labels, iterations=3, dock=None):
