@@ -141,7 +141,7 @@ def _write_probabilities(path: Path, probs, axes: str | None, scale: dict, unit:
 
 def run(args) -> int:
     from .config import PredictConfig
-    from .inference import predict
+    from .inference import predict, tune_malloc
     from .io import first_line, load_model, read_image, write_labels_tiff
 
     inputs = expand_inputs(args.image)
@@ -157,6 +157,7 @@ def run(args) -> int:
     elif not out_dir.is_dir():
         raise FileNotFoundError(f"cannot write {outputs[0]}: the folder {out_dir} does not exist")
     model, meta = load_model(args.model)
+    tune_malloc()  # a short-lived process: keeping freed tensors in the heap saves page faults
     kw = {k: v for k, v in {"tile_size": args.tile, "batch_size": args.batch, "overlap": args.overlap,
                             "min_size": args.min_size}.items() if v is not None}
     show = not args.quiet

@@ -50,7 +50,7 @@ from .config import PredictConfig
 
 __all__ = [
     "predict", "predict_all", "tiled_predict", "tiled_predict_iter", "PredictProgress", "Prediction",
-    "prepare_image", "choose_tile", "is_out_of_memory", "reflect_indices",
+    "prepare_image", "choose_tile", "is_out_of_memory", "reflect_indices", "tune_malloc",
 ]
 
 
@@ -518,6 +518,37 @@ def _plane_tile(model, tile: int, plane_shape: tuple[int, int]) -> tuple[int, in
 
 # ---- predict ----------------------------------------------------------------------------------
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc(threshold: int = 1 << 30) -> bool:
+    """Keep large freed blocks in the process heap (glibc only); returns whether it applied.
+
+    glibc hands every large tensor back to the OS when it is freed and maps it again on the
+    next forward: 50-170 thousand page faults per tile here, 1.2-1.8x slower on the CPU.
+    Raising the mmap and trim thresholds (``mallopt``) keeps that memory for reuse. It is
+    process-wide and the process then keeps its peak heap, so the command line turns it on
+    (short-lived process) and :func:`predict` does not (napari keeps running).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        ok = libc.mallopt(m_mmap_threshold, int(threshold)) == 1
+        ok = libc.mallopt(m_trim_threshold, int(2 * threshold)) == 1 and ok
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    _MALLOC_TUNED = ok
+    return ok
+
+
 def _load(model, metadata):
     from .io import default_metadata, load_model
 
@@ -563,9 +594,21 @@ def _make_predictor(runner, device, precision: str, fg_pair: bool):
 
 
 def _replica(model, device):
+    """An inference copy of ``model`` on ``device``: eval mode, batch norm folded into the
+    convolutions, channels-last (CPU/CUDA). The caller's model is left untouched."""
     import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    r = copy.deepcopy(model).eval().to(device)
+    r = copy.deepcopy(model).eval()
+    # Folding eval-mode batch norm into the preceding conv removes a full pass over every
+    # feature map (batch norm in channels-last was ~20 % of the CPU time).
+    for m in r.modules():
+        if isinstance(m, torch.nn.Sequential):
+            for i in range(len(m) - 1):
+                if isinstance(m[i], torch.nn.Conv2d) and isinstance(m[i + 1], torch.nn.BatchNorm2d):
+                    m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
+                    m[i + 1] = torch.nn.Identity()
+    r = r.to(device)
     if device.type in ("cpu", "cuda"):
         r = r.to(memory_format=torch.channels_last)
     for p in r.parameters():

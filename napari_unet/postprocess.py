@@ -94,9 +94,9 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
     seeds = interior > threshold
     mask = (foreground > foreground_threshold) | seeds
     labels, n = ndi.label(seeds)  # int32, labelled in place by the watershed below
+    h = labels.shape[0]
+    block = max(int(block), 1)
     if n:
-        h = labels.shape[0]
-        block = max(int(block), 1)
         for top in range(0, h, block):
             lo, hi = max(top - halo, 0), min(top + block + halo, h)
             # Flood from the seeds in order of decreasing interior probability; boundary
@@ -111,18 +111,43 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
             warnings.simplefilter("ignore", UserWarning)
             remove_small_objects(labels, max_size=int(min_size) - 1, out=labels)
     if fill_holes and n:
-        # Per object, in its bounding box: a hole inside one cell goes to that cell, a
-        # neighbour lying inside it is left alone (only unlabelled pixels are filled).
-        for i, sl in enumerate(ndi.find_objects(labels), start=1):
-            if sl is None:
-                continue
-            crop = labels[sl]
-            obj = crop == i
-            holes = ndi.binary_fill_holes(obj) & ~obj & (crop == 0)
-            if holes.any():
-                crop[holes] = i
+        for top in range(0, h, block):
+            lo, hi = max(top - halo, 0), min(top + block + halo, h)
+            filled = fill_enclosed_holes(labels[lo:hi])
+            labels[top:min(top + block, h)] = filled[top - lo:top - lo + min(block, h - top)]
     labels, _, _ = relabel_sequential(labels)
     return labels.astype(label_dtype(int(labels.max()) if labels.size else 0), copy=False)
+
+
+def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
+    """Give each background region enclosed by a single object to that object (a copy).
+
+    Vectorised over all holes at once (scipy's ``binary_fill_holes`` on the union of the
+    objects, then the objects touching each hole); a per-object loop took seconds on
+    images with thousands of objects. Regions enclosed by several touching objects, and
+    regions touching the image border, stay background.
+    """
+    fg = labels > 0
+    holes = ndi.binary_fill_holes(fg) & ~fg
+    out = labels.copy()
+    if not holes.any():
+        return out
+    hole_ids, n_holes = ndi.label(holes)
+    # Pair every hole pixel with its 4-neighbours' object ids (shifted views, no copies).
+    pairs = []
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        a = hole_ids[max(dy, 0):hole_ids.shape[0] + min(dy, 0), max(dx, 0):hole_ids.shape[1] + min(dx, 0)]
+        b = labels[max(-dy, 0):labels.shape[0] + min(-dy, 0), max(-dx, 0):labels.shape[1] + min(-dx, 0)]
+        sel = (a > 0) & (b > 0)
+        pairs.append(np.stack([a[sel], b[sel].astype(a.dtype)], axis=1))
+    pairs = np.unique(np.concatenate(pairs), axis=0)
+    hole, count = np.unique(pairs[:, 0], return_counts=True)
+    single = hole[count == 1]
+    owner = np.zeros(n_holes + 1, labels.dtype)
+    owner[pairs[np.isin(pairs[:, 0], single), 0]] = pairs[np.isin(pairs[:, 0], single), 1]
+    fill = owner[hole_ids]
+    out[fill > 0] = fill[fill > 0]
+    return out
 
 
 def labels_from_probabilities(probabilities: np.ndarray, mode: str = "instances", **kwargs) -> np.ndarray:

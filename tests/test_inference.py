@@ -95,6 +95,19 @@ def test_same_model_tiles_close_to_whole_image():
     assert np.abs(no_overlap - ref).mean() > 3 * err.mean()  # seams without overlap: blending is what helps
 
 
+def test_replica_folds_batch_norm_and_leaves_the_model_alone():
+    net = _net("same", depth=3, width=4, bn=True)
+    x = torch.from_numpy(np.random.default_rng(8).normal(size=(2, 1, 32, 40)).astype(np.float32))
+    with torch.no_grad():
+        ref = net(x)
+    rep = inf._replica(net, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rep.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 10  # 5 double convs, untouched
+    with torch.no_grad():
+        np.testing.assert_allclose(rep(x.contiguous(memory_format=torch.channels_last)).numpy(), ref.numpy(),
+                                   atol=1e-5)
+
+
 def test_parallel_predictors_give_the_same_result():
     conv = torch.nn.Conv2d(1, 2, 3, padding=1)
     img = np.random.default_rng(1).normal(size=(1, 70, 50)).astype(np.float32)

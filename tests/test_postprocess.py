@@ -97,3 +97,23 @@ def test_stack_ids_unique_and_dtype_grows():
     assert s.labels.dtype == np.uint32 and s.labels[1, 0, 0] == 80_000
     with pytest.raises(ValueError, match="3 classes"):
         pp.labels_from_probabilities(np.zeros((2, 8, 8)), "instances")
+
+
+def test_fill_enclosed_holes_only_where_one_object_encloses():
+    lab = np.zeros((30, 40), np.int32)
+    lab[2:12, 2:12] = 1
+    lab[5:8, 5:8] = 0          # hole inside object 1 -> filled with 1
+    lab[15:25, 2:10] = 2
+    lab[15:25, 10:18] = 3
+    lab[18:21, 8:12] = 0       # gap enclosed by objects 2 and 3 together -> stays background
+    lab[2:12, 25:35] = 4
+    lab[5:9, 28:32] = 5        # object 5 lies inside object 4: left alone
+    lab[0:5, 36:40] = 6
+    lab[0:2, 38:40] = 0        # notch open to the image border -> stays background
+    out = pp.fill_enclosed_holes(lab)
+    assert (out[5:8, 5:8] == 1).all()
+    assert (out[18:21, 8:12] == 0).all()
+    assert (out[5:9, 28:32] == 5).all() and (out[lab == 4] == 4).all()
+    assert (out[0:2, 38:40] == 0).all()
+    changed = out != lab
+    assert changed.sum() == 9 and lab[5, 5] == 0  # only the one hole, and the input is not modified
