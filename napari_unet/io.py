@@ -26,7 +26,7 @@ import numpy as np
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "ModelFileError", "OutputPathError",
-    "save_model", "load_model", "read_model_metadata", "atomic_write",
+    "save_model", "load_model", "read_model_metadata", "atomic_write", "check_output_path",
     "ImageInfo", "read_image", "write_labels_tiff", "default_metadata", "first_line",
 ]
 
@@ -56,11 +56,42 @@ def _check_output_path(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file name")
     if not path.parent.is_dir():
+        if path.parent.exists():
+            raise OutputPathError(f"cannot write {path}: {path.parent} is a file, not a folder")
         raise OutputPathError(f"cannot write {path}: the folder {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise OutputPathError(f"{path} already exists; choose another name or allow overwriting")
     if not os.access(path.parent, os.W_OK):
         raise OutputPathError(f"cannot write {path}: the folder {path.parent} is not writable")
+
+
+def _temporary_beside(path: Path) -> Path:
+    """An empty temporary file in ``path``'s folder, or :class:`OutputPathError` saying why not.
+
+    ``os.access`` cannot tell everything (root ignores permission bits, read-only mounts,
+    /proc, a full disk): only creating a file can, so failures to do so get the target's
+    name and the system's reason in one line instead of the temporary's errno message.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that ``path`` can be written, before hours of work produce what goes there.
+
+    Raises :class:`OutputPathError` (one line) if ``path`` is a folder, its folder is
+    missing or not a folder, it exists and ``overwrite`` is false, or a file cannot be
+    created beside it (read-only, no permission, full disk); a file created to find out
+    is removed at once. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    _check_output_path(path, overwrite)
+    _temporary_beside(path).unlink()
+    return path
 
 
 @contextlib.contextmanager
@@ -72,9 +103,7 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     """
     path = Path(path)
     _check_output_path(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temporary_beside(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -172,7 +201,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], Any]:
         raise ModelFileError(f"{path}: a safetensors file without napari-unet metadata")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly nested JSON
         raise ModelFileError(f"{path}: the napari-unet metadata is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path}: not a napari-unet model file")
@@ -181,7 +210,31 @@ def _read_header(path: Path) -> tuple[dict[str, Any], Any]:
         raise ModelFileError(
             f"{path}: written by a newer napari-unet (model format {version}, this version reads up "
             f"to {FORMAT_VERSION}); upgrade napari-unet")
+    _check_metadata(meta, path)
     return meta, handle
+
+
+def _check_metadata(meta: dict[str, Any], path: Path) -> None:
+    """Refuse metadata that prediction would trip over later (with a vaguer message, or a traceback)."""
+    if not isinstance(meta.get("model"), dict):
+        raise ModelFileError(f"{path}: the file has no model architecture")
+    mode = meta.get("mode", "semantic")
+    if mode not in ("instances", "semantic"):
+        raise ModelFileError(f"{path}: unknown label mode {str(mode)[:40]!r} in the file "
+                             "(expected 'instances' or 'semantic')")
+    norm = meta.get("normalization")
+    if norm is not None:
+        ok = isinstance(norm, dict) and norm.get("method", "percentile") == "percentile"
+        if ok:
+            low, high = norm.get("low", 1.0), norm.get("high", 99.8)
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
+                and 0.0 <= low < high <= 100.0
+        if not ok:
+            raise ModelFileError(f"{path}: unusable normalisation settings in the file ({str(norm)[:60]}); "
+                                 "expected percentiles 0 <= low < high <= 100")
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ModelFileError(f"{path}: class_names in the file must be a list of names")
 
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -205,6 +258,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
         say: it is refused, never unpickled), not a napari-unet model, from a newer
         format, or weights that do not fit the stored architecture.
     """
+    import torch
+
     from .config import ConfigError, ModelConfig
     from .model import UNet
 
@@ -212,9 +267,25 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
     meta, handle = _read_header(path)
     try:
         config = ModelConfig.from_dict(meta["model"])
-        model = UNet.from_config(config)
+        # Built on the meta device (no memory): the architecture comes from the file, and
+        # absurd sizes in a damaged or crafted file must not allocate anything before the
+        # stored tensors' shapes (read from the header, no data) are known to match.
+        with torch.device("meta"):
+            skeleton = UNet.from_config(config)
     except (KeyError, TypeError, ConfigError) as e:
-        raise ModelFileError(f"{path}: invalid model architecture in the file ({e})") from None
+        raise ModelFileError(f"{path}: invalid model architecture in the file ({first_line(e)})") from None
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise ModelFileError(f"{path}: impossible model architecture in the file ({first_line(e)})") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    if stored != expected:
+        missing = sorted(set(expected) - set(stored))
+        extra = sorted(set(stored) - set(expected))
+        wrong = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+        what = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+                f"{wrong[0]} has shape {list(stored[wrong[0]])}, the architecture needs {list(expected[wrong[0]])}")
+        raise ModelFileError(f"{path}: the weights do not fit the stored architecture ({what})")
+    model = UNet.from_config(config)
     try:
         state = {k: handle.get_tensor(k) for k in handle.keys()}
         model.load_state_dict(state, strict=True)
@@ -326,7 +397,9 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, axes: str 
         Integer labels, 2D to 5D. uint8 and uint16 are written as they are; other integer
         dtypes are stored losslessly as the smallest of uint8/uint16 holding their values;
         labels above 65535 (or negative) are written as a plain, non-ImageJ TIFF of their
-        own dtype, because ImageJ hyperstacks cannot hold them.
+        own dtype, because ImageJ hyperstacks cannot hold them. Boolean masks are written
+        as uint8, floats only when every value is a whole number; empty arrays and other
+        dtypes raise ``ValueError``.
     axes : str, optional
         Axis letters of ``labels`` (``"YX"``, ``"ZYX"``, ``"TZYX"``...); guessed from ``ndim``.
     scale : dict, optional
@@ -340,11 +413,25 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, axes: str 
     labels = np.asarray(labels)
     if labels.ndim < 2:
         raise ValueError(f"labels must have at least 2 dimensions, got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError(f"the labels are empty (shape {labels.shape}); nothing to write")
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    elif np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise ValueError(f"labels must be whole numbers; these are {labels.dtype} with fractional, NaN or "
+                             "infinite values")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, not {labels.dtype}")
     if axes is None:
         axes = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}.get(labels.ndim)
-    if axes is None or len(axes) != labels.ndim:
+        if axes is None:
+            raise ValueError(f"labels with {labels.ndim} dimensions cannot be written to TIFF (2 to 5 are supported)")
+    if len(axes) != labels.ndim:
         raise ValueError(f"axes {axes!r} do not match labels of shape {labels.shape}")
-    scale = {k.upper(): float(v) for k, v in (scale or {}).items()}
+    # A pixel size is a length: a napari layer may have a negative scale (a flipped view) or a
+    # zero/NaN one; the file gets the size, or none when there is no usable size.
+    scale = {k.upper(): abs(float(v)) for k, v in (scale or {}).items() if np.isfinite(float(v)) and float(v) != 0}
     kwargs: dict[str, Any] = {}
     if "X" in scale and "Y" in scale:
         kwargs["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
