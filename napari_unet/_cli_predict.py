@@ -1,8 +1,8 @@
 """``napari-unet predict``: segment images with a model file and write label TIFFs.
 
 Outputs: with one input image and ``--out`` ending in ``.tif``/``.tiff``, that one file;
-otherwise ``--out`` is a folder (created if needed) receiving ``<stem>_labels.tif`` per
-input. ``--probabilities`` adds ``<stem>_probabilities.tif`` (float32, class axis as
+otherwise ``--out`` is a folder (created if needed, inside an existing folder) receiving
+``<stem>_labels.tif`` per input. ``--probabilities`` adds ``<stem>_probabilities.tif`` (float32, class axis as
 ImageJ's C axis) beside each label file. Axes and pixel size are carried over from the
 input. Every output is checked before any computing starts (existing files need
 ``--overwrite``) and written atomically, so a failure never leaves a partial file.
@@ -142,20 +142,25 @@ def _write_probabilities(path: Path, probs, axes: str | None, scale: dict, unit:
 def run(args) -> int:
     from .config import PredictConfig
     from .inference import predict, tune_malloc
-    from .io import first_line, load_model, read_image, write_labels_tiff
+    from .io import OutputPathError, check_output_path, first_line, load_model, read_image, write_labels_tiff
 
     inputs = expand_inputs(args.image)
     outputs = output_paths(inputs, args.out)
     out_dir = outputs[0].parent
-    for dst in outputs:
-        wanted = [dst, probability_path(dst)] if args.probabilities else [dst]
-        for w in wanted:
-            if w.exists() and not args.overwrite:
-                raise FileExistsError(f"{w} already exists; use --overwrite to replace it")
-    if len(outputs) > 1 or not Path(args.out).suffix:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    elif not out_dir.is_dir():
-        raise FileNotFoundError(f"cannot write {outputs[0]}: the folder {out_dir} does not exist")
+    wanted = [w for dst in outputs for w in ([dst, probability_path(dst)] if args.probabilities else [dst])]
+    for w in wanted:
+        if w.exists() and not w.is_dir() and not args.overwrite:
+            raise FileExistsError(f"{w} already exists; use --overwrite to replace it")
+    if (len(outputs) > 1 or not Path(args.out).suffix) and not out_dir.is_dir():
+        # Only the last level: a mistyped path or an unmounted drive must not grow a tree of folders.
+        if not out_dir.parent.is_dir():
+            raise OutputPathError(f"cannot create the folder {out_dir}: {out_dir.parent} is not an existing folder")
+        try:
+            out_dir.mkdir()
+        except OSError as e:
+            raise OutputPathError(f"cannot create the folder {out_dir}: {e.strerror or first_line(e)}") from None
+    for w in wanted:  # before any computing: a folder in the way, a read-only place, ...
+        check_output_path(w, overwrite=True)
     model, meta = load_model(args.model)
     tune_malloc()  # a short-lived process: keeping freed tensors in the heap saves page faults
     kw = {k: v for k, v in {"tile_size": args.tile, "batch_size": args.batch, "overlap": args.overlap,

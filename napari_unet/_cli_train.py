@@ -68,18 +68,16 @@ def _config(args):
 
 
 def run(args) -> int:
-    from .io import OutputPathError, read_image
+    from .io import OutputPathError, check_output_path, read_image
 
     if len(args.image) != len(args.labels):
         raise ValueError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
     out = Path(args.out)
-    # Check the output before minutes of training, not after.
-    if out.is_dir():
-        raise OutputPathError(f"{out} is a folder; give a file name")
-    if not out.parent.is_dir():
-        raise OutputPathError(f"cannot write {out}: the folder {out.parent} does not exist")
-    if out.exists() and not args.overwrite:
+    # Check the output before minutes of training, not after: check_output_path also creates
+    # (and removes) a file beside it, which finds read-only places that permission bits miss.
+    if out.exists() and not out.is_dir() and not args.overwrite:
         raise OutputPathError(f"{out} already exists; use --overwrite to replace it")
+    check_output_path(out, overwrite=True)
     if args.init_from is not None and not Path(args.init_from).is_file():
         raise FileNotFoundError(f"{args.init_from}: no such model file")
     config = _config(args)
@@ -131,8 +129,8 @@ def run(args) -> int:
     except KeyboardInterrupt:
         interrupted = True  # stop here, but keep what was learnt: save the best weights so far
     except TrainingDataError as e:
-        # Name the files: the message says what is wrong with "image 2" / "labels".
-        files = ", ".join(args.labels) if len(args.labels) == 1 else "the inputs"
+        # Name the files: the message says what is wrong with "image 2" / "labels" (or the image).
+        files = f"--image {args.image[0]} --labels {args.labels[0]}" if len(args.labels) == 1 else "the inputs"
         raise TrainingDataError(f"{files}: {e}") from None
     finally:
         gen.close()  # on Ctrl-C as well: the finally inside train() loads the best weights
@@ -140,6 +138,8 @@ def run(args) -> int:
             bar.close()
     result = event.result if event is not None else None
     if result is None or result.model is None:
+        if interrupted:  # Ctrl-C before the first step: nothing to save
+            raise KeyboardInterrupt
         raise ValueError("training produced no model")
     save_model(out, result.model, result.metadata, overwrite=args.overwrite)
     t = result.metadata.get("training", {})
