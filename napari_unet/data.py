@@ -97,8 +97,8 @@ def split_channels(image: Any, labels_shape: tuple[int, ...], channel_axis: int 
     img = np.asarray(image)
     if img.dtype == bool:
         img = img.astype(np.float32)
-    if not (np.issubdtype(img.dtype, np.number)):
-        raise TrainingDataError(f"{name} is not numeric (dtype {img.dtype})")
+    if img.dtype.kind not in "iuf":  # complex counts as a number to numpy, but has no intensity to learn
+        raise TrainingDataError(f"{name} is not made of real numbers (dtype {img.dtype})")
     if channel_axis is not None:
         if not -img.ndim <= channel_axis < img.ndim:
             raise TrainingDataError(f"channel_axis {channel_axis} is out of range for {name} of shape {img.shape}")

@@ -247,6 +247,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     rng = np.random.default_rng(seed)
     suffix = (lambda i: f" {i + 1}") if len(imgs) > 1 else (lambda i: "")
     raw: list[tuple[np.ndarray, np.ndarray, tuple[int, int]]] = []  # (image (Y,X,C) normalised, labels, source)
+    constant: list[tuple[int, float]] = []  # (image index, its one value): nothing to learn from
     shapes: list[tuple[int, ...]] = []
     in_channels = None
     for i, (img, lab) in enumerate(zip(imgs, labs)):
@@ -269,8 +270,13 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         if not len(has):
             continue
         im_f = np.asarray(im, dtype=np.float32)
-        if not np.isfinite(im_f).any():
+        finite = np.isfinite(im_f)
+        if not finite.any():
             raise TrainingDataError(f"image{suffix(i)} has no finite values (all NaN or Inf)")
+        if np.min(im_f, where=finite, initial=np.inf) == np.max(im_f, where=finite, initial=-np.inf):
+            # Told after the labels' problems: those are what a user painting is working on.
+            constant.append((i, float(im_f[finite].flat[0])))
+        del finite
         norm = normalize(im_f, NORMALIZATION["low"], NORMALIZATION["high"], channel_axis=-1)
         im_p = _planes_2d(norm, lab.ndim)
         for p in has:
@@ -295,6 +301,10 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         class_names = ["background"] + [f"class {k}" for k in range(1, n_cls)]
     else:
         raise TrainingDataError(f"mode must be 'instances' or 'semantic', got {mode!r}")
+    if constant:
+        i, value = constant[0]
+        raise TrainingDataError(f"image{suffix(i)} has the same value ({value:g}) everywhere: nothing to learn from; "
+                                "check that the right image is chosen")
 
     # Hold out whole objects (with a margin) for validation.
     objects = []  # (raw index, value or component mask id)
@@ -693,7 +703,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             if done:
                 break
         return result
-    except GeneratorExit:
+    except (GeneratorExit, KeyboardInterrupt):  # closed (Stop, worker.quit()) or Ctrl-C inside a step
         st["status"] = "stopped"
         raise
     finally:
