@@ -51,6 +51,7 @@ from .data import (
     semantic_targets,
     split_channels,
 )
+from .distributed import DistContext, shard
 from .model import UNet
 
 __all__ = ["train", "TrainProgress", "TrainResult", "TrainingDataError", "TrainingData", "prepare_training_data",
@@ -398,18 +399,21 @@ class _Sampler:
         self.size_in, self.size_out = size_in, size_out
         self.rng, self.augment = rng, augment
 
-    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def sample(self, batch: int, rngs: list[np.random.Generator] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``batch`` patches, patch k drawn with ``rngs[k]`` when given (else all with the sampler's RNG)."""
         imgs, tgts, wts = [], [], []
-        for _ in range(batch):
-            pl = self.planes[self.rng.choice(len(self.planes), p=self.p)]
+        for k in range(batch):
+            rng = self.rng if rngs is None else rngs[k]
+            pl = self.planes[rng.choice(len(self.planes), p=self.p)]
             H, W = pl.target.shape
-            r = self.rng.random()
+            r = rng.random()
             if r < OBJECT_CENTRE_FRACTION and len(pl.object_centres):
-                cy, cx = divmod(int(pl.object_centres[self.rng.integers(len(pl.object_centres))]), W)
+                cy, cx = divmod(int(pl.object_centres[rng.integers(len(pl.object_centres))]), W)
             elif r < OBJECT_CENTRE_FRACTION + LABELLED_CENTRE_FRACTION:
-                cy, cx = divmod(int(pl.centres[self.rng.integers(len(pl.centres))]), W)
+                cy, cx = divmod(int(pl.centres[rng.integers(len(pl.centres))]), W)
             else:
-                cy, cx = int(self.rng.integers(H)), int(self.rng.integers(W))
+                cy, cx = int(rng.integers(H)), int(rng.integers(W))
             off = (self.size_in - self.size_out) // 2
             if self.augment is None:
                 y0, x0 = cy - self.size_in // 2, cx - self.size_in // 2
@@ -418,9 +422,9 @@ class _Sampler:
                 if pl.weight is not None:
                     wts.append(_crop(pl.weight, y0 + off, x0 + off, self.size_out, self.size_out, fill=0.0))
                 continue
-            coords = patch_coordinates((self.size_in, self.size_in), (cy, cx), self.rng, self.augment)
+            coords = patch_coordinates((self.size_in, self.size_in), (cy, cx), rng, self.augment)
             img = warp(pl.image, coords, order=1, mode="mirror")
-            imgs.append(augment_intensity(img, self.rng, self.augment))
+            imgs.append(augment_intensity(img, rng, self.augment))
             inner = coords[:, off:off + self.size_out, off:off + self.size_out]
             tgts.append(warp(pl.target, inner, order=0, mode="constant", cval=IGNORE))
             if pl.weight is not None:
@@ -508,13 +512,33 @@ def _validate(model: UNet, crops, mode: str, n_classes: int, device, precision: 
     return loss, float(iou)
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Per-pixel softmax cross-entropy, unlabelled pixels ignored, optionally weighted (weighted mean)."""
+def _loss_terms(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of weighted per-pixel losses, sum of weights)``: the loss is their ratio (see :func:`_loss`).
+
+    Kept apart so that distributed training can add the denominators of all ranks first:
+    the mean of per-rank weighted means is not the weighted mean of the global batch.
+    """
     ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none")
     if weight is None:
-        n = (target != IGNORE).sum().clamp(min=1)
-        return ce.sum() / n
-    return (ce * weight).sum() / weight.sum().clamp(min=1e-6)
+        return ce.sum(), (target != IGNORE).sum().to(ce.dtype)
+    return (ce * weight).sum(), weight.sum()
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-pixel softmax cross-entropy, unlabelled pixels ignored, optionally weighted (weighted mean)."""
+    num, den = _loss_terms(logits, target, weight)
+    return num / den.clamp(min=1e-6)
+
+
+def _grad_scaler(precision: str, device) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only for fp16 on CUDA.
+
+    fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none,
+    and CPU autocast runs the backward in fp32. A disabled scaler passes everything through.
+    """
+    device = torch.device(device)
+    return torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
 
 
 def _now() -> str:
@@ -526,7 +550,8 @@ def _now() -> str:
 def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model: UNet | None = None,
           metadata: dict[str, Any] | None = None, init_from: Any = None, model_config: ModelConfig | None = None,
           roi: Any = None, channel_axis: int | None = None, preview: Callable[[UNet], Any] | None = None,
-          preview_every: float = 5.0) -> Generator[TrainProgress, None, TrainResult]:
+          preview_every: float = 5.0, distributed: DistContext | None = None,
+          stop: Callable[[], bool] | None = None) -> Generator[TrainProgress, None, TrainResult]:
     """Train (or fine-tune, or continue training) a U-Net on painted labels; a generator of progress events.
 
     Parameters
@@ -556,6 +581,18 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         ``preview(model) -> Any`` called in the training thread every ``preview_every``
         seconds (model in eval mode, under ``torch.no_grad``); the return value is put
         on the next event's ``preview``.
+    distributed : DistContext, optional
+        This process's place in a torchrun job (:func:`napari_unet.distributed.init_from_env`);
+        call ``train`` on every rank with the same arguments. The model is wrapped in
+        DistributedDataParallel, ``config.batch_size`` is the GLOBAL batch (each rank draws
+        its share of it), the reported loss is the global one, batch norm is synchronised
+        on GPUs, and all ranks stop at the same step. Validation and ``preview`` run on rank
+        0 only; a failure of one rank is raised on every rank as
+        :class:`napari_unet.distributed.DistributedError` where the ranks can agree on it.
+    stop : callable, optional
+        ``stop() -> bool``, asked after every step; True ends training after that step
+        (status "stopped"). Under ``distributed`` all ranks stop when any rank's ``stop``
+        says so (closing the generator on one rank would leave the others waiting).
 
     Yields
     ------
@@ -572,21 +609,35 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
     TrainingDataError
         Bad input (on the first ``next``): shapes that differ, labels that are not
         non-negative integers, no background or no object painted, images too small, ...
+
+    Notes
+    -----
+    Patch ``j`` of step ``i`` is drawn with its own generator, ``numpy.random.default_rng([seed,
+    i, j])``, so the global batch of a step is the same whatever the number of processes:
+    with the same seed, one process and N processes follow the same loss curve (up to
+    float rounding, and to batch norm statistics on CPUs, which are per process).
     """
     from .device import autocast, resolve_device, select_precision
     from .io import load_model
 
     config = config or TrainConfig()
+    dctx = distributed or DistContext()
+    if dctx.distributed and config.seed is None:
+        # The ranks must hold out the same objects and draw one global batch: rank 0's seed for all.
+        config = dataclasses.replace(config, seed=dctx.broadcast(int(np.random.SeedSequence().entropy % 2**32)))
     t_start = time.perf_counter()
     result = TrainResult(model=None, metadata=dict(metadata or {}))
     st: dict[str, Any] = {"iteration": 0, "best_state": None, "best_iou": None, "best_iteration": None,
                           "status": "error", "data": None, "messages": [], "precision": None, "device": None,
-                          "t_start": t_start}
+                          "t_start": t_start, "world_size": dctx.world_size}
     threads_before = torch.get_num_threads()
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
-        device = resolve_device(config.device)
+        if config.batch_size < dctx.world_size:
+            raise ValueError(f"batch size {config.batch_size} is smaller than the {dctx.world_size} processes; "
+                             f"each needs a patch: use a batch size of at least {dctx.world_size}")
+        device = resolve_device(dctx.device_name(config.device))
         prior_meta: dict[str, Any] = dict(metadata or {})
         if init_from is not None:
             if model is not None:
@@ -643,6 +694,32 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         else:
             opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
         _complete_metadata(result, config, st)
+        # Every rank tells the others whether its set-up failed (bad input on one node only,
+        # no GPU ...), so that none of them waits for ever in the first collective below.
+        st["agreed"] = True
+        dctx.agree(None)
+        net: nn.Module = model
+        if dctx.distributed:
+            # precision="auto" times fp32 against bf16 on each rank; the ranks must compute alike.
+            precision = dctx.broadcast(precision)
+            st["precision"] = precision
+            memory_format = torch.channels_last if precision != "fp32" else torch.contiguous_format
+            st["memory_format"] = memory_format
+            model.to(memory_format=memory_format)
+            if device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+                # Per-GPU batches are small (the global batch divided by the ranks): normalise over the global one.
+                from .distributed import sync_batch_norm
+
+                sync_batch_norm(model)
+                st["sync_bn"] = True
+            # Each rank its own dropout masks (the weights are rank 0's: DDP broadcasts them).
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, dctx.rank]).generate_state(1)[0]))
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        scaler = _grad_scaler(precision, device)
+        share = shard(range(config.batch_size), dctx.rank, dctx.world_size)  # this rank's patches of each batch
+        patch_seed = config.seed if config.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
 
         def event(it, loss, val=None, message=None, prev=None):
             el = time.perf_counter() - t_start
@@ -661,23 +738,48 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         last_preview = time.perf_counter()
         it = 0
         while True:
-            x, t, w = sampler.sample(config.batch_size)
-            xt = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
-            tt = torch.from_numpy(t.astype(np.int64)).to(device)
-            wt = None if w is None else torch.from_numpy(w).to(device)
-            with autocast(precision, device):
-                logits = model(xt)
-            loss = _loss(logits, tt, wt)
+            failure = None
+            try:
+                # Patch j of step `it` comes from its own generator: the global batch does not depend
+                # on how many processes share it (nor on which rank draws which patch).
+                rngs = [np.random.default_rng([patch_seed, it, j]) for j in share]
+                x, t, w = sampler.sample(len(share), rngs)
+                xt = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
+                tt = torch.from_numpy(t.astype(np.int64)).to(device)
+                wt = None if w is None else torch.from_numpy(w).to(device)
+                with autocast(precision, device):
+                    logits = net(xt)
+                num, den = _loss_terms(logits, tt, wt)
+            except Exception as e:  # noqa: BLE001 - a lone failure is told to the other ranks, then raised
+                if not dctx.distributed:
+                    raise
+                failure = e
+                num = den = torch.zeros((), device=device)
+            # Sums over the global batch. Each rank's loss is its share of the global weighted mean
+            # times the world size, because DDP averages the ranks' gradients: the averaged gradient
+            # is then exactly the gradient of one process on the whole batch.
+            sums = dctx.all_reduce(torch.stack([num.detach().double(), den.detach().double(),
+                                                torch.tensor(float(failure is not None), dtype=torch.float64,
+                                                             device=num.device)]))
+            if sums[2] > 0:
+                dctx.agree(failure)
+            denominator = sums[1].clamp(min=1e-6)
+            loss = num * (dctx.world_size / denominator).to(num.dtype)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             it += 1
             st["iteration"] = it
             elapsed = time.perf_counter() - t_start
-            done = bool((config.iterations and it >= config.iterations)
-                        or (config.max_time and elapsed >= config.max_time))
+            flags = [float(bool(config.max_time and elapsed >= config.max_time)),
+                     float(bool(stop is not None and stop()))]
+            if dctx.distributed:  # the ranks' clocks differ: all stop at the step where the first one is out of time
+                flags = dctx.all_reduce(flags, op="max").tolist()
+            stopped = flags[1] > 0
+            done = bool((config.iterations and it >= config.iterations) or flags[0] > 0 or stopped)
             val = None
-            if crops and (it % config.val_every == 0 or done):
+            if crops and dctx.is_main and (it % config.val_every == 0 or done):
                 model.eval()
                 with torch.no_grad():
                     val = _validate(model, crops, data.mode, data.n_classes, device, precision, memory_format)
@@ -691,20 +793,24 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                     st["best_iou"], st["best_loss"], st["best_iteration"] = val[1], val[0], it
                     st["best_state"] = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})
             prev = None
-            if preview is not None and (time.perf_counter() - last_preview >= preview_every or done):
+            if preview is not None and dctx.is_main and (time.perf_counter() - last_preview >= preview_every or done):
                 model.eval()
                 with torch.no_grad():
                     prev = preview(model)
                 model.train()
                 last_preview = time.perf_counter()
             if done:
-                st["status"] = "finished"
-            yield event(it, float(loss.detach()), val, None, prev)
+                st["status"] = "stopped" if stopped else "finished"
+            yield event(it, float(sums[0] / denominator), val, None, prev)
             if done:
                 break
         return result
     except (GeneratorExit, KeyboardInterrupt):  # closed (Stop, worker.quit()) or Ctrl-C inside a step
         st["status"] = "stopped"
+        raise
+    except Exception as e:
+        if dctx.distributed and not st.get("agreed"):
+            dctx.agree(e)  # the other ranks learn of it in their agree() after set-up; raises on all
         raise
     finally:
         _finish(result, config, st)
@@ -717,6 +823,10 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
     model = result.model
     if model is None:
         return
+    if st.get("sync_bn"):
+        from .distributed import plain_batch_norm
+
+        plain_batch_norm(model)  # a plain UNet again: inference folds BatchNorm2d, model files need no process group
     if st.get("best_state") is not None:
         model.load_state_dict(st["best_state"])
     model.eval()
@@ -754,6 +864,7 @@ def _complete_metadata(result: TrainResult, config: TrainConfig, st: dict[str, A
         "best_iteration": st.get("best_iteration"),
         "patch": list(st["patch"]) if st.get("patch") else None,
         "device": st.get("device"),
+        "processes": int(st.get("world_size", 1)),
         "precision": st.get("precision"),
         "config": config.to_dict(),
         "init_from": st.get("init_from"),
