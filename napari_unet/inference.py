@@ -419,7 +419,7 @@ def prepare_image(image: np.ndarray, in_channels: int, channel_axis: int | None 
         spatial = image.shape
     if len(spatial) < 2:
         raise ValueError(f"the image needs at least 2 spatial dimensions (Y, X), got shape {spatial}")
-    if min(spatial[-2:]) < 1:
+    if min(spatial) < 1:  # no pixels, or a stack of no planes (the labels written would be empty)
         raise ValueError(f"the image is empty (shape {image.shape})")
     return _Prepared(image=image, has_channels=ax is not None,
                      to_grey=ax is not None and in_channels == 1,
