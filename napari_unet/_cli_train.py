@@ -78,7 +78,7 @@ def run(args) -> int:
     if out.exists() and not out.is_dir() and not args.overwrite:
         raise OutputPathError(f"{out} already exists; use --overwrite to replace it")
     check_output_path(out, overwrite=True)
-    if args.init_from is not None and not Path(args.init_from).is_file():
+    if args.init_from is not None and not Path(args.init_from).exists():  # a folder: load_model says so
         raise FileNotFoundError(f"{args.init_from}: no such model file")
     config = _config(args)
     images, labels = [], []
