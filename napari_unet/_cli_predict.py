@@ -6,6 +6,11 @@ otherwise ``--out`` is a folder (created if needed, inside an existing folder) r
 ImageJ's C axis) beside each label file. Axes and pixel size are carried over from the
 input. Every output is checked before any computing starts (existing files need
 ``--overwrite``) and written atomically, so a failure never leaves a partial file.
+
+Under ``torchrun`` each process (rank) segments every ``world_size``-th input, on its own
+GPU under NCCL: each input gets exactly one output, written by one rank. The ranks check
+all outputs before any of them writes one. Without torchrun, ``--device auto`` or ``cuda``
+spreads the tiles of each image over all the GPUs of the machine.
 """
 
 from __future__ import annotations
@@ -140,36 +145,54 @@ def _write_probabilities(path: Path, probs, axes: str | None, scale: dict, unit:
 
 
 def run(args) -> int:
+    from .distributed import init_from_env
+
+    ctx = init_from_env(args.device)
+    try:
+        return _run(args, ctx)
+    finally:
+        ctx.shutdown()
+
+
+def _run(args, ctx) -> int:
     from .config import PredictConfig
+    from .distributed import shard
     from .inference import predict, tune_malloc
     from .io import OutputPathError, check_output_path, first_line, load_model, read_image, write_labels_tiff
 
-    inputs = expand_inputs(args.image)
-    outputs = output_paths(inputs, args.out)
-    out_dir = outputs[0].parent
-    wanted = [w for dst in outputs for w in ([dst, probability_path(dst)] if args.probabilities else [dst])]
-    for w in wanted:
-        if w.exists() and not w.is_dir() and not args.overwrite:
-            raise FileExistsError(f"{w} already exists; use --overwrite to replace it")
-    if (len(outputs) > 1 or not Path(args.out).suffix) and not out_dir.is_dir():
-        # Only the last level: a mistyped path or an unmounted drive must not grow a tree of folders.
-        if not out_dir.parent.is_dir():
-            raise OutputPathError(f"cannot create the folder {out_dir}: {out_dir.parent} is not an existing folder")
-        try:
-            out_dir.mkdir()
-        except OSError as e:
-            raise OutputPathError(f"cannot create the folder {out_dir}: {e.strerror or first_line(e)}") from None
-    for w in wanted:  # before any computing: a folder in the way, a read-only place, ...
-        check_output_path(w, overwrite=True)
-    model, meta = load_model(args.model)
+    # All ranks check all outputs before any of them writes one (else a slow rank would find a fast
+    # one's fresh output "already existing"); a failure on any rank stops all.
+    with ctx.agreeing():
+        inputs = expand_inputs(args.image)
+        outputs = output_paths(inputs, args.out)
+        mine = shard(list(zip(inputs, outputs)), ctx.rank, ctx.world_size)  # each input on exactly one rank
+        out_dir = outputs[0].parent
+        wanted = [w for dst in outputs for w in ([dst, probability_path(dst)] if args.probabilities else [dst])]
+        for w in wanted:
+            if w.exists() and not w.is_dir() and not args.overwrite:
+                raise FileExistsError(f"{w} already exists; use --overwrite to replace it")
+        if (len(outputs) > 1 or not Path(args.out).suffix) and not out_dir.is_dir():
+            # Only the last level: a mistyped path or an unmounted drive must not grow a tree of folders.
+            if not out_dir.parent.is_dir():
+                raise OutputPathError(f"cannot create the folder {out_dir}: {out_dir.parent} is not an existing "
+                                      "folder")
+            try:
+                out_dir.mkdir(exist_ok=True)  # another rank may have made it a moment ago
+            except OSError as e:
+                raise OutputPathError(f"cannot create the folder {out_dir}: {e.strerror or first_line(e)}") from None
+        for _, dst in mine:  # before any computing: a folder in the way, a read-only place, ...
+            for w in [dst, probability_path(dst)] if args.probabilities else [dst]:
+                check_output_path(w, overwrite=True)
+        model, meta = load_model(args.model)
+        device = ctx.device_name(args.device)  # under NCCL: this rank's own GPU
     tune_malloc()  # a short-lived process: keeping freed tensors in the heap saves page faults
     kw = {k: v for k, v in {"tile_size": args.tile, "batch_size": args.batch, "overlap": args.overlap,
                             "min_size": args.min_size}.items() if v is not None}
-    show = not args.quiet
-    for src, dst in zip(inputs, outputs):
+    show = not args.quiet and ctx.is_main  # one progress bar, not one per rank on the same terminal
+    for src, dst in mine:
         image, info = read_image(src)
         cax = _channel_axis(args, info, image.ndim)
-        config = PredictConfig(output=args.output, probabilities=args.probabilities, device=args.device,
+        config = PredictConfig(output=args.output, probabilities=args.probabilities, device=device,
                                precision=args.precision, channel_axis=cax, **kw)
         gen = predict(model, image, config, meta)
         bar = None

@@ -4,11 +4,18 @@ Drains :func:`napari_unet.training.train` (the generator the napari widget runs 
 worker thread) with a tqdm progress bar on stderr. Bad input raises ``ValueError`` /
 ``OSError``, which :func:`napari_unet.cli.main` turns into one line on stderr and exit
 status 2.
+
+Under ``torchrun`` (several processes) every rank runs this command with the same
+arguments: the ranks train one model with DistributedDataParallel, rank 0 alone checks
+and writes ``--out`` / ``--log`` and shows progress, and Ctrl-C makes all ranks stop at
+the same step (rank 0 then saves the best weights so far).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -19,12 +26,20 @@ def add_parser(sub) -> None:
         description="Train (or fine-tune with --from) a U-Net on images with painted labels: 0 unlabelled, "
                     "1 background, 2, 3, ... objects. Writes exactly the file --out names.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image", action="append", required=True, metavar="IMG",
+    p.add_argument("--image", action="append", default=None, metavar="IMG",
                    help="image file (TIFF, PNG, ...); repeat for several images, each followed by its --labels")
+    p.add_argument("--images", action="append", default=None, metavar="DIR",
+                   help="folder of images, paired by file name with the label files of the --labels folder that "
+                        "follows (a.tif with a.tif, a_labels.tif, a_mask.tif, ...); images without labels are "
+                        "left out; repeat for several folders")
     p.add_argument("--labels", action="append", required=True, metavar="LAB",
-                   help="painted labels of the same shape as the image; one per --image")
+                   help="painted labels of the same shape as the image, one per --image; or a folder of them, "
+                        "one per --images")
     p.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--log-csv", default=None, metavar="CSV",
+                   help="also write the loss of every step to this CSV file (iteration, elapsed_s, loss, "
+                        "val_loss, val_iou), line by line")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --log-csv) if they exist")
     p.add_argument("--mode", choices=("instances", "semantic"), default="instances",
                    help="instances: each label >= 2 is one cell; semantic: label k is class k - 1")
     p.add_argument("--max-time", type=float, default=None, metavar="SEC",
@@ -40,8 +55,11 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="base filters of a new model (default: 16)")
     p.add_argument("--padding", choices=("same", "valid"), default=None,
                    help="padded convs (same) or the paper's unpadded ones (valid) for a new model")
+    p.add_argument("--no-batch-norm", action="store_true",
+                   help="no batch normalisation in a new model (always off with --padding valid)")
     p.add_argument("--patch-size", type=int, default=None, help="training patch side in pixels")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="patches per step (under torchrun: in all, shared between the processes)")
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="adam, or sgd with momentum 0.99")
     p.add_argument("--no-augment", action="store_true", help="no geometric or intensity augmentation")
@@ -67,28 +85,98 @@ def _config(args):
     return TrainConfig(**kw)
 
 
-def run(args) -> int:
-    from .io import OutputPathError, check_output_path, read_image
+def input_pairs(args) -> list[tuple[str, str]]:
+    """``(image, labels)`` file pairs from ``--image``/``--labels`` files or ``--images``/``--labels`` folders."""
+    from .distributed import _image_files, pair_by_name
 
-    if len(args.image) != len(args.labels):
-        raise ValueError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
-    out = Path(args.out)
+    labels = args.labels or []
+    if args.images:
+        if args.image:
+            raise ValueError("give image files (--image) or folders of images (--images), not both")
+        if len(args.images) != len(labels):
+            raise ValueError(f"{len(args.images)} --images but {len(labels)} --labels; give one labels folder after "
+                             "each --images folder")
+        pairs = []
+        for img_dir, lab_dir in zip(args.images, labels):
+            found = pair_by_name(img_dir, lab_dir)
+            pairs += [(str(i), str(lab)) for i, lab in found]
+            unlabelled = len(_image_files(Path(img_dir))) - len(found)
+            if unlabelled:
+                print(f"napari-unet train: {img_dir}: {unlabelled} image(s) without a label file left out",
+                      file=sys.stderr)
+        return pairs
+    if not args.image:
+        raise ValueError("no training images: give --image FILE --labels FILE, or --images DIR --labels DIR")
+    if len(args.image) != len(labels):
+        raise ValueError(f"{len(args.image)} --image but {len(labels)} --labels; give one --labels per --image")
+    for lab in labels:
+        if Path(lab).is_dir():
+            raise ValueError(f"--labels {lab} is a folder; for folders of images and labels use --images DIR "
+                             "--labels DIR")
+    return list(zip(args.image, labels))
+
+
+def _name_inputs(message: str, pairs: list[tuple[str, str]]) -> str:
+    """The data error ``message`` with the files it is about ("image 2 ..." names the second pair)."""
+    if len(pairs) == 1:
+        return f"--image {pairs[0][0]} --labels {pairs[0][1]}: {message}"
+    m = re.search(r"\b(?:image|labels) (\d+)\b", message)
+    if m and 1 <= int(m.group(1)) <= len(pairs):
+        img, lab = pairs[int(m.group(1)) - 1]
+        return f"--image {img} --labels {lab}: {message}"
+    return f"the inputs: {message}"
+
+
+def _check_new_file(path: Path, overwrite: bool) -> None:
+    from .io import OutputPathError, check_output_path
+
     # Check the output before minutes of training, not after: check_output_path also creates
     # (and removes) a file beside it, which finds read-only places that permission bits miss.
-    if out.exists() and not out.is_dir() and not args.overwrite:
-        raise OutputPathError(f"{out} already exists; use --overwrite to replace it")
-    check_output_path(out, overwrite=True)
-    if args.init_from is not None and not Path(args.init_from).exists():  # a folder: load_model says so
-        raise FileNotFoundError(f"{args.init_from}: no such model file")
-    config = _config(args)
-    images, labels = [], []
-    for img_path, lab_path in zip(args.image, args.labels):
-        img, _ = read_image(img_path)
-        lab, _ = read_image(lab_path)
-        images.append(img)
-        labels.append(lab)
+    if path.exists() and not path.is_dir() and not overwrite:
+        raise OutputPathError(f"{path} already exists; use --overwrite to replace it")
+    check_output_path(path, overwrite=True)
+
+
+def run(args) -> int:
+    import threading
+
+    from .distributed import init_from_env
+
+    ctx = init_from_env(args.device)
+    # Handlers can only be set from the main thread (not when main() is called from another one).
+    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _run(args, ctx)
+    finally:
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        ctx.shutdown()  # also on errors and Ctrl-C: no process group left behind
+
+
+def _run(args, ctx) -> int:
+    from .io import read_image
+
+    out = Path(args.out)
+    log = Path(args.log_csv) if args.log_csv else None
+    # Every rank reads the inputs; a failure on any of them (a file missing on one node) stops all.
+    with ctx.agreeing():
+        pairs = input_pairs(args) if ctx.is_main else _quietly(input_pairs, args)
+        if ctx.is_main:  # only rank 0 writes, and on other nodes its folder may not even exist
+            _check_new_file(out, args.overwrite)
+            if log is not None:
+                _check_new_file(log, args.overwrite)
+        if args.init_from is not None and not Path(args.init_from).exists():  # a folder: load_model says so
+            raise FileNotFoundError(f"{args.init_from}: no such model file")
+        config = _config(args)
+        images, labels = [], []
+        for img_path, lab_path in pairs:
+            img, _ = read_image(img_path)
+            lab, _ = read_image(lab_path)
+            images.append(img)
+            labels.append(lab)
 
     from .data import TrainingDataError
+    from .distributed import DistributedError
     from .io import save_model
     from .training import default_model_config, train
 
@@ -97,18 +185,34 @@ def run(args) -> int:
         base = default_model_config()
         changes = {k: v for k, v in (("depth", args.depth), ("base_filters", args.width),
                                      ("padding", args.padding)) if v is not None}
-        if changes.get("padding") == "valid":
+        if changes.get("padding") == "valid" or args.no_batch_norm:
             changes["batch_norm"] = False
         import dataclasses
 
         model_config = dataclasses.replace(base, **changes)
+    stop_requests: list[int] = []
+    if ctx.distributed:
+        # Ctrl-C reaches every rank (and torchrun forwards it once more); a KeyboardInterrupt would
+        # leave each rank at a different point, some waiting in a collective for ever. A flag
+        # instead, which train() all-reduces: all ranks stop after the same step.
+        signal.signal(signal.SIGINT, lambda signum, frame: stop_requests.append(signum))
     gen = train(images, labels, config, init_from=args.init_from, model_config=model_config,
-                channel_axis=args.channel_axis)
+                channel_axis=args.channel_axis, distributed=ctx, stop=lambda: bool(stop_requests))
+    show = ctx.is_main
     bar = None
     event = None
     interrupted = False
+    log_file = open(log, "w", encoding="utf-8") if (log is not None and show) else None  # noqa: SIM115
     try:
+        if log_file is not None:
+            log_file.write("iteration,elapsed_s,loss,val_loss,val_iou\n")
         for event in gen:
+            if log_file is not None and event.loss is not None:
+                cells = [event.iteration, round(event.elapsed, 4), event.loss, event.val_loss, event.val_iou]
+                log_file.write(",".join("" if v is None else repr(v) for v in cells) + "\n")
+                log_file.flush()  # a live log: `tail -f` it on a cluster
+            if not show:
+                continue
             if bar is None and not args.quiet:
                 from tqdm import tqdm
 
@@ -130,24 +234,42 @@ def run(args) -> int:
         interrupted = True  # stop here, but keep what was learnt: save the best weights so far
     except TrainingDataError as e:
         # Name the files: the message says what is wrong with "image 2" / "labels" (or the image).
-        files = f"--image {args.image[0]} --labels {args.labels[0]}" if len(args.labels) == 1 else "the inputs"
-        raise TrainingDataError(f"{files}: {e}") from None
+        raise TrainingDataError(_name_inputs(str(e), pairs)) from None
+    except DistributedError as e:  # the same, agreed between the ranks
+        raise e.reworded(lambda m: _name_inputs(m, pairs), ("TrainingDataError",)) from None
     finally:
         gen.close()  # on Ctrl-C as well: the finally inside train() loads the best weights
         if bar is not None:
             bar.close()
+        if log_file is not None:
+            log_file.close()
+    interrupted = interrupted or bool(stop_requests)
     result = event.result if event is not None else None
     if result is None or result.model is None:
         if interrupted:  # Ctrl-C before the first step: nothing to save
             raise KeyboardInterrupt
         raise ValueError("training produced no model")
-    save_model(out, result.model, result.metadata, overwrite=args.overwrite)
-    t = result.metadata.get("training", {})
-    iou = t.get("best_val_iou")
-    print(f"{'interrupted: ' if interrupted else ''}wrote {out} ({t.get('iterations')} steps in "
-          f"{t.get('elapsed')} s" + (f", held-out IoU {iou:.3f}" if iou is not None else "") + ")", file=sys.stderr)
+    if show:
+        if interrupted:  # a second Ctrl-C (or torchrun passing the first one on) must not cut the save short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        save_model(out, result.model, result.metadata, overwrite=args.overwrite)
+        t = result.metadata.get("training", {})
+        iou = t.get("best_val_iou")
+        procs = f" on {ctx.world_size} processes" if ctx.distributed else ""
+        print(f"{'interrupted: ' if interrupted else ''}wrote {out} ({t.get('iterations')} steps in "
+              f"{t.get('elapsed')} s{procs}" + (f", held-out IoU {iou:.3f}" if iou is not None else "") + ")",
+              file=sys.stderr)
     if interrupted:
         from .cli import EXIT_INTERRUPTED
 
         return EXIT_INTERRUPTED
     return 0
+
+
+def _quietly(fn, *args):
+    """``fn(*args)`` with its stderr notes dropped (the other ranks would repeat rank 0's)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return fn(*args)

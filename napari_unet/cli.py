@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_FAILURE"]
 
 #: Exit status for bad input (missing file, wrong shape, ...), as argparse uses for usage errors.
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: Exit status of a rank of a torchrun job that failed otherwise (a lost peer, a CUDA error, ...).
+EXIT_FAILURE = 1
 
 
 def _add_gui(sub) -> None:
@@ -65,18 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-unet`` console script; returns the exit status."""
+    from .distributed import BAD_INPUT_ERRORS, DistributedError, env_rank
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    rank = env_rank()  # under torchrun: say which process a message comes from
+    where = "" if rank is None else f"rank {rank}: "
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("napari-unet: interrupted", file=sys.stderr)
+        print(f"napari-unet: {where}interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError, MemoryError) as e:  # bad input: one line, no traceback
+    except DistributedError as e:  # the ranks agreed on a failure: rank 0 tells it once, for all of them
+        if not rank:
+            print(f"napari-unet {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if e.bad_input else EXIT_FAILURE
+    except BAD_INPUT_ERRORS as e:  # bad input: one line, no traceback
         from .io import first_line
 
-        print(f"napari-unet {args.command}: error: {first_line(e)}", file=sys.stderr)
+        print(f"napari-unet {args.command}: error: {where}{first_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:
+        if rank is None:
+            raise  # a bug: its traceback is what a report needs
+        # One rank of many: one line naming it; torchrun then stops the others and reports the job.
+        from .io import first_line
+
+        print(f"napari-unet {args.command}: error: {where}{type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,9 +13,10 @@ No Qt; torch is imported lazily.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -60,9 +61,9 @@ class DistributedError(RuntimeError):
         """True when every failing rank failed on bad input (a ValueError, OSError or MemoryError)."""
         return all(bad for _, _, bad in self.failures.values())
 
-    def prefixed(self, prefix: str, types: tuple[str, ...]) -> DistributedError:
-        """The same failures, with ``prefix`` before the messages of exceptions of the named types."""
-        return DistributedError({r: (t, f"{prefix}{m}" if t in types else m, b)
+    def reworded(self, fn: Callable[[str], str], types: tuple[str, ...]) -> DistributedError:
+        """The same failures, with ``fn(message)`` for the exceptions of the named types (e.g. to name files)."""
+        return DistributedError({r: (t, fn(m) if t in types else m, b)
                                  for r, (t, m, b) in self.failures.items()}, self.world_size)
 
     def _message(self) -> str:
@@ -168,6 +169,22 @@ class DistContext:
         failures = {rank: tuple(g) for rank, g in enumerate(gathered) if g is not None}
         if failures:
             raise DistributedError(failures, self.world_size) from error
+
+    @contextlib.contextmanager
+    def agreeing(self) -> Iterator[None]:
+        """Run a block on every rank and :meth:`agree` on its outcome at the end.
+
+        If the block raises on any rank, every rank raises :class:`DistributedError`; in a
+        single process the block's own exception comes out unchanged.
+        """
+        try:
+            yield
+        except Exception as e:
+            if not self.distributed:
+                raise
+            self.agree(e)  # raises on every rank
+        else:
+            self.agree(None)
 
     def shutdown(self) -> None:
         """Destroy the process group (safe to call twice, or when not distributed)."""
