@@ -206,7 +206,9 @@ def _read_header(path: Path) -> tuple[dict[str, Any], Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path}: not a napari-unet model file")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"{path}: invalid model format version {str(version)[:20]!r} in the file")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: written by a newer napari-unet (model format {version}, this version reads up "
             f"to {FORMAT_VERSION}); upgrade napari-unet")

@@ -5,9 +5,12 @@ a target path; the target must always be either the previous complete file or th
 complete file. Hostile pickles of several kinds must be refused without running.
 """
 
+import copy
+import json
 import os
 import pickle
 import signal
+import struct
 import time
 import zipfile
 
@@ -105,3 +108,89 @@ def test_torch_save_archives_and_zip_tricks_are_refused(tmp_path):
         with pytest.raises(ModelFileError, match=name):
             load_model(tmp_path / name)
     assert not marker.exists()
+
+
+def _raw_safetensors(header, body: bytes) -> bytes:
+    """A safetensors file by hand: 8-byte little-endian header length, JSON header, tensor bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def _odd_headers(good, marker):
+    """Crafted safetensors files whose JSON header (or bytes) carry odd content, by name."""
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    meta = json.loads(header["__metadata__"]["napari_unet"])
+    code = f"__import__('os').system('touch {marker}')"
+    payload = pickle.dumps(_evil_payloads(marker)["os_system"])
+
+    def with_meta(value):
+        h = copy.deepcopy(header)
+        h["__metadata__"]["napari_unet"] = value if isinstance(value, str) else json.dumps(value)
+        return _raw_safetensors(h, body)
+
+    def with_tensor(edit):
+        h = copy.deepcopy(header)
+        edit(h[next(k for k in h if k != "__metadata__")])
+        return _raw_safetensors(h, body)
+
+    padded = payload + b"\0" * (-len(payload) % 8)
+    extra = copy.deepcopy(header)
+    extra["hook"] = {"dtype": "U8", "shape": [len(padded)], "data_offsets": [len(body), len(body) + len(padded)]}
+    return {
+        "python code as metadata": (with_meta(code), "not valid JSON"),
+        "a pickle as metadata": (with_meta(payload.decode("latin1")), "not valid JSON"),
+        "JSON nested 100000 deep": (with_meta("[" * 100_000 + "]" * 100_000), "not valid JSON"),
+        "code as an architecture value": (with_meta({**meta, "model": {**meta["model"], "in_channels": code}}),
+                                          "invalid model architecture"),
+        "metadata as a JSON object": (_raw_safetensors({**header, "__metadata__": {"napari_unet": meta}}, body),
+                                      "not a valid safetensors file"),  # safetensors metadata holds strings only
+        "format version as text": (with_meta({**meta, "format_version": "1"}), "invalid model format version"),
+        "normalisation as code": (with_meta({**meta, "normalization": code}), "unusable normalisation"),
+        "unknown label mode": (with_meta({**meta, "mode": code}), "unknown label mode"),
+        "tensor bytes beyond the file": (with_tensor(lambda t: t.update(data_offsets=[0, 10**12])),
+                                         "not a valid safetensors file"),
+        "tensor of an unknown dtype": (with_tensor(lambda t: t.update(dtype="PICKLE")), "not a valid safetensors file"),
+        "a pickle as an extra tensor": (_raw_safetensors(extra, body + padded), "do not fit"),
+        "header length of 1 TB": (struct.pack("<Q", 2**40) + data[8:], "not a valid safetensors file"),
+    }
+
+
+def test_safetensors_with_odd_headers_are_refused_and_nothing_runs(tmp_path):
+    from napari_unet.inference import predict_all
+    from napari_unet.io import read_model_metadata
+
+    marker = tmp_path / "ran"
+    good = save_model(tmp_path / "good.safetensors", UNet(1, 3, depth=2, base_filters=4, padding="same"),
+                      {"mode": "instances"})
+    for name, (blob, expected) in _odd_headers(good, marker).items():
+        path = tmp_path / "odd.safetensors"
+        path.write_bytes(blob)
+        for load in (load_model, lambda p: predict_all(p, np.zeros((8, 8), np.float32))):
+            with pytest.raises(ModelFileError) as err:
+                load(path)
+            message = str(err.value)
+            assert expected in message and "odd.safetensors" in message and "\n" not in message, (name, message)
+        if expected != "do not fit" and "architecture" not in expected:  # weights and architecture aside
+            with pytest.raises(ModelFileError, match=expected):
+                read_model_metadata(path)
+    assert not marker.exists()
+
+
+def test_pickle_bytes_inside_the_weights_are_only_numbers(tmp_path):
+    """A valid model file whose weight bytes hold a pickle: it loads as (odd) numbers and nothing runs."""
+    marker = tmp_path / "ran"
+    good = save_model(tmp_path / "good.safetensors", UNet(1, 3, depth=2, base_filters=4, padding="same"),
+                      {"mode": "instances"})
+    data = bytearray(good.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    payload = pickle.dumps(_evil_payloads(marker)["exec"])
+    key = max((k for k in header if k != "__metadata__"), key=lambda k: np.diff(header[k]["data_offsets"])[0])
+    start = 8 + n + header[key]["data_offsets"][0]
+    data[start:start + len(payload)] = payload
+    (tmp_path / "numbers.safetensors").write_bytes(bytes(data))
+    model, _ = load_model(tmp_path / "numbers.safetensors")
+    got = model.state_dict()[key].flatten().view(torch.uint8)[:len(payload)].numpy().tobytes()
+    assert got == payload and not marker.exists()
