@@ -531,14 +531,19 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     return num / den.clamp(min=1e-6)
 
 
-def _grad_scaler(precision: str, device) -> torch.amp.GradScaler:
-    """A gradient scaler, enabled only for fp16 on CUDA.
+def _use_grad_scaler(precision: str, device_type: str) -> bool:
+    """Whether training scales the loss: fp16 on CUDA only.
 
-    fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none,
-    and CPU autocast runs the backward in fp32. A disabled scaler passes everything through.
+    Small fp16 gradients underflow to zero without loss scaling; bf16 has fp32's range and
+    needs none. fp16 is what ``precision="auto"`` picks on GPUs without bf16; on the CPU it
+    is never picked, and is left unscaled when asked for.
     """
-    device = torch.device(device)
-    return torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
+    return precision == "fp16" and device_type == "cuda"
+
+
+def _grad_scaler(precision: str, device) -> torch.amp.GradScaler:
+    """A ``torch.amp.GradScaler``, enabled as :func:`_use_grad_scaler` says (a disabled one passes through)."""
+    return torch.amp.GradScaler("cuda", enabled=_use_grad_scaler(precision, torch.device(device).type))
 
 
 def _now() -> str:
@@ -706,12 +711,17 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             memory_format = torch.channels_last if precision != "fp32" else torch.contiguous_format
             st["memory_format"] = memory_format
             model.to(memory_format=memory_format)
-            if device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-                # Per-GPU batches are small (the global batch divided by the ranks): normalise over the global one.
-                from .distributed import sync_batch_norm
+            if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+                if device.type == "cuda":
+                    # Per-GPU batches are small (the global batch divided by the ranks): normalise over the global one.
+                    from .distributed import sync_batch_norm
 
-                sync_batch_norm(model)
-                st["sync_bn"] = True
+                    sync_batch_norm(model)
+                    st["sync_bn"] = True
+                else:
+                    st["messages"].append("batch norm statistics are per process on CPUs (PyTorch's SyncBatchNorm "
+                                          "needs CUDA): several processes train exactly like one only without "
+                                          "batch norm")
             # Each rank its own dropout masks (the weights are rank 0's: DDP broadcasts them).
             torch.manual_seed(int(np.random.SeedSequence([config.seed, dctx.rank]).generate_state(1)[0]))
             from torch.nn.parallel import DistributedDataParallel
