@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -65,3 +67,32 @@ def dock():
         return widget
 
     return _dock
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """``make()`` returns a folder where no file can be created.
+
+    A folder without write permission, unless the tests run as root, whom permission bits
+    do not stop: then ``/proc``, where not even root can create a file. Decided at run time
+    by trying to create a file, so the test asserts the same thing either way.
+    """
+    made = []
+
+    def make():
+        ro = tmp_path / "read_only"
+        if not ro.exists():
+            ro.mkdir()
+            made.append(ro)
+        ro.chmod(0o555)
+        try:
+            (ro / "probe").touch()
+        except PermissionError:
+            return ro
+        (ro / "probe").unlink()
+        ro.chmod(0o755)
+        return Path("/proc")
+
+    yield make
+    for ro in made:  # so that pytest can clean tmp_path up
+        ro.chmod(0o755)

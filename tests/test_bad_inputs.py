@@ -136,22 +136,7 @@ def make_model(kind: str, d: Path) -> Path:
 
 # ---- outputs ------------------------------------------------------------------------------------
 
-def read_only_folder(tmp_path: Path) -> Path:
-    """A folder where no file can be created. Permission bits, unless we are root (root ignores
-    them: then /proc, where not even root can create a file)."""
-    ro = tmp_path / "read_only"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        (ro / "probe").touch()
-    except PermissionError:
-        return ro
-    (ro / "probe").unlink()
-    ro.chmod(0o755)
-    return Path("/proc")
-
-
-def output_path(kind: str, command: str, tmp_path: Path) -> Path:
+def output_path(kind: str, command: str, tmp_path: Path, read_only_dir) -> Path:
     name = "out.safetensors" if command == "train" else "out.tif"
     if kind == "new":
         return tmp_path / name
@@ -164,8 +149,8 @@ def output_path(kind: str, command: str, tmp_path: Path) -> Path:
     if kind == "under_file":
         (tmp_path / "a_file").write_bytes(b"I am a file")
         return tmp_path / "a_file" / name
-    if kind == "read_only":
-        return read_only_folder(tmp_path) / name
+    if kind == "read_only":  # see conftest.read_only_dir: permission bits, or /proc when root
+        return read_only_dir() / name
     if kind == "exists":
         p = tmp_path / name
         p.write_bytes(b"precious results")
@@ -305,14 +290,6 @@ def models(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
-@pytest.fixture
-def restore_permissions(tmp_path):
-    yield
-    ro = tmp_path / "read_only"
-    if ro.exists():
-        ro.chmod(0o755)
-
-
 def _one_line(e: BaseException, expect: str) -> None:
     msg = str(e)
     assert isinstance(e, EXPECTED_ERRORS), f"{type(e).__name__} would be shown as a bug: {msg}"
@@ -321,7 +298,7 @@ def _one_line(e: BaseException, expect: str) -> None:
 
 
 @pytest.mark.parametrize("case", BAD, ids=IDS)
-def test_cli_refuses_with_one_line(case, tmp_path, models, capsys, restore_permissions):
+def test_cli_refuses_with_one_line(case, tmp_path, models, capsys, read_only_dir):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     image = _write_tiff(inputs / "image.tif", case.image())
@@ -334,7 +311,7 @@ def test_cli_refuses_with_one_line(case, tmp_path, models, capsys, restore_permi
         Path(image).write_bytes(b"")
     elif case.broken == "image missing":
         image = str(inputs / "no_such_image.tif")
-    out = output_path(case.out, case.command, tmp_path)
+    out = output_path(case.out, case.command, tmp_path, read_only_dir)
     if case.command == "train":
         argv = ["train", "--image", image, "--labels", labels, "--out", str(out), "--mode", case.mode, *FAST]
         if case.model:
@@ -361,10 +338,10 @@ def test_cli_refuses_with_one_line(case, tmp_path, models, capsys, restore_permi
 
 
 @pytest.mark.parametrize("case", BAD, ids=IDS)
-def test_core_refuses_with_one_line_and_changes_nothing(case, tmp_path, models, restore_permissions):
+def test_core_refuses_with_one_line_and_changes_nothing(case, tmp_path, models, read_only_dir):
     image, labels = case.image(), case.labels()
     image_before, labels_before = image.copy(), labels.copy()
-    out = output_path(case.out, case.command, tmp_path)
+    out = output_path(case.out, case.command, tmp_path, read_only_dir)
     model = make_model(case.model, models) if case.model else None
     before = _snapshot(tmp_path, models)
     calls: list[Callable] = []
