@@ -38,9 +38,14 @@ def test_napari_saves_labels_through_the_plugin(tmp_path):
     import napari
     from napari.layers import Labels
     from napari.plugins import _initialize_plugins
+    from npe2 import PluginManager
 
-    # napari registers plugins when a viewer opens; run alone, this test opens none.
-    _initialize_plugins()
+    # napari registers plugins when a viewer opens; run alone, this test opens none (and
+    # registering twice fails, so only when an earlier test has not).
+    try:
+        PluginManager.instance().get_manifest("napari-unet")
+    except KeyError:
+        _initialize_plugins()
 
     layer = Labels(np.array([[0, 1], [2, 700]], np.int32), name="lab", scale=(0.5, 0.5))
     written = napari.save_layers(str(tmp_path / "lab.tif"), [layer], plugin="napari-unet")
