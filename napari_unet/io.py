@@ -258,7 +258,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
     ModelFileError
         One line naming the file: missing, empty, truncated, not safetensors (a pickle,
         say: it is refused, never unpickled), not a napari-unet model, from a newer
-        format, or weights that do not fit the stored architecture.
+        format, metadata prediction could not use (label mode, normalisation, class
+        names), or weights that do not fit the stored architecture (compared with the
+        header's tensor shapes before anything is allocated).
     """
     import torch
 
