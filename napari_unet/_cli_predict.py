@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
                    help="overlap of blended tiles for padded ('same') models")
     p.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
                    help="axis of the image's channels (default: from the file's axes, or detected)")
-    p.add_argument("--min-size", type=int, default=None, metavar="PX", help="remove cells smaller than this")
+    p.add_argument("--min-size", type=int, default=None, metavar="PX",
+                   help="remove cells smaller than this (default: 15 %% of the median area of the cells the "
+                        "model was trained on, or 15 px)")
     p.add_argument("--probabilities", action="store_true", help="also write the class probabilities (float32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

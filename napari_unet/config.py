@@ -101,8 +101,17 @@ class TrainConfig(_DictMixin):
         Shifts, rotations, flips, elastic deformation and intensity changes.
     border_weights : bool or None
         The paper's border weight map; ``None`` means on for ``"instances"``, off otherwise.
+    boundary_width : int
+        Instance mode: width in pixels of the band along each cell's edge that is the
+        boundary class; the rest of the cell is its interior, the seed of the watershed
+        that separates touching cells at prediction.
     w0, sigma : float
         Weight-map parameters (paper: 10 and 5 px).
+    calibrate : bool
+        Instance mode: after training, shift the output layer's bias by ``-log w_c`` so that
+        the saved model's probabilities undo the class balancing (the loss weights make the
+        rare boundary class win too often: cells come out fat and touching ones merge).
+        Validation and previews use the shifted output too.
     class_balance : float
         Class weights ``w_c`` proportional to ``(class frequency) ** -class_balance``:
         1 is full inverse-frequency balancing, 0.5 a softer one, 0 none.
@@ -136,9 +145,11 @@ class TrainConfig(_DictMixin):
     optimizer: str = "adam"
     augment: bool = True
     border_weights: bool | None = None
+    boundary_width: int = 3
     w0: float = 10.0
     sigma: float = 5.0
     class_balance: float = 1.0
+    calibrate: bool = True
     val_fraction: float = 0.2
     val_every: int = 10
     val_margin: int = 8
@@ -168,6 +179,9 @@ class TrainConfig(_DictMixin):
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if isinstance(self.boundary_width, bool) or not isinstance(self.boundary_width, int) \
+                or not 1 <= self.boundary_width <= 32:
+            raise ConfigError(f"boundary_width must be an integer from 1 to 32 px, got {self.boundary_width!r}")
         if self.val_every < 1 or self.val_margin < 0 or self.min_val_objects < 2:
             raise ConfigError("val_every must be >= 1, val_margin >= 0 and min_val_objects >= 2")
         if self.learning_rate <= 0 or not 0.0 <= self.momentum < 1.0:
@@ -210,8 +224,10 @@ class PredictConfig(_DictMixin):
         ``"auto"`` (fastest safe choice for this machine), ``"fp32"``, ``"bf16"``, ``"fp16"``.
     channel_axis : int or None
         Axis of the image's channels; ``None`` detects it (RGB(A) last axis, or none).
-    min_size : int
-        Instances smaller than this many pixels are removed.
+    min_size : int or None
+        Instances smaller than this many pixels are removed. ``None``: a fraction of the
+        median area of the cells the model was trained on (its file's ``object_area``),
+        or 15 px for models that do not know it.
     """
 
     output: str | None = None
@@ -223,13 +239,15 @@ class PredictConfig(_DictMixin):
     device: str = "auto"
     precision: str = "auto"
     channel_axis: int | None = None
-    min_size: int = 15
+    min_size: int | None = None
 
     def __post_init__(self):
         if self.output not in (None, "instances", "semantic"):
             raise ConfigError(f"output must be 'instances' or 'semantic', got {self.output!r}")
         if self.tile_size is not None and self.tile_size < 8:
             raise ConfigError(f"tile_size must be at least 8, got {self.tile_size}")
+        if self.min_size is not None and self.min_size < 0:
+            raise ConfigError(f"min_size must be >= 0 or None (auto), got {self.min_size}")
         if self.overlap < 0:
             raise ConfigError(f"overlap must be >= 0, got {self.overlap}")
         if self.blending not in ("gaussian", "cosine"):

@@ -129,11 +129,12 @@ def apply_roi(labels: np.ndarray, roi: Any) -> np.ndarray:
     return out
 
 
-def instance_targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def instance_targets(labels: np.ndarray, boundary_width: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Painted instance labels (2D) -> targets: 0 background, 1 interior, 2 boundary, :data:`IGNORE`.
 
-    The boundary is each cell's own border pixels (next to background, unlabelled pixels
-    or another cell), so touching cells are separated by two boundary rings.
+    The boundary is the band of each cell's own pixels within ``boundary_width`` px of
+    anything that is not that cell (background, unlabelled pixels or another cell), so
+    touching cells are separated by two boundary bands and their interiors never touch.
 
     Returns
     -------
@@ -142,14 +143,23 @@ def instance_targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cells : numpy.ndarray
         int32 instances, 0 outside cells and 1..N (renumbered) inside.
     """
+    from scipy import ndimage as ndi
     from skimage.segmentation import find_boundaries, relabel_sequential
 
+    if boundary_width < 1:
+        raise ValueError(f"boundary_width must be at least 1 px, got {boundary_width}")
     cells = np.where(labels >= 2, labels, 0)
     cells = relabel_sequential(cells.astype(np.int64, copy=False))[0].astype(np.int32)
     target = np.full(labels.shape, IGNORE, np.uint8)
     target[labels == 1] = 0
     target[cells > 0] = 1
-    target[find_boundaries(cells, mode="inner") & (cells > 0)] = 2
+    edge = find_boundaries(cells, mode="inner") & (cells > 0)  # each cell's outermost pixels
+    if boundary_width > 1:
+        # Pixels of a cell closer than boundary_width to its outermost ring. A ring pixel of a
+        # neighbouring cell is never nearer than the cell's own ring next to it, so one
+        # distance transform serves all cells.
+        edge = (cells > 0) & (ndi.distance_transform_edt(~edge) < boundary_width)
+    target[edge] = 2
     return target, cells
 
 

@@ -50,7 +50,7 @@ from .config import PredictConfig
 
 __all__ = [
     "predict", "predict_all", "tiled_predict", "tiled_predict_iter", "PredictProgress", "Prediction",
-    "prepare_image", "choose_tile", "is_out_of_memory", "reflect_indices", "tune_malloc",
+    "prepare_image", "choose_tile", "is_out_of_memory", "reflect_indices", "tune_malloc", "instance_size_limits",
 ]
 
 
@@ -518,6 +518,27 @@ def _plane_tile(model, tile: int, plane_shape: tuple[int, int]) -> tuple[int, in
 
 # ---- predict ----------------------------------------------------------------------------------
 
+#: Without a size from the model file: the smallest cell kept, in pixels.
+DEFAULT_MIN_SIZE = 15
+#: With the median area A of the painted cells (model file's ``object_area``): cells smaller
+#: than MIN_SIZE_FRACTION * A are removed, seeds smaller than MIN_SEED_FRACTION * A are
+#: merged into their neighbours. Chosen with ``benchmarks/fewshot.py`` (see the README).
+MIN_SIZE_FRACTION = 0.15
+MIN_SEED_FRACTION = 0.05
+
+
+def instance_size_limits(min_size: int | None, object_area: float | None) -> tuple[int, int]:
+    """``(min_size, min_seed_size)`` for :func:`napari_unet.postprocess.instance_labels`.
+
+    An explicit ``min_size`` is kept; ``None`` derives it from the median area of the cells
+    the model was trained on, when the model file has it, else :data:`DEFAULT_MIN_SIZE`.
+    Seeds are filtered only when that area is known.
+    """
+    area = float(object_area) if object_area else 0.0
+    if min_size is None:
+        min_size = round(MIN_SIZE_FRACTION * area) if area else DEFAULT_MIN_SIZE
+    return int(min_size), int(round(MIN_SEED_FRACTION * area))
+
 _MALLOC_TUNED = False
 
 
@@ -704,6 +725,7 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         return 0 if valid else max(min(int(config.overlap), t - 2 * margin - multiple), 0)
     blending = "constant" if valid else config.blending
 
+    min_size, min_seed_size = instance_size_limits(config.min_size, meta.get("object_area"))
     want_probs = bool(config.probabilities)
     n_out = mcfg.n_classes if (want_probs or output == "semantic") else 2
     fg_pair = output == "instances" and not want_probs
@@ -773,7 +795,7 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
                 interior, fg = acc[INTERIOR], acc[INTERIOR] + acc[BOUNDARY]
             else:
                 interior, fg = acc[0], acc[1]
-            stack.put(idx, instance_labels(interior, fg, min_size=config.min_size))
+            stack.put(idx, instance_labels(interior, fg, min_size=min_size, min_seed_size=min_seed_size))
             del interior, fg
         else:
             dst = sem[idx]

@@ -16,7 +16,8 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,20 @@ def _temporary_beside(path: Path) -> Path:
     /proc, a full disk): only creating a file can, so failures to do so get the target's
     name and the system's reason in one line instead of the temporary's errno message.
     """
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as e:
-        raise OutputPathError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
-    os.close(fd)
-    return Path(tmp)
+    # Not tempfile.mkstemp: it creates files readable by their owner only (0600), and the
+    # rename would hand that to the model file or TIFF. Mode 0666 lets the umask decide,
+    # as for any file the user saves.
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputPathError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+        os.close(fd)
+        return tmp
+    raise OutputPathError(f"cannot write {path}: no free temporary name beside it")  # pragma: no cover
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -110,6 +119,8 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
             os.fsync(f.fileno())
         if path.exists() and not overwrite:  # appeared while we were writing
             raise OutputPathError(f"{path} already exists; choose another name or allow overwriting")
+        with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its permissions
+            os.chmod(tmp_path, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp_path, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -145,8 +156,10 @@ def save_model(path: str | os.PathLike, model, metadata: dict[str, Any] | None =
         The network; its ``config`` (the ``UNet`` arguments) is stored with the weights.
     metadata : dict, optional
         JSON-serialisable information: ``normalization`` (how images were normalised in
-        training), ``mode`` (``"instances"`` or ``"semantic"``), ``class_names``, and
-        ``training`` (provenance: date, iterations, data shapes, ...). Missing keys get
+        training), ``mode`` (``"instances"`` or ``"semantic"``), ``class_names``,
+        ``object_area`` (median area of the painted cells, px), ``output_bias_shift`` (what
+        training added to the output bias, undone before training on) and ``training``
+        (provenance: date, iterations, data shapes, ...). Missing keys get
         :func:`default_metadata`'s values; ``napari_unet_version`` and ``saved`` are added.
     overwrite : bool
         Replace an existing file (default) or raise :class:`OutputPathError`.
@@ -234,6 +247,17 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
         if not ok:
             raise ModelFileError(f"{path}: unusable normalisation settings in the file ({str(norm)[:60]}); "
                                  "expected percentiles 0 <= low < high <= 100")
+    area = meta.get("object_area")
+    if area is not None and not (isinstance(area, (int, float)) and not isinstance(area, bool)
+                                 and np.isfinite(area) and area > 0):
+        raise ModelFileError(f"{path}: object_area in the file must be a positive number of pixels, "
+                             f"got {str(area)[:40]}")
+    shift = meta.get("output_bias_shift")
+    if shift is not None and not (
+            isinstance(shift, list) and len(shift) == meta["model"].get("n_classes")
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in shift)):
+        raise ModelFileError(f"{path}: output_bias_shift in the file must be one number per class, "
+                             f"got {str(shift)[:40]}")
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise ModelFileError(f"{path}: class_names in the file must be a list of names")

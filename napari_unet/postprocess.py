@@ -53,8 +53,8 @@ def semantic_labels(probabilities: np.ndarray) -> np.ndarray:
 
 
 def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float = 0.5,
-                    foreground_threshold: float = 0.5, min_size: int = 15, fill_holes: bool = True,
-                    block: int = 2048, halo: int = 128) -> np.ndarray:
+                    foreground_threshold: float = 0.5, min_size: int = 15, min_seed_size: int = 0,
+                    fill_holes: bool = True, block: int = 2048, halo: int = 128) -> np.ndarray:
     """Instances of one 2D plane from interior and foreground probabilities.
 
     Parameters
@@ -69,6 +69,10 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
         Foreground probability above which a pixel belongs to some cell.
     min_size : int
         Cells with fewer pixels are removed (before renumbering).
+    min_seed_size : int
+        Seeds with fewer pixels are dropped before the watershed, so their pixels go to a
+        neighbouring cell instead of making a fragment of their own (a cell's interior
+        broken in two by a dark nucleolus, a speck at a boundary).
     fill_holes : bool
         Fill holes inside each cell.
     block, halo : int
@@ -94,8 +98,14 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
     seeds = interior > threshold
     mask = (foreground > foreground_threshold) | seeds
     labels, n = ndi.label(seeds)  # int32, labelled in place by the watershed below
+    del seeds
     h = labels.shape[0]
     block = max(int(block), 1)
+    if n and min_seed_size > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            remove_small_objects(labels, max_size=int(min_seed_size) - 1, out=labels)
+        n = int(labels.max())
     if n:
         for top in range(0, h, block):
             lo, hi = max(top - halo, 0), min(top + block + halo, h)
@@ -105,7 +115,7 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
             ws = watershed(-interior[lo:hi], labels[lo:hi], mask=mask[lo:hi])
             labels[top:min(top + block, h)] = ws[top - lo:top - lo + min(block, h - top)]
             del ws
-    del seeds, mask
+    del mask
     if min_size > 1 and n:
         with warnings.catch_warnings():  # "only one label": a single cell is a fine label image here
             warnings.simplefilter("ignore", UserWarning)

@@ -21,6 +21,7 @@ is only imported when training); no Qt, no napari.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -176,6 +177,9 @@ class TrainingData:
     class_names : list of str
     n_objects, n_val_objects : int
         Painted objects, and how many of them are held out for validation.
+    object_area : float or None
+        Median area in pixels of the painted objects (instance mode): prediction derives
+        the smallest cell and seed it keeps from it.
     shapes : list of tuple
         The input images' shapes (provenance).
     class_weights : numpy.ndarray
@@ -194,6 +198,7 @@ class TrainingData:
     shapes: list[tuple[int, ...]]
     class_weights: np.ndarray
     messages: list[str] = field(default_factory=list)
+    object_area: float | None = None
 
 
 def _planes_2d(arr: np.ndarray, spatial_ndim: int) -> np.ndarray:
@@ -206,7 +211,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
                           channel_axis: int | None = None, val_fraction: float = 0.2, val_margin: int = 8,
                           min_val_objects: int = 3, border_weights: bool | None = None, w0: float = 10.0,
                           sigma: float = 5.0, class_balance_power: float = 1.0, n_classes: int | None = None,
-                          seed: int | None = 0) -> TrainingData:
+                          boundary_width: int = 3, seed: int | None = 0) -> TrainingData:
     """Check images and painted labels and turn them into training planes; raise :class:`TrainingDataError`.
 
     Parameters
@@ -231,6 +236,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         :func:`napari_unet.data.class_balance`).
     n_classes : int, optional
         Force the number of classes (semantic mode, fine-tuning a model with more classes).
+    boundary_width : int
+        Instance mode: the boundary band's width (see :func:`napari_unet.data.instance_targets`).
     seed : int, optional
         Chooses the held-out objects.
 
@@ -332,9 +339,11 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     planes = []
     targets = []
     cells_list = []
+    cells_all = []
     for r, (im, lab, src) in enumerate(raw):
         if mode == "instances":
-            target, cells = instance_targets(lab)
+            target, cells = instance_targets(lab, boundary_width)
+            cells_all.append(cells)  # before the held-out objects are removed: all painted cells count
         else:
             target, cells = semantic_targets(lab), None
         val_target = None
@@ -362,9 +371,13 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     planes = [p for p in planes if len(p.centres) or p.val_target is not None]
     if not any(len(p.centres) for p in planes):
         raise TrainingDataError("nothing left to train on after holding out validation objects; paint more")
+    object_area = None
+    if mode == "instances":
+        areas = np.concatenate([np.bincount(c.ravel())[1:] for c in cells_all if c.max() > 0])
+        object_area = float(np.median(areas[areas > 0]))
     return TrainingData(planes=planes, in_channels=int(in_channels), n_classes=n_cls, mode=mode,
                         class_names=class_names, n_objects=len(objects), n_val_objects=n_val, shapes=shapes,
-                        class_weights=cw, messages=messages)
+                        class_weights=cw, messages=messages, object_area=object_area)
 
 
 # ---- patches ----------------------------------------------------------------------------------
@@ -440,6 +453,46 @@ def _replace_output_layer(model: UNet, n_classes: int) -> None:
     nn.init.kaiming_normal_(model.outc.weight, mode="fan_in", nonlinearity="relu")
     nn.init.zeros_(model.outc.bias)
     model.config = dataclasses.replace(model.config, n_classes=n_classes)
+
+
+#: Metadata key: what training added to the output layer's bias (see TrainConfig.calibrate).
+BIAS_SHIFT_KEY = "output_bias_shift"
+
+
+def _bias_shift(config: TrainConfig, data: TrainingData) -> np.ndarray | None:
+    """``-log w_c`` for the output bias (instance mode with ``config.calibrate``), else None.
+
+    Weighted cross-entropy with class weights ``w_c`` is minimised by probabilities
+    proportional to ``w_c * p(c | x)``; subtracting ``log w_c`` from the logits gives back
+    ``p(c | x)`` (logit adjustment, Menon et al. 2021), for the painted classes' frequencies.
+    """
+    if not config.calibrate or data.mode != "instances":
+        return None
+    w = np.asarray(data.class_weights, np.float64)
+    if len(w) != data.n_classes or not np.all(w > 0) or np.allclose(w, 1.0):
+        return None
+    return -np.log(w)
+
+
+def _add_to_output_bias(model: UNet, shift) -> None:
+    with torch.no_grad():
+        model.outc.bias.add_(torch.as_tensor(np.asarray(shift), dtype=model.outc.bias.dtype,
+                                             device=model.outc.bias.device))
+
+
+@contextlib.contextmanager
+def _shifted_output(model: UNet, shift: np.ndarray | None):
+    """The model with its output bias shifted for a while (validation, preview); restored bit for bit."""
+    if shift is None:
+        yield model
+        return
+    saved = model.outc.bias.detach().clone()
+    _add_to_output_bias(model, shift)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            model.outc.bias.copy_(saved)
 
 
 def _size_in(model: UNet, patch_size: int, largest: int) -> int:
@@ -657,7 +710,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             images, labels, config.mode, roi=roi, channel_axis=channel_axis, val_fraction=config.val_fraction,
             val_margin=config.val_margin, min_val_objects=config.min_val_objects,
             border_weights=config.border_weights, w0=config.w0, sigma=config.sigma,
-            class_balance_power=config.class_balance, seed=config.seed,
+            class_balance_power=config.class_balance, boundary_width=config.boundary_width, seed=config.seed,
             n_classes=target_classes)
         st["data"] = data
         st["messages"].extend(data.messages)
@@ -676,6 +729,12 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 _replace_output_layer(model, data.n_classes)
                 st["messages"].append(msg)
                 prior_meta.pop("class_names", None)
+                prior_meta.pop(BIAS_SHIFT_KEY, None)
+            earlier = prior_meta.pop(BIAS_SHIFT_KEY, None)
+            if isinstance(earlier, list) and len(earlier) == model.config.n_classes:
+                _add_to_output_bias(model, -np.asarray(earlier, np.float64))  # train on from the raw output
+        # Set at once: from here on, however training ends, _finish shifts the best weights.
+        shift = st["bias_shift"] = _bias_shift(config, data)
         result.model = model
         st["prior_meta"] = prior_meta
         model.to(device)
@@ -791,7 +850,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             val = None
             if crops and dctx.is_main and (it % config.val_every == 0 or done):
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), _shifted_output(model, shift):
                     val = _validate(model, crops, data.mode, data.n_classes, device, precision, memory_format)
                 model.train()
                 # Later weights win near-ties: a few held-out objects make a noisy IoU, and
@@ -805,7 +864,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             prev = None
             if preview is not None and dctx.is_main and (time.perf_counter() - last_preview >= preview_every or done):
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), _shifted_output(model, shift):
                     prev = preview(model)
                 model.train()
                 last_preview = time.perf_counter()
@@ -839,6 +898,9 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
         plain_batch_norm(model)  # a plain UNet again: inference folds BatchNorm2d, model files need no process group
     if st.get("best_state") is not None:
         model.load_state_dict(st["best_state"])
+    if st.get("bias_shift") is not None and not st.get("shift_applied"):
+        _add_to_output_bias(model, st["bias_shift"])
+        st["shift_applied"] = True
     model.eval()
     try:
         model.to(memory_format=torch.contiguous_format)
@@ -855,6 +917,13 @@ def _complete_metadata(result: TrainResult, config: TrainConfig, st: dict[str, A
     meta.update({k: v for k, v in prior.items() if k not in ("model", "format", "format_version", "saved")})
     meta["normalization"] = dict(prior.get("normalization") or NORMALIZATION)
     meta["mode"] = config.mode
+    if data is not None and data.object_area is not None:
+        meta["object_area"] = data.object_area
+    elif config.mode != "instances":
+        meta.pop("object_area", None)
+    meta.pop(BIAS_SHIFT_KEY, None)
+    if st.get("shift_applied"):
+        meta[BIAS_SHIFT_KEY] = [float(v) for v in st["bias_shift"]]
     if data is not None:
         names = prior.get("class_names")
         meta["class_names"] = names if isinstance(names, list) and len(names) == data.n_classes else data.class_names

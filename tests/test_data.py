@@ -192,3 +192,38 @@ def test_validation_skipped_with_few_objects():
     assert data.n_val_objects == 0
     assert "validation skipped" in data.messages[0]
     assert all(p.val_target is None for p in data.planes)
+
+
+def test_boundary_band_width():
+    lab = np.ones((30, 40), np.int32)
+    lab[5:25, 5:20] = 2
+    lab[5:25, 20:35] = 3  # touches cell 2 along x = 19 | 20
+    lab[0, :] = 0  # unlabelled row: not part of any cell
+    for width in (1, 3, 5):
+        target, cells = instance_targets(lab, boundary_width=width)
+        # Distance to the outside of each cell along a row through its middle.
+        row = target[15]
+        assert (row[5:5 + width] == 2).all() and row[5 + width] == 1  # left edge of cell 2
+        assert (row[20 - width:20] == 2).all() and row[19 - width] == 1  # contact, cell 2's side
+        assert (row[20:20 + width] == 2).all() and row[20 + width] == 1  # contact, cell 3's side
+        assert (target[lab == 1] == 0).all()  # the band never spills into background
+        # Interiors of the two touching cells are 2 * width apart: the watershed has a gap to fill.
+        interior = (target == 1) & (cells > 0)
+        assert not interior[15, 20 - width:20 + width].any() and interior[15].sum() == 30 - 4 * width
+    with pytest.raises(ValueError, match="boundary_width"):
+        instance_targets(lab, boundary_width=0)
+
+
+def test_training_data_records_the_median_painted_cell_area():
+    img = np.random.default_rng(0).random((60, 80)).astype(np.float32)
+    lab = np.ones((60, 80), np.int32)
+    sizes = [(4, 5), (6, 6), (8, 10), (5, 5), (10, 10)]  # areas 20, 36, 80, 25, 100
+    x = 2
+    for k, (h, w) in enumerate(sizes):
+        lab[10:10 + h, x:x + w] = k + 2
+        x += w + 4
+    data = prepare_training_data(img, lab, "instances", min_val_objects=3, val_fraction=0.2)
+    # All painted cells count, held-out ones too.
+    assert data.object_area == 36.0
+    sem = prepare_training_data(img, lab, "semantic")
+    assert sem.object_area is None

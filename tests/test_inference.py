@@ -315,3 +315,30 @@ def test_closing_the_generator_stops_at_once(monkeypatch):
     n = len(calls)
     gen.close()
     assert len(calls) == n == 2
+
+
+def test_size_limits_come_from_the_painted_cells():
+    assert inf.instance_size_limits(None, None) == (inf.DEFAULT_MIN_SIZE, 0)
+    assert inf.instance_size_limits(None, 400.0) == (60, 20)  # 15 % and 5 % of the median painted cell
+    assert inf.instance_size_limits(7, 400.0) == (7, 20)  # an explicit smallest cell wins
+    assert inf.instance_size_limits(0, None) == (0, 0)
+
+
+@pytest.mark.parametrize("meta_area, min_size, expected", [
+    (None, None, (15, 0)), (900.0, None, (135, 45)), (900.0, 3, (3, 45)),
+])
+def test_predict_passes_the_size_limits_to_the_instance_step(monkeypatch, meta_area, min_size, expected):
+    from napari_unet import postprocess
+
+    seen = []
+    real = postprocess.instance_labels
+
+    def spy(interior, fg, **kw):
+        seen.append((kw["min_size"], kw["min_seed_size"]))
+        return real(interior, fg, **kw)
+
+    monkeypatch.setattr(postprocess, "instance_labels", spy)  # predict imports it when it runs
+    meta = {"mode": "instances"} if meta_area is None else {"mode": "instances", "object_area": meta_area}
+    net = _net("same", depth=2, width=4)
+    _run(net, np.random.default_rng(0).random((32, 32)).astype(np.float32), meta, min_size=min_size)
+    assert seen == [expected]

@@ -189,3 +189,45 @@ def test_read_image_errors(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
     with pytest.raises(ValueError, match="bad.tif"):
         read_image(tmp_path / "bad.tif")
+
+
+def test_written_files_follow_the_umask_and_a_replaced_file_keeps_its_mode(tmp_path, net):
+    old = os.umask(0o022)
+    try:
+        model = save_model(tmp_path / "m.safetensors", net, META)
+        tiff = tmp_path / "l.tif"
+        write_labels_tiff(tiff, np.ones((4, 4), np.uint16))
+        # Not mkstemp's owner-only 0600: a colleague (or a cluster job) can read the model.
+        assert model.stat().st_mode & 0o777 == 0o644
+        assert tiff.stat().st_mode & 0o777 == 0o644
+        os.chmod(model, 0o640)
+        save_model(model, net, META)  # overwrite: the user's chosen permissions stay
+        assert model.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("area", [0, -3.0, "big", True, float("nan")])
+def test_object_area_in_a_file_must_be_a_positive_number(tmp_path, net, area):
+    good = save_model(tmp_path / "good.safetensors", net, {**META, "object_area": 120.5})
+    assert read_model_metadata(good)["object_area"] == 120.5
+
+    def edit(meta, header):
+        meta["object_area"] = area
+
+    _rewrite_header(good, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(ModelFileError, match="object_area"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("shift", [[1.0, 2.0], "x", [1.0, None, 2.0], [1.0, float("inf"), 0.0]])
+def test_output_bias_shift_in_a_file_must_be_one_number_per_class(tmp_path, net, shift):
+    good = save_model(tmp_path / "good.safetensors", net, {**META, "output_bias_shift": [0.1, -0.5, -1.0]})
+    assert load_model(good)[1]["output_bias_shift"] == [0.1, -0.5, -1.0]
+
+    def edit(meta, header):
+        meta["output_bias_shift"] = shift
+
+    _rewrite_header(good, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(ModelFileError, match="output_bias_shift"):
+        load_model(tmp_path / "bad.safetensors")

@@ -117,3 +117,17 @@ def test_fill_enclosed_holes_only_where_one_object_encloses():
     assert (out[0:2, 38:40] == 0).all()
     changed = out != lab
     assert changed.sum() == 9 and lab[5, 5] == 0  # only the one hole, and the input is not modified
+
+
+def test_small_seeds_join_their_neighbour_instead_of_making_fragments():
+    interior = np.zeros((40, 60), np.float32)
+    interior[10:30, 5:25] = 1.0  # a cell's interior ...
+    interior[18:21, 27:30] = 1.0  # ... and a 9-px speck of interior in its own boundary band
+    foreground = np.zeros_like(interior)
+    foreground[8:32, 3:32] = 1.0
+    kept = pp.instance_labels(interior, foreground, min_size=1)
+    assert kept.max() == 2  # the speck seeds a fragment
+    merged = pp.instance_labels(interior, foreground, min_size=1, min_seed_size=10)
+    assert merged.max() == 1
+    assert (merged > 0).sum() == (foreground > 0.5).sum()  # its pixels went to the cell
+    assert merged[19, 28] == merged[20, 10] == 1

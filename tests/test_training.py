@@ -15,6 +15,7 @@ from napari_unet.training import (
     TrainResult,
     default_model_config,
     paper_preset,
+    prepare_training_data,
     train,
 )
 
@@ -97,12 +98,20 @@ def test_stop_keeps_best_weights_and_complete_metadata(nuclei, tmp_path):
     best_it = result.metadata["training"]["best_iteration"]
     assert best_it == expected
     assert snapshots[best_it][0] == result.metadata["training"]["best_val_iou"]
-    assert _same(_state(result.model), snapshots[best_it][2])
+    final, best = _state(result.model), snapshots[best_it][2]
+    # The best weights, with the output bias shifted by -log(class weights) (TrainConfig.calibrate).
+    shift = torch.tensor(result.metadata["output_bias_shift"])
+    assert shift.shape == (3,) and shift.abs().max() > 0.1
+    torch.testing.assert_close(final.pop("outc.bias"), best.pop("outc.bias") + shift)
+    assert _same(final, best)
     t = result.metadata["training"]
     assert t["status"] == "stopped" and t["iterations"] == 7
     save_model(tmp_path / "m.safetensors", result.model, result.metadata)
     model2, meta2 = load_model(tmp_path / "m.safetensors")
     assert meta2["training"]["iterations"] == 7 and meta2["mode"] == "instances"
+    # The painted cells' median area travels with the model: prediction sizes its filters by it.
+    cells = lab[lab >= 2]
+    assert meta2["object_area"] == float(np.median(np.bincount(cells)[np.unique(cells)]))
 
 
 def test_garbage_collected_generator_also_finishes(nuclei):
@@ -130,6 +139,60 @@ def test_continue_training_the_same_model(nuclei):
     assert not _same(before, _state(model))
     assert second.metadata["training"]["previous"]["iterations"] == 6
     assert second.metadata["class_names"] == first.metadata["class_names"]
+
+
+def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path):
+    img, lab, _ = nuclei
+    _, first = _drain(train(img, lab, _fast(), model_config=TINY))
+    shift = np.array(first.metadata["output_bias_shift"])
+    data = prepare_training_data(img, lab, "instances")
+    np.testing.assert_allclose(shift, -np.log(data.class_weights), rtol=1e-6)
+    calibrated = _state(first.model)["outc.bias"]
+    # Training on with a learning rate too small to move anything: the raw bias comes back
+    # before the first step and the same shift is added at the end (not added twice).
+    again = _fast(iterations=1, learning_rate=1e-12)
+    _, second = _drain(train(img, lab, again, model=first.model, metadata=first.metadata))
+    torch.testing.assert_close(_state(second.model)["outc.bias"], calibrated, atol=1e-5, rtol=0)
+    save_model(tmp_path / "m.safetensors", second.model, second.metadata)
+    _, third = _drain(train(img, lab, again, init_from=tmp_path / "m.safetensors"))
+    torch.testing.assert_close(_state(third.model)["outc.bias"], calibrated, atol=1e-5, rtol=0)
+    # Off: the weights as trained, and no shift recorded (an earlier one is undone).
+    _, raw = _drain(train(img, lab, _fast(iterations=1, learning_rate=1e-12, calibrate=False),
+                          init_from=tmp_path / "m.safetensors"))
+    assert "output_bias_shift" not in raw.metadata
+    torch.testing.assert_close(_state(raw.model)["outc.bias"], calibrated - torch.tensor(shift, dtype=torch.float32),
+                               atol=1e-5, rtol=0)
+
+
+def test_validation_sees_the_calibrated_output_and_leaves_the_weights_alone(nuclei, monkeypatch):
+    import napari_unet.training as tr
+
+    img, lab, _ = nuclei
+    seen = []
+    real = tr._validate
+
+    def spy(model, *a, **k):
+        seen.append(model.outc.bias.detach().clone())
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(tr, "_validate", spy)
+    gen = train(img, lab, _fast(iterations=2, val_every=1), model_config=TINY)
+    ev = next(gen)
+    next(gen)  # step 1, validated
+    raw_after_validation = ev.result.model.outc.bias.detach().clone()
+    shift = -np.log(prepare_training_data(img, lab, "instances").class_weights)
+    torch.testing.assert_close(seen[0], raw_after_validation + torch.tensor(shift, dtype=torch.float32))
+    gen.close()
+
+
+def test_semantic_models_are_not_calibrated():
+    rng = np.random.default_rng(0)
+    img = rng.random((48, 48)).astype(np.float32)
+    lab = np.zeros((48, 48), np.uint8)
+    lab[:10] = 1
+    lab[20:30, 5:15] = 2
+    _, r = _drain(train(img, lab, _fast(mode="semantic", iterations=2), model_config=TINY))
+    assert "output_bias_shift" not in r.metadata
 
 
 def test_same_seed_same_losses(nuclei):

@@ -37,7 +37,7 @@ def test_segment_2d_creates_then_updates_one_layer_undoably(make_napari_viewer, 
                                                             no_threads_left):
     image, _ = small_cells
     viewer, seg = _setup(make_napari_viewer, image, dock=dock, scale=(0.5, 0.25), translate=(3, 4))
-    seg.min_size.value = 0
+    seg.min_size.value = 1  # keep every cell
     _run(qtbot, seg)
     assert seg.state.state == "done", seg.state.text()
     out = viewer.layers["cells [U-Net]"]
@@ -65,7 +65,7 @@ def test_segment_stack_whole_and_current_plane(make_napari_viewer, qtbot, no_thr
 
     stack = np.stack([make_nuclei((64, 64), radius=(6, 10), seed=s)[0] for s in range(3)])
     viewer, seg = _setup(make_napari_viewer, stack)
-    seg.min_size.value = 0
+    seg.min_size.value = 1  # keep every cell
     assert seg.scope.enabled
     seg.scope.value = "whole stack"
     _run(qtbot, seg)
@@ -118,7 +118,7 @@ def test_corrected_output_becomes_training_labels(make_napari_viewer, qtbot, sma
                                                   no_threads_left):
     image, _ = small_cells
     viewer, seg = _setup(make_napari_viewer, image, dock=dock)
-    seg.min_size.value = 0
+    seg.min_size.value = 1  # keep every cell
     _run(qtbot, seg)
     out = viewer.layers["cells [U-Net]"]
     # The user paints a new cell (id 500) on background in the output.

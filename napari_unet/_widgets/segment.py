@@ -158,7 +158,9 @@ class SegmentWidget(QWidget):
         self.device_info = QLabel("")
         self.tile_size = SpinBox(label="Tile size (0 = auto)", value=0, min=0, max=8192, step=16)
         self.precision = ComboBox(label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto")
-        self.min_size = SpinBox(label="Smallest cell (px)", value=15, min=0, max=100000)
+        self.min_size = SpinBox(label="Smallest cell (px, 0 = auto)", value=0, min=0, max=100000,
+                                tooltip="Cells with fewer pixels are removed. Auto: 15 % of the median area "
+                                        "of the cells the model was trained on (15 px if unknown).")
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.only_edited = CheckBox(label="Only cells I edited", value=False)
@@ -285,7 +287,7 @@ class SegmentWidget(QWidget):
         return PredictConfig(output=None if self.output.value == "as trained" else self.output.value,
                              probabilities=bool(self.probabilities.value),
                              tile_size=int(self.tile_size.value) or None, device=self.device.value,
-                             precision=self.precision.value, min_size=int(self.min_size.value))
+                             precision=self.precision.value, min_size=int(self.min_size.value) or None)
 
     def run(self) -> None:
         """Copy the image (main thread) and segment it in a worker thread."""
