@@ -209,6 +209,10 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
             kw.update(class_balance=float(rest[0]))
         if len(rest) > 1:
             kw.update(border_weights=bool(int(rest[1])))
+        if len(rest) > 2:  # output calibration on/off
+            kw.update(calibrate=bool(int(rest[2])))
+        if len(rest) > 3:  # learning-rate schedule
+            kw.update(lr_schedule=rest[3])
         mc = ModelConfig(depth=int(d), base_filters=int(w), padding="same", batch_norm=True)
     cfg = TrainConfig(**kw)
     gen = train(image, painted, cfg, model_config=mc)
@@ -228,7 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--k", type=int, default=5, help="painted objects per run")
     ap.add_argument("--max-time", type=float, default=60.0)
-    ap.add_argument("--unet", action="append", default=None, metavar="W/D/PATCH/BATCH/LR[/BALANCE[/BORDER]]",
+    ap.add_argument("--unet", action="append", default=None,
+                    metavar="W/D/PATCH/BATCH/LR[/BALANCE[/BORDER[/CALIBRATE[/SCHEDULE]]]]",
                     help="U-Net settings to compare (default: the library defaults)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--iterations", type=int, default=None,

@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
                    help="compute precision (auto: bf16 only where it is measured faster)")
     p.add_argument("--channel-axis", type=int, default=None, help="channel axis of the images (RGB is detected)")
     p.add_argument("--depth", type=int, default=None, help="U-Net depth of a new model (default: 4)")
-    p.add_argument("--width", type=int, default=None, help="base filters of a new model (default: 16)")
+    p.add_argument("--width", type=int, default=None, help="base filters of a new model (default: 8)")
     p.add_argument("--padding", choices=("same", "valid"), default=None,
                    help="padded convs (same) or the paper's unpadded ones (valid) for a new model")
     p.add_argument("--no-batch-norm", action="store_true",
@@ -60,7 +60,9 @@ def add_parser(sub) -> None:
     p.add_argument("--patch-size", type=int, default=None, help="training patch side in pixels")
     p.add_argument("--batch-size", type=int, default=None,
                    help="patches per step (under torchrun: in all, shared between the processes)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="constant (default), or cosine: decay to 5%% of --lr over the budget")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="adam, or sgd with momentum 0.99")
     p.add_argument("--no-augment", action="store_true", help="no geometric or intensity augmentation")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of painted objects held out")
@@ -78,7 +80,7 @@ def _config(args):
     if args.iterations is None and args.max_time is None:
         kw["max_time"] = 60.0
     for name, value in (("patch_size", args.patch_size), ("batch_size", args.batch_size),
-                        ("learning_rate", args.lr), ("optimizer", args.optimizer),
+                        ("learning_rate", args.lr), ("lr_schedule", args.lr_schedule), ("optimizer", args.optimizer),
                         ("val_fraction", args.val_fraction)):
         if value is not None:
             kw[name] = value

@@ -135,6 +135,7 @@ def instance_targets(labels: np.ndarray, boundary_width: int = 1) -> tuple[np.nd
     The boundary is the band of each cell's own pixels within ``boundary_width`` px of
     anything that is not that cell (background, unlabelled pixels or another cell), so
     touching cells are separated by two boundary bands and their interiors never touch.
+    A cell too small to keep an interior inside the band gets a 1 px ring instead.
 
     Returns
     -------
@@ -158,7 +159,17 @@ def instance_targets(labels: np.ndarray, boundary_width: int = 1) -> tuple[np.nd
         # Pixels of a cell closer than boundary_width to its outermost ring. A ring pixel of a
         # neighbouring cell is never nearer than the cell's own ring next to it, so one
         # distance transform serves all cells.
-        edge = (cells > 0) & (ndi.distance_transform_edt(~edge) < boundary_width)
+        ring = edge
+        edge = (cells > 0) & (ndi.distance_transform_edt(~ring) < boundary_width)
+        # Cells too small for the band would have no interior, so no seed at prediction:
+        # they keep the 1 px ring.
+        n = int(cells.max())
+        inner = np.bincount(cells[(cells > 0) & ~edge], minlength=n + 1)
+        small = inner == 0
+        small[0] = False
+        if small.any():
+            in_small = small[cells]
+            edge[in_small] = ring[in_small]
     target[edge] = 2
     return target, cells
 

@@ -510,10 +510,34 @@ def _valid_down(model, side: int) -> int:
     return s
 
 
-def _plane_tile(model, tile: int, plane_shape: tuple[int, int]) -> tuple[int, int]:
-    """The tile for one plane: ``tile`` per axis, smaller where the image is smaller."""
+def _plane_tile(model, tile: int, plane_shape: tuple[int, int], overlap: int = 0,
+                multiple: int = 1) -> tuple[int, int]:
+    """The tile for one plane, per axis: ``tile``, or the smallest valid size that needs no more tiles.
+
+    ``tile`` is the largest that fits in memory. A 1024 px image in tiles of 880 needs two
+    per axis, which cover 1760 px: tiles of about 512 + overlap cover it in two too, with
+    2.6x less computing (measured: a depth-5 width-32 model was 2x slower than plain 512
+    tiles before this).
+    """
     m = model.margin()
-    return tuple(min(tile, model.valid_input_size(s + 2 * m)) for s in plane_shape)  # type: ignore[return-value]
+    sizes = []
+    for s in plane_shape:
+        t = min(tile, model.valid_input_size(s + 2 * m))
+
+        def count(size: int, s: int = s) -> int:
+            try:
+                return len(_positions(s, size - 2 * m, overlap, multiple))
+            except ValueError:  # no step left with this overlap
+                return 1 << 30
+
+        n = count(t)
+        if n > 1:
+            for cand in model.valid_input_sizes(2 * m + overlap + 1, t):
+                if count(cand) <= n:
+                    t = cand
+                    break
+        sizes.append(t)
+    return tuple(sizes)  # type: ignore[return-value]
 
 
 # ---- predict ----------------------------------------------------------------------------------
@@ -740,7 +764,7 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         sem = np.zeros((*lead, *plane_shape), label_dtype(mcfg.n_classes - 1, "semantic"))
 
     def n_tiles(t):
-        pt = _plane_tile(model, t, plane_shape)
+        pt = _plane_tile(model, t, plane_shape, overlap_for(t), multiple)
         oh, ow = pt[0] - 2 * margin, pt[1] - 2 * margin
         return len(_positions(plane_shape[0], oh, overlap_for(t), multiple)) * len(
             _positions(plane_shape[1], ow, overlap_for(t), multiple))
@@ -754,7 +778,8 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         acc = probs[(slice(None), *idx)] if want_probs else None
         while True:
             plane_done = 0
-            gen = tiled_predict_iter(predictors, x, _plane_tile(model, tile, plane_shape), overlap_for(tile), batch,
+            gen = tiled_predict_iter(predictors, x, _plane_tile(model, tile, plane_shape, overlap_for(tile), multiple),
+                                     overlap_for(tile), batch,
                                      blending, margin, n_out, multiple=multiple, out=acc)
             try:
                 while True:

@@ -108,3 +108,26 @@ def test_subprocess_error_exit_status(files):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "negative" in r.stderr and not (d / "x.safetensors").exists()
+
+
+def test_options_reach_the_training_config(files):
+    """Every training option of the command line lands in the TrainConfig stored in the model file."""
+    d, _, _ = files
+    out = d / "opts.safetensors"
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out), *FAST,
+                 "--lr", "0.002", "--lr-schedule", "cosine", "--optimizer", "sgd", "--no-augment",
+                 "--val-fraction", "0.3", "--seed", "4", "--overwrite"]) == 0
+    cfg = load_model(out)[1]["training"]["config"]
+    assert cfg["learning_rate"] == 0.002 and cfg["lr_schedule"] == "cosine" and cfg["optimizer"] == "sgd"
+    assert cfg["augment"] is False and cfg["val_fraction"] == 0.3 and cfg["seed"] == 4
+    assert cfg["patch_size"] == 32 and cfg["batch_size"] == 2 and cfg["iterations"] == 3
+    # Not given: the library's defaults.
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
+                 "--iterations", "1", "--depth", "2", "--width", "4", "--threads", "1", "--precision", "fp32",
+                 "--overwrite"]) == 0
+    from napari_unet.config import TrainConfig
+
+    cfg = load_model(out)[1]["training"]["config"]
+    dflt = TrainConfig()
+    assert (cfg["learning_rate"], cfg["lr_schedule"], cfg["patch_size"], cfg["batch_size"]) == \
+        (dflt.learning_rate, dflt.lr_schedule, dflt.patch_size, dflt.batch_size)

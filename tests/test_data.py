@@ -227,3 +227,13 @@ def test_training_data_records_the_median_painted_cell_area():
     assert data.object_area == 36.0
     sem = prepare_training_data(img, lab, "semantic")
     assert sem.object_area is None
+
+
+def test_small_cells_keep_an_interior_inside_a_wide_band():
+    lab = np.ones((20, 30), np.int32)
+    lab[2:8, 2:8] = 2  # 6 x 6: a 3 px band would swallow it whole
+    lab[2:18, 12:28] = 3  # 16 x 16: room for the band
+    target, cells = instance_targets(lab, boundary_width=3)
+    small_interior = (target == 1) & (lab == 2)
+    assert small_interior.sum() == 16  # the 1 px ring only: 4 x 4 inside
+    assert ((target == 1) & (lab == 3)).sum() == 10 * 10

@@ -59,7 +59,11 @@ def _check_saved(result, tmp_path: Path, iterations: int, kept: dict[str, torch.
     """The result holds ``kept``, says it was stopped after ``iterations`` steps, and survives a file round trip."""
     model = result.model
     assert not model.training
-    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+    # The kept weights, with the output calibration added to the last bias (TrainConfig.calibrate).
+    shift = torch.tensor(result.metadata["output_bias_shift"], dtype=torch.float32)
+    state = model.state_dict()
+    assert torch.equal(state["outc.bias"], kept["outc.bias"] + shift)
+    assert all(torch.equal(v, kept[k]) for k, v in state.items() if k != "outc.bias")
     t = result.metadata["training"]
     assert t["status"] == "stopped" and t["iterations"] == iterations
     path = save_model(tmp_path / f"stopped_{iterations}.safetensors", model, result.metadata)

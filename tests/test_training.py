@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.config import ModelConfig, PredictConfig, TrainConfig
+from napari_unet.config import ConfigError, ModelConfig, PredictConfig, TrainConfig
 from napari_unet.io import load_model, save_model
 from napari_unet.synthetic import make_nuclei, paint_sparse_labels
 from napari_unet.training import (
@@ -20,8 +20,11 @@ from napari_unet.training import (
 )
 
 TINY = ModelConfig(depth=2, base_filters=4, padding="same", batch_norm=True)
-# Measured values of the quality test (see there), with a margin.
-FG_IOU_MIN, AP_MIN = 0.0, 0.0
+# Measured values of the quality test (see there) with a margin: foreground IoU 0.49 and
+# AP@0.5 0.385 on the CPU in fp32 (23 Nov 2026). Breaking the targets, the loss, the
+# calibration or the instance step drops them far lower (full calibration with full
+# class balance: 0.08 / 0.08).
+FG_IOU_MIN, AP_MIN = 0.40, 0.25
 
 
 def _fast(**kw):
@@ -99,9 +102,9 @@ def test_stop_keeps_best_weights_and_complete_metadata(nuclei, tmp_path):
     assert best_it == expected
     assert snapshots[best_it][0] == result.metadata["training"]["best_val_iou"]
     final, best = _state(result.model), snapshots[best_it][2]
-    # The best weights, with the output bias shifted by -log(class weights) (TrainConfig.calibrate).
+    # The best weights, with the output bias shifted (TrainConfig.calibrate).
     shift = torch.tensor(result.metadata["output_bias_shift"])
-    assert shift.shape == (3,) and shift.abs().max() > 0.1
+    assert shift.shape == (3,) and shift[2] != 0 and not shift[:2].any()
     torch.testing.assert_close(final.pop("outc.bias"), best.pop("outc.bias") + shift)
     assert _same(final, best)
     t = result.metadata["training"]
@@ -145,8 +148,11 @@ def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path):
     img, lab, _ = nuclei
     _, first = _drain(train(img, lab, _fast(), model_config=TINY))
     shift = np.array(first.metadata["output_bias_shift"])
-    data = prepare_training_data(img, lab, "instances")
-    np.testing.assert_allclose(shift, -np.log(data.class_weights), rtol=1e-6)
+    data = prepare_training_data(img, lab, "instances", class_balance_power=TrainConfig().class_balance)
+    w = data.class_weights.astype(np.float64)
+    # Only the boundary's weight relative to the interior's is undone (background untouched).
+    np.testing.assert_allclose(shift, [0.0, 0.0, -np.log(w[2] / w[1])], rtol=1e-6)
+    assert abs(shift[2]) > 1e-3  # large enough for the checks below (atol 1e-5) to see it added twice
     calibrated = _state(first.model)["outc.bias"]
     # Training on with a learning rate too small to move anything: the raw bias comes back
     # before the first step and the same shift is added at the end (not added twice).
@@ -177,12 +183,16 @@ def test_validation_sees_the_calibrated_output_and_leaves_the_weights_alone(nucl
 
     monkeypatch.setattr(tr, "_validate", spy)
     gen = train(img, lab, _fast(iterations=2, val_every=1), model_config=TINY)
-    ev = next(gen)
-    next(gen)  # step 1, validated
-    raw_after_validation = ev.result.model.outc.bias.detach().clone()
-    shift = -np.log(prepare_training_data(img, lab, "instances").class_weights)
+    try:
+        ev = next(gen)
+        next(gen)  # step 1, validated
+        raw_after_validation = ev.result.model.outc.bias.detach().clone()
+    finally:
+        gen.close()  # not left to the garbage collector: it would restore torch's threads mid-way through a later test
+    data = prepare_training_data(img, lab, "instances", class_balance_power=TrainConfig().class_balance)
+    w = data.class_weights.astype(np.float64)
+    shift = np.array([0.0, 0.0, -np.log(w[2] / w[1])])
     torch.testing.assert_close(seen[0], raw_after_validation + torch.tensor(shift, dtype=torch.float32))
-    gen.close()
 
 
 def test_semantic_models_are_not_calibrated():
@@ -328,3 +338,41 @@ def test_quality_on_unpainted_synthetic_nuclei():
     ap = _ap50(unpainted, pred)
     print(f"unpainted cells: {len(np.unique(unpainted)) - 1}, foreground IoU {fg_iou:.3f}, AP@0.5 {ap:.3f}")
     assert fg_iou > FG_IOU_MIN and ap > AP_MIN
+
+
+def test_cosine_schedule_factor():
+    from napari_unet.training import LR_FLOOR, _cosine_factor
+
+    by_steps = TrainConfig(iterations=100, max_time=None)
+    assert _cosine_factor(0, 0.0, by_steps) == 1.0
+    assert _cosine_factor(50, 999.0, by_steps) == pytest.approx(LR_FLOOR + (1 - LR_FLOOR) / 2)
+    assert _cosine_factor(100, 0.0, by_steps) == pytest.approx(LR_FLOOR)
+    by_time = TrainConfig(iterations=None, max_time=10.0)
+    assert _cosine_factor(10**6, 5.0, by_time) == pytest.approx(LR_FLOOR + (1 - LR_FLOOR) / 2)
+    assert _cosine_factor(0, 25.0, by_time) == pytest.approx(LR_FLOOR)  # past the budget: the floor
+    both = TrainConfig(iterations=100, max_time=10.0)
+    assert _cosine_factor(75, 5.0, both) == _cosine_factor(75, 0.0, by_steps)  # whichever runs out first
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_follows_the_schedule(nuclei, monkeypatch, schedule):
+    lrs = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    img, lab, _ = nuclei
+    _drain(train(img, lab, _fast(iterations=5, learning_rate=0.01, lr_schedule=schedule), model_config=TINY))
+    if schedule == "constant":
+        assert lrs == [0.01] * 5
+    else:
+        from napari_unet.training import _cosine_factor
+
+        assert lrs == pytest.approx([0.01 * _cosine_factor(i, 0.0, TrainConfig(iterations=5, max_time=None))
+                                     for i in range(5)])
+        assert lrs[0] == 0.01 and lrs == sorted(lrs, reverse=True)

@@ -138,3 +138,18 @@ def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot, small_cell
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         viewer.close()
     assert not worker.is_running
+
+
+def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
+    from napari_unet._widgets.train import model_config_from, train_config_from
+    from napari_unet.config import TrainConfig, default_model_config
+
+    train = TrainWidget(make_napari_viewer())
+    cfg, dflt = train_config_from(train.settings()), TrainConfig()
+    assert (cfg.patch_size, cfg.batch_size, cfg.learning_rate, cfg.optimizer, cfg.max_time) == \
+        (dflt.patch_size, dflt.batch_size, dflt.learning_rate, dflt.optimizer, 60.0)
+    assert (cfg.class_balance, cfg.calibrate, cfg.boundary_width) == \
+        (dflt.class_balance, dflt.calibrate, dflt.boundary_width)
+    mc, dm = model_config_from(train.settings()), default_model_config()
+    assert (mc.depth, mc.base_filters, mc.padding, mc.batch_norm) == (dm.depth, dm.base_filters, dm.padding,
+                                                                       dm.batch_norm)

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
 from .. import _sample_data
+from ..config import TrainConfig, default_model_config
 from . import _common
 from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
 
@@ -34,7 +35,9 @@ __all__ = ["TrainWidget", "train_config_from", "model_config_from", "PREVIEW_SID
 #: Largest side of the preview crop (the visible part of the image, centred): the preview
 #: runs in the training thread every few seconds and must stay cheap.
 PREVIEW_SIDE = 384
-OPTIMIZERS = {"Adam (fine-tuning)": ("adam", 1e-3), "SGD, momentum 0.99 (paper)": ("sgd", 1e-2)}
+#: The widget starts from the engine's defaults (config.py has no torch import).
+DEFAULTS, DEFAULT_MODEL = TrainConfig(), default_model_config()
+OPTIMIZERS = {"Adam (fine-tuning)": ("adam", DEFAULTS.learning_rate), "SGD, momentum 0.99 (paper)": ("sgd", 1e-2)}
 START_CURRENT, START_NEW, START_FILE = "current model (continue)", "new model", "model file"
 START_SAMPLE = "sample nuclei model (fine-tune)"
 
@@ -150,19 +153,20 @@ class TrainWidget(QWidget):
         self.mode = RadioButtons(label="Mode", choices=["instances", "semantic"], value="instances",
                                  orientation="horizontal")
         self.start_from = ComboBox(label="Start from", choices=self._start_choices, value=START_NEW)
-        self.depth = SpinBox(label="Depth", value=4, min=2, max=6)
-        self.width = SpinBox(label="Width (filters)", value=16, min=4, max=128, step=4)
+        self.depth = SpinBox(label="Depth", value=DEFAULT_MODEL.depth, min=2, max=6)
+        self.width = SpinBox(label="Width (filters)", value=DEFAULT_MODEL.base_filters, min=4, max=128, step=4)
         self.padding = ComboBox(label="Padding", choices=["same", "valid"], value="same")
         self.batch_norm = CheckBox(label="Batch norm", value=True)
         self.model_file = FileEdit(label="Model file", mode="r", filter="napari-unet model (*.safetensors)")
         self.budget_kind = RadioButtons(label="Budget", choices=["seconds", "iterations"], value="seconds",
                                         orientation="horizontal")
         self.budget = SpinBox(label="Stop after", value=60, min=1, max=1_000_000)
-        self.learning_rate = FloatSpinBox(label="Learning rate", value=1e-3, min=1e-6, max=1.0, step=1e-4)
+        self.learning_rate = FloatSpinBox(label="Learning rate", value=DEFAULTS.learning_rate, min=1e-6, max=1.0,
+                                          step=1e-4)
         self.optimizer = ComboBox(label="Optimiser", choices=list(OPTIMIZERS), value="Adam (fine-tuning)")
         self.augment = CheckBox(label="Augmentation", value=True)
-        self.patch_size = SpinBox(label="Patch size", value=256, min=32, max=1024, step=16)
-        self.batch_size = SpinBox(label="Batch size", value=4, min=1, max=64)
+        self.patch_size = SpinBox(label="Patch size", value=DEFAULTS.patch_size, min=32, max=1024, step=16)
+        self.batch_size = SpinBox(label="Batch size", value=DEFAULTS.batch_size, min=1, max=64)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.live_preview = CheckBox(label="Live preview of the visible part", value=True)
         self.start_button = QPushButton("Start")

@@ -1,0 +1,365 @@
+"""Inference speed and memory: ``predict`` against the plain tiled forward most plugins use.
+
+Run from the repository root (takes 10-20 minutes on a 2-core CPU; the 8192 x 8192 memory
+case alone several minutes)::
+
+    .venv/bin/python benchmarks/inference.py                 # everything, markdown tables on stdout
+    .venv/bin/python benchmarks/inference.py --parts speed   # only the speed table (also: avx2, memory)
+
+In one run, with the same weights:
+
+* (a) plain: the image cut into non-overlapping 512 x 512 tiles (zero-padded), an eager
+  float32 NCHW forward of each under ``torch.no_grad``, argmax per tile;
+* (b) :func:`napari_unet.inference.predict` with its defaults (instance output, so the
+  watershed post-processing is included), and the same with semantic output (argmax only,
+  the work (a) does), and with :func:`~napari_unet.inference.tune_malloc` as the CLI does.
+
+Models: depth 4 / width 8 (the training engine's default) and depth 5 / width 32, padded
+convolutions with batch norm, trained for ``--steps`` quick steps on synthetic nuclei so
+that the masks mean something. Reported: megapixels per second, ratio (b)/(a), effective
+GFLOP/s (the model's FLOPs per image pixel x pixels / time) against a float32 matmul peak
+measured in the same run, and how well reduced-precision masks agree with float32.
+``avx2`` repeats the comparison in a subprocess restricted to AVX2 (as on most laptops)
+to show what ``precision="auto"`` picks there. ``memory`` segments an 8192 x 8192 float32
+image in a subprocess and prints its peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+MODELS = [(8, 4), (32, 5)]
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def matmul_peak(dtype_name: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n matmul (the best of ``repeats``): the machine's practical peak."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def flops_per_pixel(net, size: int = 256) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, net.config.in_channels, size, size)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x)
+    return fc.get_total_flops() / (size * size)
+
+
+def make_data(size: int, seed: int = 0):
+    from napari_unet.synthetic import make_nuclei
+
+    return make_nuclei((size, size), seed=seed)
+
+
+def train_quickly(width: int, depth: int, steps: int, seed: int = 0):
+    """A plain torch training loop on fully labelled synthetic nuclei (3 instance classes)."""
+    import torch
+
+    from napari_unet.data import instance_targets, normalize
+    from napari_unet.model import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(1, 3, depth=depth, base_filters=width, padding="same", batch_norm=True)
+    img, gt = make_data(512, seed=seed + 100)
+    x = normalize(img)
+    target, _ = instance_targets(np.where(gt > 0, gt + 1, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    rng = np.random.default_rng(seed)
+    p, bs = 128, 4
+    net.train()
+    for _ in range(steps):
+        ys, xs = rng.integers(0, 512 - p, bs), rng.integers(0, 512 - p, bs)
+        xb = torch.from_numpy(np.stack([x[y:y + p, xx:xx + p] for y, xx in zip(ys, xs)])[:, None])
+        tb = torch.from_numpy(np.stack([target[y:y + p, xx:xx + p] for y, xx in zip(ys, xs)]).astype(np.int64))
+        loss = torch.nn.functional.cross_entropy(net(xb), tb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def plain_tiled(net, image: np.ndarray, tile: int = 512) -> np.ndarray:
+    """What most plugins do: non-overlapping tiles, eager float32 NCHW, no_grad, argmax."""
+    import torch
+
+    from napari_unet.data import normalize
+
+    x = normalize(image)
+    h, w = x.shape
+    ph, pw = -(-h // tile) * tile, -(-w // tile) * tile
+    xp = np.zeros((ph, pw), np.float32)
+    xp[:h, :w] = x
+    out = np.zeros((ph, pw), np.uint8)
+    with torch.no_grad():
+        for y in range(0, ph, tile):
+            for xx in range(0, pw, tile):
+                t = torch.from_numpy(xp[y:y + tile, xx:xx + tile])[None, None]
+                out[y:y + tile, xx:xx + tile] = net(t).argmax(1)[0].numpy()
+    return out[:h, :w]
+
+
+def run_predict(net, image, **cfg):
+    from napari_unet.config import PredictConfig
+    from napari_unet.inference import predict_all
+
+    return predict_all(net, image, PredictConfig(**cfg), {"mode": "instances"})
+
+
+def matched_fraction(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> float:
+    """Fraction of the objects of ``a`` that have an object in ``b`` with IoU > ``iou``."""
+    n = int(a.max())
+    if n == 0:
+        return 1.0 if b.max() == 0 else 0.0
+    pairs = np.stack([a.ravel(), b.ravel()], 1).astype(np.int64)
+    pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+    uniq, inter = np.unique(pairs, axis=0, return_counts=True)
+    area_a = np.bincount(a.ravel(), minlength=n + 1)
+    area_b = np.bincount(b.ravel(), minlength=int(b.max()) + 1)
+    ious = inter / (area_a[uniq[:, 0]] + area_b[uniq[:, 1]] - inter)
+    return len(np.unique(uniq[ious > iou, 0])) / n
+
+
+def load_line() -> str:
+    try:
+        return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+# ---- parts ------------------------------------------------------------------------------------
+
+def part_speed(args) -> dict:
+    import torch
+
+    from napari_unet.inference import tune_malloc
+    from napari_unet.postprocess import semantic_labels
+
+    print(f"\n### Speed: {args.size} x {args.size} synthetic nuclei, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"{load_line()}\n", flush=True)
+    peak32 = matmul_peak("float32")
+    peak16 = matmul_peak("bfloat16", n=512)  # 2048 took minutes where bf16 is emulated (AVX2)
+    print(f"matmul peak: float32 {peak32:.0f} GFLOP/s, bfloat16 {peak16:.0f} GFLOP/s\n")
+    image, gt = make_data(args.size, seed=7)
+    mpx = image.size / 1e6
+    rows, agree_rows, nets = [], [], {}
+    for width, depth in MODELS:
+        steps = args.steps if (width, depth) == MODELS[0] else args.steps // 2
+        t0 = time.perf_counter()
+        net = nets[width, depth] = train_quickly(width, depth, steps)
+        t_train = time.perf_counter() - t0
+        fpp = flops_per_pixel(net)
+        run_predict(net, image[:256, :256])  # calibration of precision="auto" (cached), warm-up
+        plain_tiled(net, image[:512, :512])
+        t_a, sem_a = median_time(lambda n=net: plain_tiled(n, image), args.repeats)
+        t_b, res_b = median_time(lambda n=net: run_predict(n, image), args.repeats)
+        t_s, res_s = median_time(lambda n=net: run_predict(n, image, output="semantic"), args.repeats)
+        res_32 = run_predict(net, image, precision="fp32", probabilities=True)
+        # bf16 against fp32 on a crop: where bf16 is emulated (no AVX512-BF16/AMX) the whole image took minutes.
+        crop = image[:args.agreement_size, :args.agreement_size]
+        c32 = run_predict(net, crop, precision="fp32", probabilities=True)
+        c16 = run_predict(net, crop, precision="bf16", probabilities=True)
+        sem32 = semantic_labels(res_32.probabilities)
+        csem32, csem16 = semantic_labels(c32.probabilities), semantic_labels(c16.probabilities)
+        name = f"{width}/{depth}"
+        for label, t in (("(a) plain fp32 NCHW, 512 tiles, argmax", t_a),
+                         (f"(b) predict defaults, instances ({res_b.precision}, tile {res_b.tile_size})", t_b),
+                         (f"(b) predict defaults, semantic ({res_s.precision})", t_s)):
+            rows.append((name, label, t, mpx / t, t_a / t, fpp * image.size / t / 1e9))
+        agree_rows.append((name, steps, t_train, float((csem16 == csem32).mean()),
+                           matched_fraction(c32.labels, c16.labels), float((sem_a == sem32).mean()),
+                           matched_fraction(gt, res_32.labels), res_b.precision))
+    tune_malloc()
+    for width, depth in MODELS:
+        net = nets[width, depth]
+        t_a, _ = median_time(lambda n=net: plain_tiled(n, image), args.repeats)
+        t_b, res_b = median_time(lambda n=net: run_predict(n, image), args.repeats)
+        rows.append((f"{width}/{depth}", "(a) plain, after tune_malloc (as the CLI runs)", t_a, mpx / t_a, 1.0,
+                     flops_per_pixel(net) * image.size / t_a / 1e9))
+        rows.append((f"{width}/{depth}", f"(b) predict defaults + tune_malloc ({res_b.precision})", t_b, mpx / t_b,
+                     t_a / t_b, flops_per_pixel(net) * image.size / t_b / 1e9))
+    print("| model (width/depth) | path | time (s, median) | Mpx/s | ratio to (a) | effective GFLOP/s "
+          f"(% of fp32 matmul peak {peak32:.0f}) |")
+    print("|---|---|---|---|---|---|")
+    for name, label, t, speed, ratio, gf in rows:
+        print(f"| {name} | {label} | {t:.2f} | {speed:.3f} | {ratio:.2f}x | {gf:.0f} ({100 * gf / peak32:.0f} %) |")
+    print(f"\nMask agreement (same image, bf16 on its top-left {args.agreement_size} px; the models trained "
+          "briefly on other synthetic nuclei):\n")
+    print("| model | training steps | training s | bf16 vs fp32 argmax pixels equal | bf16 vs fp32 instances "
+          "matched (IoU>0.5) | plain (a) vs predict argmax equal | fp32 instances vs ground truth matched | "
+          "auto picks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, steps, tt, sem, inst, pa, gtm, prec in agree_rows:
+        print(f"| {name} | {steps} | {tt:.0f} | {100 * sem:.2f} % | {100 * inst:.1f} % | {100 * pa:.2f} % | "
+              f"{100 * gtm:.1f} % | {prec} |")
+    return {"rows": rows, "agreement": agree_rows}
+
+
+def part_avx2(args) -> None:
+    """The speed comparison for the default model in a subprocess limited to AVX2."""
+    env = dict(os.environ, **AVX2_ENV)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-avx2", "--size", str(min(args.size, 1024)),
+           "--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-3000:])
+        raise SystemExit("AVX2 subprocess failed")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n### Without bf16 hardware (AVX2 forced: {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}); "
+          f"{load_line()}\n")
+    print(f"CPU capability seen by torch: {res['capability']}; {res['size']} x {res['size']} image, model 16/4\n")
+    print("| path | precision | time (s, median) | Mpx/s | ratio to (a) |")
+    print("|---|---|---|---|---|")
+    for label, prec, t in res["rows"]:
+        print(f"| {label} | {prec} | {t:.2f} | {res['mpx'] / t:.3f} | {res['rows'][0][2] / t:.2f}x |")
+
+
+def child_avx2(args) -> None:
+    import torch
+
+    net = train_quickly(16, 4, 1)
+    image, _ = make_data(args.size, seed=7)
+    run_predict(net, image[:256, :256])
+    plain_tiled(net, image[:512, :512])
+    t_a, _ = median_time(lambda: plain_tiled(net, image), args.repeats)
+    t_b, res = median_time(lambda: run_predict(net, image, output="semantic"), args.repeats)
+    t_16, _ = median_time(lambda: run_predict(net, image, output="semantic", precision="bf16"), 1)
+    rows = [("(a) plain fp32 NCHW, 512 tiles", "fp32", t_a), ("(b) predict defaults, semantic", res.precision, t_b),
+            ("predict forced bf16, semantic", "bf16", t_16)]
+    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "size": args.size,
+                      "mpx": image.size / 1e6, "rows": rows}))
+
+
+def part_memory(args) -> None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", "--memory-size", str(args.memory_size),
+           "--memory-model", args.memory_model]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-3000:])
+        raise SystemExit("memory subprocess failed")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    gb = 1e9
+    print(f"\n### Memory: {r['size']} x {r['size']} float32 image, model {r['model']} (instances, predict defaults: "
+          f"tile {r['tile']}, {r['precision']}); {load_line()}\n")
+    print("| quantity | GB |")
+    print("|---|---|")
+    print(f"| input array | {r['input'] / gb:.2f} |")
+    print(f"| output labels ({r['labels_dtype']}) | {r['output'] / gb:.2f} |")
+    print(f"| process RSS before predict (interpreter, torch, model, input) | {r['rss_before'] / gb:.2f} |")
+    print(f"| peak RSS during predict (sampled every 20 ms) | {r['rss_peak'] / gb:.2f} |")
+    print(f"| peak RSS of the process (getrusage ru_maxrss) | {r['maxrss'] / gb:.2f} |")
+    print(f"| **peak above input + output** (peak - RSS before - output) | "
+          f"**{(r['rss_peak'] - r['rss_before'] - r['output']) / gb:.2f}** |")
+    print(f"\ntime {r['time']:.0f} s ({r['size'] ** 2 / 1e6 / r['time']:.2f} Mpx/s), {r['cells']} cells")
+
+
+def child_memory(args) -> None:
+    import resource
+
+    import psutil
+    import torch
+
+    from napari_unet.model import UNet
+
+    width, depth = (int(v) for v in args.memory_model.split("/"))
+    torch.manual_seed(0)
+    net = UNet(1, 3, depth=depth, base_filters=width, padding="same", batch_norm=True).eval()
+    # A realistic large image: a 1024 x 1024 synthetic nuclei field repeated (cheap to make).
+    base, _ = make_data(1024, seed=3)
+    reps = -(-args.memory_size // 1024)
+    image = np.tile(base.astype(np.float32), (reps, reps))[:args.memory_size, :args.memory_size].copy()
+    del base
+    # A briefly trained model gives realistic cells (a random one makes confetti).
+    trained = train_quickly(width, depth, max(args.steps // 4, 10))
+    net.load_state_dict(trained.state_dict())
+    del trained
+    import gc
+
+    gc.collect()
+    proc = psutil.Process()
+    rss_before = proc.memory_info().rss
+    peak = [rss_before]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    res = run_predict(net, image)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    print(json.dumps({
+        "size": args.memory_size, "model": args.memory_model, "tile": res.tile_size, "precision": res.precision,
+        "input": image.nbytes, "output": res.labels.nbytes, "labels_dtype": str(res.labels.dtype),
+        "rss_before": rss_before, "rss_peak": peak[0],
+        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "time": elapsed,
+        "cells": int(res.labels.max()),
+    }))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="speed,avx2,memory", help="comma-separated: speed, avx2, memory")
+    p.add_argument("--size", type=int, default=2048, help="side of the speed-test image")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--agreement-size", type=int, default=256, help="side of the crop where bf16 is compared")
+    p.add_argument("--steps", type=int, default=100, help="quick training steps (the default model; half for width 32)")
+    p.add_argument("--memory-size", type=int, default=8192)
+    p.add_argument("--memory-model", default="32/5", help="width/depth of the memory-test model")
+    p.add_argument("--child-avx2", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_avx2:
+        return child_avx2(args)
+    if args.child_memory:
+        return child_memory(args)
+    parts = {s.strip() for s in args.parts.split(",")}
+    if "speed" in parts:
+        part_speed(args)
+    if "avx2" in parts:
+        part_avx2(args)
+    if "memory" in parts:
+        part_memory(args)
+
+
+if __name__ == "__main__":
+    main()
