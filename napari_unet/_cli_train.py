@@ -20,12 +20,22 @@ import sys
 from pathlib import Path
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows argparse defaults, except ``None`` ("take the library's default", named in the help text)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_parser(sub) -> None:
+    from .config import TrainConfig, default_model_config
+
+    dflt, dmodel = TrainConfig(), default_model_config()
     p = sub.add_parser(
         "train", help="train or fine-tune a U-Net on painted labels",
         description="Train (or fine-tune with --from) a U-Net on images with painted labels: 0 unlabelled, "
                     "1 background, 2, 3, ... objects. Writes exactly the file --out names.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--image", action="append", default=None, metavar="IMG",
                    help="image file (TIFF, PNG, ...); repeat for several images, each followed by its --labels")
     p.add_argument("--images", action="append", default=None, metavar="DIR",
@@ -51,16 +61,20 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="compute precision (auto: bf16 only where it is measured faster)")
     p.add_argument("--channel-axis", type=int, default=None, help="channel axis of the images (RGB is detected)")
-    p.add_argument("--depth", type=int, default=None, help="U-Net depth of a new model (default: 4)")
-    p.add_argument("--width", type=int, default=None, help="base filters of a new model (default: 8)")
+    p.add_argument("--depth", type=int, default=None, help=f"U-Net depth of a new model (default: {dmodel.depth})")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"base filters of a new model (default: {dmodel.base_filters})")
     p.add_argument("--padding", choices=("same", "valid"), default=None,
                    help="padded convs (same) or the paper's unpadded ones (valid) for a new model")
     p.add_argument("--no-batch-norm", action="store_true",
                    help="no batch normalisation in a new model (always off with --padding valid)")
-    p.add_argument("--patch-size", type=int, default=None, help="training patch side in pixels")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help=f"training patch side in pixels (default: {dflt.patch_size})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="patches per step (under torchrun: in all, shared between the processes)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3)")
+                   help=f"patches per step (default: {dflt.batch_size}; under torchrun: in all, shared between "
+                        "the processes)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {dflt.learning_rate:g}; 0.01 with --optimizer sgd)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="constant (default), or cosine: decay to 5%% of --lr over the budget")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="adam, or sgd with momentum 0.99")
@@ -79,6 +93,8 @@ def _config(args):
           "threads": args.threads}
     if args.iterations is None and args.max_time is None:
         kw["max_time"] = 60.0
+    if args.optimizer == "sgd" and args.lr is None:
+        kw["learning_rate"] = 0.01  # as the widget's SGD preset: Adam's rate is far too small for SGD
     for name, value in (("patch_size", args.patch_size), ("batch_size", args.batch_size),
                         ("learning_rate", args.lr), ("lr_schedule", args.lr_schedule), ("optimizer", args.optimizer),
                         ("val_fraction", args.val_fraction)):

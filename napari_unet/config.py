@@ -111,10 +111,11 @@ class TrainConfig(_DictMixin):
     w0, sigma : float
         Weight-map parameters (paper: 10 and 5 px).
     calibrate : bool
-        Instance mode: after training, lower the boundary logit of the output layer by
-        ``log(w_boundary / w_interior)``, undoing the class balancing between the two (the
-        loss weights make the rare boundary class win too often: cells come out fat and
-        touching ones merge). Validation and previews use the shifted output too.
+        Instance mode: after training, subtract ``log(w_boundary / w_interior)`` from the
+        boundary logit of the output layer, undoing the class balancing between the two
+        (where the boundary is the rarer class its weight made it win too often: cells came
+        out fat and touching ones merged; where it is the commoner, the shift raises it).
+        Validation and previews use the shifted output too.
     class_balance : float
         Class weights ``w_c`` proportional to ``(class frequency) ** -class_balance``:
         1 is full inverse-frequency balancing, 0.5 a softer one, 0 none.
@@ -197,11 +198,13 @@ class TrainConfig(_DictMixin):
     def paper_preset(cls, **overrides) -> TrainConfig:
         """The paper's optimisation: SGD, momentum 0.99, batch 1, 572 px tiles, border weight map.
 
+        Also the paper's targets: full class balancing, a 1 px boundary and no calibration.
         Use it with the paper's unpadded network (``napari_unet.training.paper_preset``
         returns both configs).
         """
         kw: dict[str, Any] = dict(optimizer="sgd", momentum=0.99, batch_size=1, patch_size=572,
-                                  learning_rate=0.01, border_weights=True)
+                                  learning_rate=0.01, border_weights=True, class_balance=1.0, boundary_width=1,
+                                  calibrate=False)
         kw.update(overrides)
         return cls(**kw)
 

@@ -119,7 +119,7 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
             os.fsync(f.fileno())
         if path.exists() and not overwrite:  # appeared while we were writing
             raise OutputPathError(f"{path} already exists; choose another name or allow overwriting")
-        with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its permissions
+        with contextlib.suppress(OSError):  # a replaced file keeps its permissions (where chmod works at all)
             os.chmod(tmp_path, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp_path, path)
     finally:
@@ -283,7 +283,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
         One line naming the file: missing, empty, truncated, not safetensors (a pickle,
         say: it is refused, never unpickled), not a napari-unet model, from a newer
         format, metadata prediction could not use (label mode, normalisation, class
-        names), or weights that do not fit the stored architecture (compared with the
+        names, cell area, output bias shift), or weights that do not fit the stored architecture (compared with the
         header's tensor shapes before anything is allocated).
     """
     import torch

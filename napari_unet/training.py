@@ -743,9 +743,17 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 st["messages"].append(msg)
                 prior_meta.pop("class_names", None)
                 prior_meta.pop(BIAS_SHIFT_KEY, None)
-            earlier = prior_meta.pop(BIAS_SHIFT_KEY, None)
+                setattr(model, BIAS_SHIFT_KEY, None)  # a new output layer: nothing to undo
+            # What an earlier training added to the bias: recorded on the model object (so that
+            # model= without metadata= is undone too), else in the metadata (model files).
+            earlier = getattr(model, BIAS_SHIFT_KEY, None)
+            if earlier is None:
+                earlier = prior_meta.get(BIAS_SHIFT_KEY)
+            prior_meta.pop(BIAS_SHIFT_KEY, None)
             if isinstance(earlier, list) and len(earlier) == model.config.n_classes:
                 _add_to_output_bias(model, -np.asarray(earlier, np.float64))  # train on from the raw output
+                st["undone_shift"] = np.asarray(earlier, np.float64)
+            setattr(model, BIAS_SHIFT_KEY, None)
         # Set at once: from here on, however training ends, _finish shifts the best weights.
         shift = st["bias_shift"] = _bias_shift(config, data)
         result.model = model
@@ -915,9 +923,12 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
         plain_batch_norm(model)  # a plain UNet again: inference folds BatchNorm2d, model files need no process group
     if st.get("best_state") is not None:
         model.load_state_dict(st["best_state"])
+    if st.get("status") == "error" and st.get("undone_shift") is not None:
+        st["bias_shift"] = st["undone_shift"]  # a failed run hands the model back calibrated as it came
     if st.get("bias_shift") is not None and not st.get("shift_applied"):
         _add_to_output_bias(model, st["bias_shift"])
         st["shift_applied"] = True
+    setattr(model, BIAS_SHIFT_KEY, [float(v) for v in st["bias_shift"]] if st.get("shift_applied") else None)
     model.eval()
     try:
         model.to(memory_format=torch.contiguous_format)

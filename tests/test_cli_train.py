@@ -131,3 +131,8 @@ def test_options_reach_the_training_config(files):
     dflt = TrainConfig()
     assert (cfg["learning_rate"], cfg["lr_schedule"], cfg["patch_size"], cfg["batch_size"]) == \
         (dflt.learning_rate, dflt.lr_schedule, dflt.patch_size, dflt.batch_size)
+    # SGD without --lr: the widget's SGD rate, not Adam's.
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
+                 "--iterations", "1", "--depth", "2", "--width", "4", "--threads", "1", "--precision", "fp32",
+                 "--optimizer", "sgd", "--overwrite"]) == 0
+    assert load_model(out)[1]["training"]["config"]["learning_rate"] == 0.01

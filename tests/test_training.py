@@ -159,6 +159,9 @@ def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path):
     again = _fast(iterations=1, learning_rate=1e-12)
     _, second = _drain(train(img, lab, again, model=first.model, metadata=first.metadata))
     torch.testing.assert_close(_state(second.model)["outc.bias"], calibrated, atol=1e-5, rtol=0)
+    # Without metadata= the model object itself says what was added.
+    _, again_no_meta = _drain(train(img, lab, again, model=second.model))
+    torch.testing.assert_close(_state(again_no_meta.model)["outc.bias"], calibrated, atol=1e-5, rtol=0)
     save_model(tmp_path / "m.safetensors", second.model, second.metadata)
     _, third = _drain(train(img, lab, again, init_from=tmp_path / "m.safetensors"))
     torch.testing.assert_close(_state(third.model)["outc.bias"], calibrated, atol=1e-5, rtol=0)
@@ -168,6 +171,24 @@ def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path):
     assert "output_bias_shift" not in raw.metadata
     torch.testing.assert_close(_state(raw.model)["outc.bias"], calibrated - torch.tensor(shift, dtype=torch.float32),
                                atol=1e-5, rtol=0)
+
+
+def test_a_failed_continued_run_hands_the_model_back_as_it_came(nuclei, monkeypatch):
+    import napari_unet.training as tr
+
+    img, lab, _ = nuclei
+    _, first = _drain(train(img, lab, _fast(), model_config=TINY))
+    before = _state(first.model)
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(tr, "_loss_terms", broken)
+    lab2 = np.where(lab == 0, 1, lab)  # other labels: other class weights, another shift
+    with pytest.raises(RuntimeError, match="simulated"):
+        _drain(train(img, lab2, _fast(), model=first.model, metadata=first.metadata))
+    torch.testing.assert_close(_state(first.model)["outc.bias"], before["outc.bias"], atol=1e-6, rtol=0)
+    assert first.model.output_bias_shift == first.metadata["output_bias_shift"]
 
 
 def test_validation_sees_the_calibrated_output_and_leaves_the_weights_alone(nuclei, monkeypatch):
@@ -297,6 +318,8 @@ def test_presets():
     assert cfg.optimizer == "sgd" and cfg.momentum == 0.99 and cfg.batch_size == 1 and cfg.patch_size >= 512
     assert mc.padding == "valid" and mc.base_filters == 64 and mc.depth == 5
     assert TrainConfig.paper_preset(max_time=10).max_time == 10
+    # The paper's targets too: full class balance, a 1 px boundary, no calibration.
+    assert (cfg.class_balance, cfg.boundary_width, cfg.calibrate) == (1.0, 1, False)
     d = default_model_config(2, 3)
     assert d.in_channels == 2 and d.padding == "same" and d.batch_norm
 

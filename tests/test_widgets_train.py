@@ -148,8 +148,6 @@ def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
     cfg, dflt = train_config_from(train.settings()), TrainConfig()
     assert (cfg.patch_size, cfg.batch_size, cfg.learning_rate, cfg.optimizer, cfg.max_time) == \
         (dflt.patch_size, dflt.batch_size, dflt.learning_rate, dflt.optimizer, 60.0)
-    assert (cfg.class_balance, cfg.calibrate, cfg.boundary_width) == \
-        (dflt.class_balance, dflt.calibrate, dflt.boundary_width)
     mc, dm = model_config_from(train.settings()), default_model_config()
     assert (mc.depth, mc.base_filters, mc.padding, mc.batch_norm) == (dm.depth, dm.base_filters, dm.padding,
                                                                        dm.batch_norm)
