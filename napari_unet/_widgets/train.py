@@ -79,6 +79,7 @@ class _JobState:
         # Replaced, never mutated, by the main thread when the view moves; the worker reads the
         # reference once per preview (an atomic read in Python), so it needs no lock.
         self.crop: _Crop | None = None
+        self.metadata: dict | None = None  # the run's metadata (worker thread only): the preview's cell sizes
 
 
 def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_mode: str | None,
@@ -100,7 +101,8 @@ def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_m
             crop = state.crop
             if crop is None:
                 return None
-            return crop, predict_all(model, crop.image, pconf).labels
+            # The run's metadata (set before the first step): the same cell-size limits as Segment.
+            return crop, predict_all(model, crop.image, pconf, state.metadata).labels
 
     gen = train(images, labels, config, channel_axis=channel_axis, preview=preview, preview_every=5.0, **kwargs)
     state.gen = gen
@@ -109,6 +111,7 @@ def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_m
             event = next(gen)
         except StopIteration as stop:
             return stop.value
+        state.metadata = event.result.metadata
         yield event
 
 
