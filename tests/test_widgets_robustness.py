@@ -136,10 +136,10 @@ def test_export_where_nothing_can_be_written(make_napari_viewer, qtbot, notes, r
     _unchanged(viewer, before)
 
 
-def test_closing_the_viewer_while_segmenting(make_napari_viewer, qtbot, small_cells, tiny_model_file):
-    image, _ = small_cells
+def _segment_stack(make_napari_viewer, image, planes: int, tiny_model_file):
+    """A viewer with a stack of ``planes`` copies of ``image`` and a Segment widget set to segment all of it."""
     viewer = make_napari_viewer()
-    viewer.add_image(np.stack([image] * 8), name="cells")
+    viewer.add_image(np.stack([image] * planes), name="cells")
     seg = SegmentWidget(viewer)
     viewer.window.add_dock_widget(seg)
     seg.model.value = seg.model.choices[-1]
@@ -147,6 +147,12 @@ def test_closing_the_viewer_while_segmenting(make_napari_viewer, qtbot, small_ce
     seg.scope.value = "whole stack"
     seg.tile_size.value = 32
     seg.precision.value = "fp32"  # "auto" would time bf16 against fp32 first
+    return viewer, seg
+
+
+def test_closing_the_viewer_while_segmenting(make_napari_viewer, qtbot, small_cells, tiny_model_file):
+    image, _ = small_cells
+    viewer, seg = _segment_stack(make_napari_viewer, image, 8, tiny_model_file)
     threads = _python_threads()
     seg.run_button.click()
     worker = seg.runner.worker
@@ -163,15 +169,7 @@ def test_closing_the_viewer_while_segmenting(make_napari_viewer, qtbot, small_ce
 def test_changing_the_image_while_segmenting_uses_the_data_of_the_run(make_napari_viewer, qtbot, small_cells,
                                                                       tiny_model_file, notes):
     image, _ = small_cells
-    viewer = make_napari_viewer()
-    viewer.add_image(np.stack([image] * 3), name="cells")
-    seg = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(seg)
-    seg.model.value = seg.model.choices[-1]
-    seg.model_file.value = str(tiny_model_file())
-    seg.scope.value = "whole stack"
-    seg.tile_size.value = 32
-    seg.precision.value = "fp32"  # "auto" would time bf16 against fp32 first
+    viewer, seg = _segment_stack(make_napari_viewer, image, 3, tiny_model_file)
     threads = _python_threads()
     replacement = image[:40, :50].copy()
     with qtbot.waitSignal(seg.runner.finished, timeout=60_000):
