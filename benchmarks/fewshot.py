@@ -9,7 +9,8 @@ background (1) = the annotated background within a few pixels of them plus the a
 background farther than a clearance from every other object (as a user painting
 background broadly, but not tracing the other cells). The U-Net trains for the time
 budget with the library defaults, predicts the whole image with
-:func:`napari_unet.inference.predict_all`, and is scored on the OTHER annotated objects:
+:func:`napari_unet.inference.predict_all` (plain, and with test-time flips:
+``PredictConfig(flips=True)``, the same trained network), and is scored on the OTHER annotated objects:
 AP at IoU 0.5 = TP / (TP + FP + FN) (one-to-one matching by IoU with
 ``scipy.optimize.linear_sum_assignment``) and the mean IoU of the matched pairs.
 Predictions mostly outside the annotated region, or on the training objects, are not
@@ -223,7 +224,8 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
             res = stop.value
             break
     pred = predict_all(res.model, image, PredictConfig(), res.metadata).labels
-    return pred, res.metadata["training"]
+    flipped = predict_all(res.model, image, PredictConfig(flips=True), res.metadata).labels
+    return pred, flipped, res.metadata["training"]
 
 
 def main(argv=None) -> int:
@@ -275,12 +277,15 @@ def main(argv=None) -> int:
             for spec in specs:
                 label = "U-Net " + (spec or "defaults")
                 t0 = time.perf_counter()
-                pred, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations)
-                ap50, miou = score(pred, objects, region, train_ids, small)
-                results.setdefault(label, []).append((ap50, miou, time.perf_counter() - t0, info["iterations"]))
-                print(f"  {name} seed {seed} {label}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
-                      f"{info['iterations']} steps in {info['elapsed']:.0f} s, val IoU {info['best_val_iou']}, "
-                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+                pred, flipped, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations)
+                t = time.perf_counter() - t0
+                # The same trained network, segmenting with and without test-time flips.
+                for lab, p in ((label, pred), (label + " + flips", flipped)):
+                    ap50, miou = score(p, objects, region, train_ids, small)
+                    results.setdefault(lab, []).append((ap50, miou, t, info["iterations"]))
+                    print(f"  {name} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
+                          f"{info['iterations']} steps in {info['elapsed']:.0f} s, val IoU {info['best_val_iou']}, "
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)
         for label, vals in results.items():
             v = np.array([x[:3] for x in vals], float)
             steps = [x[3] for x in vals if x[3] is not None]

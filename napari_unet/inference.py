@@ -614,21 +614,33 @@ def _device_list(device) -> list:
     return [device]
 
 
-def _make_predictor(runner, device, precision: str, fg_pair: bool):
+#: The mirror images averaged by test-time augmentation (``PredictConfig.flips``): none,
+#: left-right, up-down, both (the dims of an ``(N, C, Y, X)`` tensor).
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+def _make_predictor(runner, device, precision: str, fg_pair: bool, flips: bool = False):
     import torch
 
     from .device import autocast
 
     cpu_or_cuda = device.type in ("cpu", "cuda")
 
-    def predictor(x):
-        x = x.to(device, non_blocking=True)
+    def probabilities(x):
         if cpu_or_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(precision, device):
+            logits = runner(x)
+        return torch.softmax(logits.float(), dim=1)
+
+    def predictor(x):
+        x = x.to(device, non_blocking=True)
         with torch.inference_mode():
-            with autocast(precision, device):
-                logits = runner(x)
-            p = torch.softmax(logits.float(), dim=1)
+            p = probabilities(x)
+            if flips:  # a mirrored tile mirrors its output window (valid models crop symmetrically)
+                for dims in TTA_FLIPS[1:]:
+                    p += torch.flip(probabilities(torch.flip(x, dims)), dims)
+                p /= len(TTA_FLIPS)
             if fg_pair:  # instance labels only need interior and interior + boundary
                 from .postprocess import BOUNDARY, INTERIOR
 
@@ -753,7 +765,7 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     want_probs = bool(config.probabilities)
     n_out = mcfg.n_classes if (want_probs or output == "semantic") else 2
     fg_pair = output == "instances" and not want_probs
-    predictors = [_make_predictor(r, d, precision, fg_pair) for r, d in zip(replicas, devices)]
+    predictors = [_make_predictor(r, d, precision, fg_pair, config.flips) for r, d in zip(replicas, devices)]
 
     plane_shape = prep.plane_shape
     probs = np.zeros((mcfg.n_classes, *lead, *plane_shape), np.float32) if want_probs else None

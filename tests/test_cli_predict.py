@@ -51,6 +51,26 @@ def test_one_image_to_one_file_with_probabilities(files, tmp_path, capsys):
                  "--out", str(out), "--quiet", "--overwrite"]) == 0
 
 
+def test_flips_average_the_mirror_images(files, tmp_path):
+    """--flips: the written probabilities are the mean over the image's four mirror images."""
+    from napari_unet.config import PredictConfig
+    from napari_unet.inference import predict_all
+    from napari_unet.io import load_model
+
+    src = files / "images" / "a.tif"
+    assert main(["predict", "--model", str(files / "inst.safetensors"), "--image", str(src),
+                 "--out", str(tmp_path / "f.tif"), "--probabilities", "--flips", "--precision", "fp32",
+                 "--quiet"]) == 0
+    got, _ = read_image(tmp_path / "f_probabilities.tif")
+    model, meta = load_model(files / "inst.safetensors")
+    image, _ = read_image(src)
+    plain = predict_all(model, image, PredictConfig(probabilities=True, precision="fp32"), meta).probabilities
+    flipped = predict_all(model, image, PredictConfig(probabilities=True, precision="fp32", flips=True),
+                          meta).probabilities
+    np.testing.assert_allclose(got, flipped, atol=1e-6)
+    assert np.abs(got - plain).max() > 1e-3
+
+
 def test_folder_and_glob_inputs_write_one_file_each(files, tmp_path):
     out = tmp_path / "outdir"
     rc = main(["predict", "--model", str(files / "inst.safetensors"), "--image", str(files / "images"),

@@ -147,6 +147,38 @@ def test_predict_2d_valid_model_equals_whole_image_forward():
     assert res.device == "cpu" and res.precision == "fp32" and res.output == "semantic"
 
 
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_flips_average_the_mirrored_predictions(padding):
+    """Test-time flips: the mean of the four mirror images' softmax, each mirrored back."""
+    net = _net(padding, depth=3, width=4, bn=True)
+    runner = inf._replica(net, torch.device("cpu"))
+    x = torch.randn(2, 1, 60, 76) if padding == "valid" else torch.randn(2, 1, 48, 64)
+    got = inf._make_predictor(runner, torch.device("cpu"), "fp32", False, flips=True)(x)
+    plain = inf._make_predictor(runner, torch.device("cpu"), "fp32", False)
+    want = sum(torch.flip(plain(torch.flip(x, d)), d) for d in [(), (-1,), (-2,), (-2, -1)]) / 4
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, plain(x), atol=1e-3)  # the random net is not mirror-symmetric
+    # A mirror-symmetric tile gives a mirror-symmetric average only if each mirrored output
+    # lands on the pixels it came from (a valid net's crop must be centred).
+    half = torch.randn(1, 1, x.shape[2] // 2, x.shape[3] // 2)
+    sym = torch.cat([half, torch.flip(half, (-1,))], -1)
+    sym = torch.cat([sym, torch.flip(sym, (-2,))], -2)
+    p = inf._make_predictor(runner, torch.device("cpu"), "fp32", False, flips=True)(sym)
+    for d in [(-1,), (-2,)]:
+        torch.testing.assert_close(p, torch.flip(p, d), atol=1e-6, rtol=1e-5)
+
+
+def test_predict_with_flips_changes_the_probabilities_not_the_shapes():
+    net = _net("same", n_classes=3, depth=3, width=4, bn=True)
+    img = np.random.default_rng(5).normal(size=(70, 90)).astype(np.float32)
+    plain = _run(net, img, {"mode": "instances"}, tile_size=48, probabilities=True)
+    tta = _run(net, img, {"mode": "instances"}, tile_size=48, probabilities=True, flips=True)
+    assert tta.probabilities.shape == plain.probabilities.shape == (3, 70, 90)
+    np.testing.assert_allclose(tta.probabilities.sum(0), 1.0, atol=1e-5)
+    assert np.abs(tta.probabilities - plain.probabilities).max() > 1e-3
+    assert tta.labels.shape == plain.labels.shape
+
+
 def test_stacks_are_processed_plane_by_plane():
     net = _net("same", depth=2, width=4)
     rng = np.random.default_rng(3)
