@@ -1,5 +1,8 @@
 """Device and precision choice: explicit choices honoured, auto never picks a slower path."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -56,3 +59,35 @@ def test_real_calibration_and_autocast_run():
     assert out.shape == (1, 3, 32, 32)
     assert out.dtype == (torch.float32 if choice == "fp32" else torch.bfloat16)
     assert not net.training
+
+
+_IMPORT_PROBE = r"""
+import importlib.abc, importlib.util, sys
+seen = []  # at each lookup of "torch": is libtorch_cpu.so mapped? (the last one is the import's)
+
+class Probe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            with open("/proc/self/maps") as f:
+                seen.append("libtorch_cpu.so" in f.read())
+        return None
+
+sys.meta_path.insert(0, Probe())
+if sys.argv[1] == "broken":  # a layout import_torch does not know: the plain import still works
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == "torch" else real(name, *a)
+from napari_unet.device import import_torch
+torch = import_torch()
+assert torch is sys.modules["torch"] and float(torch.ones(3).sum()) == 3.0
+print(seen[-1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preloading is Linux-only")
+@pytest.mark.parametrize("case, mapped", [("normal", "True"), ("broken", "False")])
+def test_import_torch_loads_the_libraries_before_the_import(case, mapped):
+    """In a fresh process: libtorch_cpu.so is mapped before ``import torch`` runs (loaded
+    by ``dlopen`` outside the GIL); when the preloading cannot work, the import still does."""
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, case], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [mapped]

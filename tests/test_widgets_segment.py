@@ -60,6 +60,23 @@ def test_segment_2d_creates_then_updates_one_layer_undoably(make_napari_viewer, 
     assert notes["error"] == []
 
 
+def test_mirror_average_checkbox(make_napari_viewer, qtbot, small_cells, no_threads_left):
+    """The checkbox turns on test-time flips; the layer holds what the core computes with them."""
+    from napari_unet.inference import predict_all
+    from napari_unet.io import load_model
+
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, image)
+    assert seg.prediction_config().flips is False
+    seg.flips.value = True
+    config = seg.prediction_config()
+    assert config.flips is True
+    _run(qtbot, seg)
+    assert seg.state.state == "done", seg.state.text()
+    model, meta = load_model(seg.model.value.path)
+    np.testing.assert_array_equal(viewer.layers["cells [U-Net]"].data, predict_all(model, image, config, meta).labels)
+
+
 def test_segment_stack_whole_and_current_plane(make_napari_viewer, qtbot, no_threads_left):
     from napari_unet.synthetic import make_nuclei
 

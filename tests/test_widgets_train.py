@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -140,6 +142,13 @@ def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot, small_cell
     assert not worker.is_running
 
 
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (8, 7)])
+def test_gui_training_leaves_a_core_to_the_viewer(cores, threads):
+    from napari_unet._widgets.train import gui_threads
+
+    assert gui_threads(cores) == threads
+
+
 def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
     from napari_unet._widgets.train import model_config_from, train_config_from
     from napari_unet.config import TrainConfig, default_model_config
@@ -148,6 +157,10 @@ def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
     cfg, dflt = train_config_from(train.settings()), TrainConfig()
     assert (cfg.patch_size, cfg.batch_size, cfg.learning_rate, cfg.optimizer, cfg.max_time) == \
         (dflt.patch_size, dflt.batch_size, dflt.learning_rate, dflt.optimizer, 60.0)
+    # One core stays with the viewer unless the user asks for more threads.
+    assert cfg.threads == max((os.cpu_count() or 1) - 1, 1)
+    train.threads.value = 3
+    assert train_config_from(train.settings()).threads == 3
     mc, dm = model_config_from(train.settings()), default_model_config()
     assert (mc.depth, mc.base_filters, mc.padding, mc.batch_norm) == (dm.depth, dm.base_filters, dm.padding,
                                                                        dm.batch_norm)

@@ -9,8 +9,10 @@ imports torch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -228,6 +230,52 @@ def background_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICENESS)
 
 
+# ---- the garbage collector ------------------------------------------------------------------------
+#
+# CPython's cyclic garbage collector stops every thread while it runs. A full pass over a
+# napari session with torch loaded (about 0.5 M tracked objects) took 150-400 ms here, and
+# the allocations of a job (torch's own imports above all) triggered several: they were the
+# event-loop freezes of the first Start (benchmarks/responsiveness.py). While a job runs, the
+# objects that existed before it are frozen (gc.freeze: collections skip them; they are
+# still freed by reference counting), and unfrozen when the last job ends, so no garbage is
+# kept for longer than a job.
+
+_GC_LOCK = threading.Lock()
+_GC_JOBS = 0
+
+
+@contextlib.contextmanager
+def gc_frozen():
+    """Collections skip the objects that exist now, until the last job using this ends."""
+    global _GC_JOBS
+    with _GC_LOCK:
+        _GC_JOBS += 1
+        gc.freeze()
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_JOBS -= 1
+            if _GC_JOBS == 0:
+                gc.unfreeze()
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No collection at all for a burst of allocations (imports); what it made is then frozen
+    too (see :func:`gc_frozen`), so the first collection afterwards does not scan it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            if _GC_JOBS:
+                gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
 class WorkerRunner(QObject):
     """Runs one generator job at a time in a napari worker thread and stops it cleanly.
 
@@ -270,12 +318,13 @@ class WorkerRunner(QObject):
 
         def _run():  # a generator function, so napari makes a (stoppable) GeneratorWorker
             background_priority()
-            try:
-                return (yield from job())
-            except EXPECTED_ERRORS as e:
-                # The user's input problem: handed to the widget as a value, so napari does not
-                # also pop up a traceback notification for it (it does for unexpected errors).
-                return _Failed(e)
+            with gc_frozen():
+                try:
+                    return (yield from job())
+                except EXPECTED_ERRORS as e:
+                    # The user's input problem: handed to the widget as a value, so napari does
+                    # not also pop up a traceback notification for it (it does for unexpected errors).
+                    return _Failed(e)
 
         def _guard(slot):  # the widget's slots must not run once Qt has deleted the widget
             if slot is None:

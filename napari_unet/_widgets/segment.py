@@ -89,8 +89,12 @@ def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, co
     """
     import dataclasses
 
-    from ..inference import predict
-    from ..io import load_model
+    from ..device import import_torch
+
+    with _common.gc_paused():  # the imports, without garbage-collector pauses (see _common)
+        import_torch()  # its libraries load without holding the GIL
+        from ..inference import predict
+        from ..io import load_model
 
     if isinstance(model_source, str):
         model, metadata = load_model(model_source)
@@ -152,6 +156,10 @@ class SegmentWidget(QWidget):
         self.image = layer_picker(napari_viewer, napari.layers.Image, "Image")
         self.output = ComboBox(label="Output", choices=["as trained", "instances", "semantic"], value="as trained")
         self.probabilities = CheckBox(label="Also probabilities", value=False)
+        self.flips = CheckBox(label="Mirror-average (4x time)", value=False,
+                              tooltip="Test-time augmentation: average the predictions of the image and its "
+                                      "three mirror images. Smoother, more reliable outlines from a model "
+                                      "trained for a minute; four times the compute.")
         self.scope = RadioButtons(label="Planes", choices=["current plane", "whole stack"], value="whole stack",
                                   orientation="horizontal")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
@@ -170,8 +178,8 @@ class SegmentWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(Container(widgets=[self.model, self.model_file], labels=True).native)
         layout.addWidget(self.model_info)
-        layout.addWidget(Container(widgets=[self.image, self.output, self.probabilities, self.scope, self.device],
-                                   labels=True).native)
+        layout.addWidget(Container(widgets=[self.image, self.output, self.probabilities, self.flips, self.scope,
+                                            self.device], labels=True).native)
         layout.addWidget(self.device_info)
         advanced = QCollapsible("Options")
         advanced.addWidget(Container(widgets=[self.tile_size, self.precision, self.min_size], labels=True).native)
@@ -287,7 +295,8 @@ class SegmentWidget(QWidget):
         return PredictConfig(output=None if self.output.value == "as trained" else self.output.value,
                              probabilities=bool(self.probabilities.value),
                              tile_size=int(self.tile_size.value) or None, device=self.device.value,
-                             precision=self.precision.value, min_size=int(self.min_size.value) or None)
+                             precision=self.precision.value, min_size=int(self.min_size.value) or None,
+                             flips=bool(self.flips.value))
 
     def run(self) -> None:
         """Copy the image (main thread) and segment it in a worker thread."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import os
 from typing import Any
 
 import napari.layers
@@ -42,6 +43,16 @@ START_CURRENT, START_NEW, START_FILE = "current model (continue)", "new model", 
 START_SAMPLE = "sample nuclei model (fine-tune)"
 
 
+def gui_threads(cores: int | None = None) -> int:
+    """CPU threads for training from the widget: all cores but one, which stays with the viewer.
+
+    With every core busy in torch the GUI thread waited for a core (gaps of 112 ms against
+    90 ms with one thread fewer on 2 cores, ``benchmarks/responsiveness.py``).
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(cores - 1, 1)
+
+
 def train_config_from(s: dict[str, Any]):
     """The :class:`~napari_unet.config.TrainConfig` a widget state (a plain dict) describes."""
     from ..config import TrainConfig
@@ -51,7 +62,8 @@ def train_config_from(s: dict[str, Any]):
     return TrainConfig(mode=s["mode"], iterations=None if seconds else int(s["budget"]),
                        max_time=float(s["budget"]) if seconds else None, patch_size=int(s["patch_size"]),
                        batch_size=int(s["batch_size"]), learning_rate=float(s["learning_rate"]), optimizer=optimizer,
-                       augment=bool(s["augment"]), device=s["device"])
+                       augment=bool(s["augment"]), device=s["device"],
+                       threads=int(s.get("threads") or 0) or gui_threads())
 
 
 def model_config_from(s: dict[str, Any]):
@@ -85,7 +97,14 @@ class _JobState:
 def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_mode: str | None,
                channel_axis: int | None):
     """Worker thread: import the engine (torch) here, not at napari start-up, and relay its events."""
-    from ..training import train
+    from ..device import import_torch
+
+    with _common.gc_paused():  # the imports, without garbage-collector pauses (see _common)
+        torch = import_torch()  # its libraries load without holding the GIL
+        from ..training import train
+
+        # The first optimizer imports torch._dynamo (sympy, ...): done here, under the pause.
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 
     preview = None
     if preview_mode is not None:
@@ -171,6 +190,9 @@ class TrainWidget(QWidget):
         self.patch_size = SpinBox(label="Patch size", value=DEFAULTS.patch_size, min=32, max=1024, step=16)
         self.batch_size = SpinBox(label="Batch size", value=DEFAULTS.batch_size, min=1, max=64)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.threads = SpinBox(label="CPU threads (0 = all cores but one)", value=0, min=0, max=1024,
+                               tooltip="Threads torch trains with on the CPU. The default leaves one core to "
+                                       "napari so that the viewer stays smooth.")
         self.live_preview = CheckBox(label="Live preview of the visible part", value=True)
         self.start_button = QPushButton("Start")
         self.stop_button = QPushButton("Stop")
@@ -194,7 +216,8 @@ class TrainWidget(QWidget):
                                             self.budget_kind, self.budget], labels=True).native)
         advanced = QCollapsible("Advanced options")
         advanced.addWidget(Container(widgets=[self.optimizer, self.learning_rate, self.augment, self.patch_size,
-                                              self.batch_size, self.device, self.live_preview], labels=True).native)
+                                              self.batch_size, self.device, self.threads, self.live_preview],
+                                     labels=True).native)
         layout.addWidget(advanced)
         buttons = QHBoxLayout()
         for b in (self.start_button, self.stop_button, self.save_button):
@@ -248,7 +271,8 @@ class TrainWidget(QWidget):
                 "patch_size": self.patch_size.value, "batch_size": self.batch_size.value,
                 "learning_rate": self.learning_rate.value, "optimizer": self.optimizer.value,
                 "augment": self.augment.value, "device": self.device.value, "depth": self.depth.value,
-                "width": self.width.value, "padding": self.padding.value, "batch_norm": self.batch_norm.value}
+                "width": self.width.value, "padding": self.padding.value, "batch_norm": self.batch_norm.value,
+                "threads": self.threads.value}
 
     def reset_choices(self, *_):
         self.image.reset_choices()

@@ -1,0 +1,75 @@
+"""What the widgets' worker threads do for the viewer's sake: a lower OS priority, and no
+garbage-collector pass over the whole session while a job runs (see ``_widgets/_common.py``)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+
+import pytest
+from qtpy.QtWidgets import QWidget
+
+from napari_unet._widgets import _common
+
+
+def _run_job(qtbot, job):
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    runner = _common.WorkerRunner(owner)
+    seen = []
+    with qtbot.waitSignal(runner.finished, timeout=30_000):
+        runner.start(job, returned=seen.append)
+    assert not runner.running
+    return seen[0]
+
+
+def test_a_job_runs_with_the_session_frozen_then_unfreezes(qtbot):
+    assert gc.get_freeze_count() == 0
+
+    def job():
+        yield
+        inside = gc.get_freeze_count()
+        garbage = [[] for _ in range(1000)]
+        for a, b in zip(garbage, garbage[1:]):  # cycles made during the job are still collected
+            a.append(b), b.append(a)
+        del garbage, a, b
+        return inside, gc.collect()
+
+    frozen, collected = _run_job(qtbot, job)
+    assert frozen > 1000  # the objects that existed when the job started
+    assert collected >= 1000
+    assert gc.get_freeze_count() == 0  # nothing stays frozen after the job
+
+
+def test_gc_paused_collects_nothing_and_freezes_what_it_made_during_a_job(qtbot):
+    def job():
+        yield
+        before = gc.get_freeze_count()
+        with _common.gc_paused():
+            enabled = gc.isenabled()
+            made = [[i] for i in range(5000)]  # lists are always tracked by the collector
+        return enabled, gc.isenabled(), gc.get_freeze_count() - before, len(made)
+
+    enabled_inside, enabled_after, newly_frozen, n = _run_job(qtbot, job)
+    assert enabled_inside is False and enabled_after is True
+    assert newly_frozen >= n
+    assert gc.get_freeze_count() == 0
+
+
+def test_gc_paused_outside_a_job_only_pauses():
+    was = gc.isenabled()
+    with _common.gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled() == was and gc.get_freeze_count() == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux-only")
+def test_jobs_run_at_a_lower_priority_than_the_gui_thread(qtbot):
+    def job():
+        yield
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    gui = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert _run_job(qtbot, job) >= min(gui + _common.WORKER_NICENESS, 19)
