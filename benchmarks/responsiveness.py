@@ -17,28 +17,18 @@ then which long gaps fell inside the widgets' own GUI-thread slots. A reference 
 what napari itself needs to display a 384 x 384 Labels update (the live preview's size)
 with nothing else running. Target: max gap under 100 ms while the widgets work.
 
-Measured on the project's shared 2-core machine (other jobs running, load average 4-7),
-Xvfb with software OpenGL, 20 s training budgets (03:25 UTC, 22 Nov 2026):
+Phases ``reference: napari adds a ... Labels layer`` and ``segment ... again`` show napari's
+own cost of a new layer and the steady state of segmenting (the result layer updated).
+Each long gap is attributed to the widgets' GUI-thread slots and to the button click that
+started the phase.
 
-| phase | max gap (ms) | p99 (ms) | median (ms) |
-|---|---|---|---|
-| idle | 12 | 11 | 10.6 |
-| reference: napari shows a 384x384 Labels update, idle | 254 | 106 | 10.6 |
-| train, first run (worker imports torch) | 378 | 48 | 23.1 |
-| train, continue (2 torch threads) | 106 | 44 | 21.8 |
-| train, continue (1 torch thread) | 118 | 49 | 27.8 |
-| segment 1024 x 1024 (packaged model) | 42 | 39 | 22.4 |
-| baseline: training drained on the GUI thread | 4505 | 4505 | - |
-
-What was fixed, from this script's slot timings and cProfile: napari's progress bar runs
-``QApplication.processEvents()`` on every change (now once per percent, no description
-updates); creating the preview layer mid-run cost 0.6-0.8 s (now made at Start); setting
-the preview's scale/translate rebuilt napari's transforms every time (now only on a move);
-the worker threads run at a lower OS priority (``_common.background_priority``): before
-that, the median gap while training was 37-49 ms and p99 85-103 ms. What remains: the
-first Start imports torch in the worker, which holds the GIL for 0.2-0.4 s at a time
-(once per session), and napari's own redraw of a changed layer, 100-250 ms here with
-software OpenGL (the reference row), about what the worst gaps while training cost.
+Latest results are in the README ("Does the viewer stay responsive?"), with what was fixed
+from this script's output, cProfile and py-spy: napari's progress bar ran
+``QApplication.processEvents()`` on every change (now once per percent); the preview layer
+is made at Start and its transforms set only on a move; worker threads run at a lower OS
+priority; torch's libraries are loaded outside the GIL (``device.import_torch``); the
+garbage collector skips the session's objects while a job runs (``_common.gc_frozen``);
+training leaves one core to the viewer by default.
 
 Run: ``xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/responsiveness.py``
 """
@@ -113,6 +103,10 @@ def _wait(app, seconds: float) -> None:
         time.sleep(0.002)  # the benchmark's own loop, not the widgets': keep the timer honest
 
 
+#: (start, end) of each button click's own slot (Start, Run: copies layers, makes the preview layer).
+CLICKS: list[tuple[float, float, str]] = []
+
+
 def _run_until_finished(app, runner, click) -> float:
     from qtpy.QtCore import QEventLoop
 
@@ -120,6 +114,7 @@ def _run_until_finished(app, runner, click) -> float:
     runner.finished.connect(loop.quit)
     t0 = time.perf_counter()
     click()
+    CLICKS.append((t0, time.perf_counter(), "click"))
     if runner.worker is not None:
         loop.exec_()
     runner.finished.disconnect(loop.quit)
@@ -166,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                      sum(g > 100 for g in gaps)))
         for a, b in rec.long_gaps(t0, t1):
             in_slot = sum(st.in_slots(a, b) for st in slots)
-            explained.append((name, (b - a) * 1000, in_slot * 1000))
+            in_click = sum(max(0.0, min(b, e) - max(a, s)) for s, e, _ in CLICKS)
+            explained.append((name, (b - a) * 1000, in_slot * 1000, in_click * 1000))
 
     phase("idle", lambda: _wait(app, 3.0))
 
@@ -187,20 +183,33 @@ def main(argv: list[str] | None = None) -> int:
     iters_first = train._last_event.iteration if train._last_event is not None else 0
     import torch
 
-    n_threads = torch.get_num_threads()
+    from napari_unet._widgets.train import gui_threads
+
+    n_cores = torch.get_num_threads()
     its = {}
-    for threads in sorted({n_threads, 1}, reverse=True):
-        # torch's intra-op pool is process-wide: fewer threads leave a core to the GUI thread.
-        torch.set_num_threads(threads)
-        name = f"train, continue ({threads} torch thread{'s' if threads > 1 else ''})"
+    for threads in sorted({n_cores, gui_threads()}, reverse=True):
+        # The widget's "CPU threads" option; its default (0) leaves one core to the viewer.
+        train.threads.value = 0 if threads == gui_threads() else threads
+        name = (f"train, continue ({threads} torch thread{'s' if threads > 1 else ''}"
+                f"{', the default' if threads == gui_threads() else ''})")
         phase(name, lambda: _run_until_finished(app, train.runner, train.start_button.click))
         its[name] = train._last_event.iteration if train._last_event is not None else 0
-    torch.set_num_threads(n_threads)
+    train.threads.value = 0
     big, _ = make_nuclei((args.size, args.size), seed=11)
     viewer.add_image(big, name="big")
+
+    def add_layer():  # napari's own cost of a new Labels layer of the result's size
+        layer = viewer.add_labels(np.zeros((args.size, args.size), np.uint16), name="layer test")
+        _wait(app, 1.0)
+        viewer.layers.remove(layer)
+        _wait(app, 0.5)
+
+    phase(f"reference: napari adds a {args.size}x{args.size} Labels layer", add_layer)
     segment.image.value = viewer.layers["big"]
     segment.model.value = _sample_entry(segment)
-    phase(f"segment {args.size}x{args.size} (packaged model)",
+    phase(f"segment {args.size}x{args.size} (packaged model, creates the layer)",
+          lambda: _run_until_finished(app, segment.runner, segment.run_button.click))
+    phase(f"segment {args.size}x{args.size} again (updates the layer)",
           lambda: _run_until_finished(app, segment.runner, segment.run_button.click))
 
     def blocking():
@@ -229,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {dur:.1f} | {mx:.0f} | {p99:.0f} | {med:.1f} | {n_long} |")
     print()
     print("Gaps over 100 ms and how much of each the widgets' own GUI-thread slots took:")
-    for name, gap, in_slot in explained:
-        print(f"  {name}: {gap:.0f} ms, {in_slot:.0f} ms in widget slots")
+    for name, gap, in_slot, in_click in explained:
+        print(f"  {name}: {gap:.0f} ms, {in_slot:.0f} ms in widget slots, {in_click:.0f} ms in the button's click")
     slow = sorted(((e - s) * 1000, n) for st in slots for s, e, n in st.spans if e - s > 0.05)
     print("Widget slots over 50 ms (ms, slot):", [(round(d), n) for d, n in slow[::-1][:10]])
     viewer.close()
