@@ -27,7 +27,7 @@ from this script's output, cProfile and py-spy: napari's progress bar ran
 ``QApplication.processEvents()`` on every change (now once per percent); the preview layer
 is made at Start and its transforms set only on a move; worker threads run at a lower OS
 priority; torch's libraries are loaded outside the GIL (``device.import_torch``); the
-garbage collector skips the session's objects while a job runs (``_common.gc_frozen``);
+garbage collector skips the session's objects while a job runs (``_common.gc_job_started``);
 training leaves one core to the viewer by default.
 
 Run: ``xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/responsiveness.py``
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait(app, 0.5)  # let the previous step's GUI work settle outside the measured window
         t0 = time.perf_counter()
         fn()
+        _wait(app, 0.5)  # the end of a job belongs to it: the result layer's first draw, ...
         t1 = time.perf_counter()
         gaps = rec.gaps_ms(t0, t1)
         rows.append((name, t1 - t0, max(gaps, default=float("nan")), _percentile(gaps, 99), _percentile(gaps, 50),
@@ -186,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     from napari_unet._widgets.train import gui_threads
 
     n_cores = torch.get_num_threads()
+    default = gui_threads(n_cores)
     its = {}
-    for threads in sorted({n_cores, gui_threads()}, reverse=True):
+    for threads in sorted({n_cores, default}, reverse=True):
         # The widget's "CPU threads" option; its default (0) leaves one core to the viewer.
-        train.threads.value = 0 if threads == gui_threads() else threads
+        train.threads.value = 0 if threads == default else threads
         name = (f"train, continue ({threads} torch thread{'s' if threads > 1 else ''}"
-                f"{', the default' if threads == gui_threads() else ''})")
+                f"{', the default' if threads == default else ''})")
         phase(name, lambda: _run_until_finished(app, train.runner, train.start_button.click))
         its[name] = train._last_event.iteration if train._last_event is not None else 0
     train.threads.value = 0

@@ -62,6 +62,8 @@ def test_segment_2d_creates_then_updates_one_layer_undoably(make_napari_viewer, 
 
 def test_mirror_average_checkbox(make_napari_viewer, qtbot, small_cells, no_threads_left):
     """The checkbox turns on test-time flips; the layer holds what the core computes with them."""
+    import dataclasses
+
     from napari_unet.inference import predict_all
     from napari_unet.io import load_model
 
@@ -75,6 +77,9 @@ def test_mirror_average_checkbox(make_napari_viewer, qtbot, small_cells, no_thre
     assert seg.state.state == "done", seg.state.text()
     model, meta = load_model(seg.model.value.path)
     np.testing.assert_array_equal(viewer.layers["cells [U-Net]"].data, predict_all(model, image, config, meta).labels)
+    # ... which is not what the plain prediction gives (else the test could not tell).
+    plain = predict_all(model, image, dataclasses.replace(config, flips=False), meta)
+    assert not np.array_equal(viewer.layers["cells [U-Net]"].data, plain.labels)
 
 
 def test_segment_stack_whole_and_current_plane(make_napari_viewer, qtbot, no_threads_left):

@@ -43,6 +43,57 @@ def test_a_job_runs_with_the_session_frozen_then_unfreezes(qtbot):
     assert gc.get_freeze_count() == 0  # nothing stays frozen after the job
 
 
+def test_a_stopped_job_unfreezes_too(qtbot):
+    """A stopped worker abandons its generator (no clean-up runs in it): the runner unfreezes."""
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    runner = _common.WorkerRunner(owner)
+    started = threading.Event()
+
+    def endless():
+        while True:
+            started.set()
+            yield
+
+    with qtbot.waitSignal(runner.finished, timeout=30_000):
+        runner.start(endless)
+        assert started.wait(10) and gc.get_freeze_count() > 0
+        runner.stop()
+    assert gc.get_freeze_count() == 0
+
+
+def test_full_collections_wait_for_the_end_of_the_jobs(qtbot):
+    before = gc.get_threshold()
+
+    def job():
+        yield
+        return gc.get_threshold()
+
+    during = _run_job(qtbot, job)
+    assert during[:2] == before[:2] and during[2] >= 1 << 30
+    assert gc.get_threshold() == before
+
+
+def test_a_job_that_raises_runtime_error_still_finishes(qtbot):
+    """superqt swallows a RuntimeError (no errored, no finished): the runner re-raises it as JobError."""
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    runner = _common.WorkerRunner(owner)
+    errors = []
+
+    def job():
+        yield
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    # napari re-raises a worker's unexpected error in the event loop (a traceback notification).
+    with qtbot.capture_exceptions() as raised, qtbot.waitSignal(runner.finished, timeout=30_000):
+        runner.start(job, errored=errors.append)
+    assert not runner.running and gc.get_freeze_count() == 0
+    assert [type(e[1]) for e in raised] == [_common.JobError]
+    assert [type(e) for e in errors] == [_common.JobError]
+    assert _common.first_line(errors[0]) == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
 def test_gc_paused_collects_nothing_and_freezes_what_it_made_during_a_job(qtbot):
     def job():
         yield

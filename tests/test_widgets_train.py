@@ -142,11 +142,13 @@ def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot, small_cell
     assert not worker.is_running
 
 
-@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (8, 7)])
-def test_gui_training_leaves_a_core_to_the_viewer(cores, threads):
+@pytest.mark.parametrize("torch_threads, usable, threads", [(1, 1, 1), (2, 2, 1), (8, 16, 7), (8, 3, 2)])
+def test_gui_training_leaves_a_core_to_the_viewer(monkeypatch, torch_threads, usable, threads):
+    """All of torch's threads but one, and no more than the CPUs this process may use, but one."""
     from napari_unet._widgets.train import gui_threads
 
-    assert gui_threads(cores) == threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    assert gui_threads(torch_threads) == threads
 
 
 def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
@@ -157,8 +159,8 @@ def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
     cfg, dflt = train_config_from(train.settings()), TrainConfig()
     assert (cfg.patch_size, cfg.batch_size, cfg.learning_rate, cfg.optimizer, cfg.max_time) == \
         (dflt.patch_size, dflt.batch_size, dflt.learning_rate, dflt.optimizer, 60.0)
-    # One core stays with the viewer unless the user asks for more threads.
-    assert cfg.threads == max((os.cpu_count() or 1) - 1, 1)
+    # "0": the job leaves one core to the viewer (gui_threads), unless the user asks for a number.
+    assert train.threads.value == 0 and cfg.threads is None
     train.threads.value = 3
     assert train_config_from(train.settings()).threads == 3
     mc, dm = model_config_from(train.settings()), default_model_config()

@@ -235,35 +235,55 @@ def background_priority() -> None:
 # CPython's cyclic garbage collector stops every thread while it runs. A full pass over a
 # napari session with torch loaded (about 0.5 M tracked objects) took 150-400 ms here, and
 # the allocations of a job (torch's own imports above all) triggered several: they were the
-# event-loop freezes of the first Start (benchmarks/responsiveness.py). While a job runs, the
-# objects that existed before it are frozen (gc.freeze: collections skip them; they are
-# still freed by reference counting), and unfrozen when the last job ends, so no garbage is
-# kept for longer than a job.
+# event-loop freezes of the first Start (benchmarks/responsiveness.py). While jobs run:
+# - the objects that existed when the first one started are frozen (gc.freeze: collections
+#   skip them; reference counting still frees them);
+# - full (generation 2) collections are put off; generations 0 and 1 still collect the
+#   jobs' short-lived cycles.
+# When the last job ends everything is unfrozen and the thresholds restored. A full pass
+# during a job would also have reset the collector's count of long-lived objects to the
+# few unfrozen ones, and the next full pass, over everything, would have come right after.
+# (gc.unfreeze also unfreezes what the host application may have frozen itself.)
 
 _GC_LOCK = threading.Lock()
 _GC_JOBS = 0
+_GC_THRESHOLDS: tuple[int, ...] | None = None
+#: Generation-2 threshold while jobs run: in effect, no full collection.
+_NO_FULL_COLLECTION = 1 << 30
 
 
-@contextlib.contextmanager
-def gc_frozen():
-    """Collections skip the objects that exist now, until the last job using this ends."""
-    global _GC_JOBS
+def gc_job_started() -> None:
+    """A job starts (main thread): see above."""
+    global _GC_JOBS, _GC_THRESHOLDS
     with _GC_LOCK:
+        if _GC_JOBS == 0:
+            _GC_THRESHOLDS = gc.get_threshold()
+            gc.set_threshold(_GC_THRESHOLDS[0], _GC_THRESHOLDS[1], _NO_FULL_COLLECTION)
         _GC_JOBS += 1
         gc.freeze()
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            _GC_JOBS -= 1
-            if _GC_JOBS == 0:
-                gc.unfreeze()
+
+
+def gc_job_ended() -> None:
+    """A job ended, however it ended: the last one unfreezes and restores the thresholds."""
+    global _GC_JOBS, _GC_THRESHOLDS
+    with _GC_LOCK:
+        if _GC_JOBS == 0:
+            return
+        _GC_JOBS -= 1
+        if _GC_JOBS == 0:
+            gc.unfreeze()
+            if _GC_THRESHOLDS is not None:
+                gc.set_threshold(*_GC_THRESHOLDS)
+                _GC_THRESHOLDS = None
 
 
 @contextlib.contextmanager
 def gc_paused():
     """No collection at all for a burst of allocations (imports); what it made is then frozen
-    too (see :func:`gc_frozen`), so the first collection afterwards does not scan it."""
+    too (see :func:`gc_job_started`), so the first collection afterwards does not scan it.
+
+    Never wrap a ``yield`` in it: a job stopped there would leave the collector disabled.
+    """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -274,6 +294,32 @@ def gc_paused():
                 gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def import_engine(training: bool = False):
+    """Worker thread, first thing in a job: import torch and the engine without freezing the
+    viewer (torch's libraries loaded outside the GIL, no garbage collection); returns torch."""
+    from ..device import import_torch
+
+    with gc_paused():
+        torch = import_torch()
+        from .. import inference, io  # noqa: F401 - imported here, under the pause
+
+        if training:
+            from .. import training as _training  # noqa: F401
+
+            # The first optimizer imports torch._dynamo (sympy, ...): done here too.
+            torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    return torch
+
+
+class JobError(Exception):
+    """An unexpected ``RuntimeError`` of a job, raised again under this type.
+
+    superqt takes a ``RuntimeError`` coming out of a worker for a deleted Qt object: it
+    then neither reports it nor emits ``finished``, and the widget would stay busy for
+    good. torch raises ``RuntimeError`` for most of its failures.
+    """
 
 
 class WorkerRunner(QObject):
@@ -318,13 +364,14 @@ class WorkerRunner(QObject):
 
         def _run():  # a generator function, so napari makes a (stoppable) GeneratorWorker
             background_priority()
-            with gc_frozen():
-                try:
-                    return (yield from job())
-                except EXPECTED_ERRORS as e:
-                    # The user's input problem: handed to the widget as a value, so napari does
-                    # not also pop up a traceback notification for it (it does for unexpected errors).
-                    return _Failed(e)
+            try:
+                return (yield from job())
+            except EXPECTED_ERRORS as e:
+                # The user's input problem: handed to the widget as a value, so napari does not
+                # also pop up a traceback notification for it (it does for unexpected errors).
+                return _Failed(e)
+            except RuntimeError as e:
+                raise JobError(f"{type(e).__name__}: {e}") from e
 
         def _guard(slot):  # the widget's slots must not run once Qt has deleted the widget
             if slot is None:
@@ -348,6 +395,9 @@ class WorkerRunner(QObject):
             worker.errored.connect(errored)
 
         def _done():
+            # Here, not in the generator: a stopped worker abandons its generator, whose
+            # clean-up would wait for a garbage collection (which the freeze can postpone).
+            gc_job_ended()
             if self.worker is worker:
                 self.worker = None
             try:
@@ -358,6 +408,7 @@ class WorkerRunner(QObject):
 
         worker.finished.connect(_done)
         self.worker = worker
+        gc_job_started()
         worker.start()
         return worker
 

@@ -89,12 +89,9 @@ def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, co
     """
     import dataclasses
 
-    from ..device import import_torch
-
-    with _common.gc_paused():  # the imports, without garbage-collector pauses (see _common)
-        import_torch()  # its libraries load without holding the GIL
-        from ..inference import predict
-        from ..io import load_model
+    _common.import_engine()
+    from ..inference import predict
+    from ..io import load_model
 
     if isinstance(model_source, str):
         model, metadata = load_model(model_source)

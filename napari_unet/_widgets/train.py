@@ -43,14 +43,17 @@ START_CURRENT, START_NEW, START_FILE = "current model (continue)", "new model", 
 START_SAMPLE = "sample nuclei model (fine-tune)"
 
 
-def gui_threads(cores: int | None = None) -> int:
+def gui_threads(torch_threads: int) -> int:
     """CPU threads for training from the widget: all cores but one, which stays with the viewer.
 
-    With every core busy in torch the GUI thread waited for a core (gaps of 112 ms against
-    90 ms with one thread fewer on 2 cores, ``benchmarks/responsiveness.py``).
+    ``torch_threads`` is torch's own default (physical cores); CPUs this process may not
+    use (affinity: taskset, SLURM, containers) are not counted. With every core busy in
+    torch the GUI thread waits for one (on 2 cores, the longest gap while training had a
+    median of 92 ms with 2 threads and 85 ms with 1 over six runs of
+    ``benchmarks/responsiveness.py``).
     """
-    cores = cores or os.cpu_count() or 1
-    return max(cores - 1, 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(min(torch_threads, usable) - 1, 1)
 
 
 def train_config_from(s: dict[str, Any]):
@@ -63,7 +66,7 @@ def train_config_from(s: dict[str, Any]):
                        max_time=float(s["budget"]) if seconds else None, patch_size=int(s["patch_size"]),
                        batch_size=int(s["batch_size"]), learning_rate=float(s["learning_rate"]), optimizer=optimizer,
                        augment=bool(s["augment"]), device=s["device"],
-                       threads=int(s.get("threads") or 0) or gui_threads())
+                       threads=int(s.get("threads") or 0) or None)  # None: the job picks, see gui_threads
 
 
 def model_config_from(s: dict[str, Any]):
@@ -97,14 +100,11 @@ class _JobState:
 def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_mode: str | None,
                channel_axis: int | None):
     """Worker thread: import the engine (torch) here, not at napari start-up, and relay its events."""
-    from ..device import import_torch
+    torch = _common.import_engine(training=True)
+    from ..training import train
 
-    with _common.gc_paused():  # the imports, without garbage-collector pauses (see _common)
-        torch = import_torch()  # its libraries load without holding the GIL
-        from ..training import train
-
-        # The first optimizer imports torch._dynamo (sympy, ...): done here, under the pause.
-        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    if config.threads is None:  # "0 = all cores but one", counted as torch counts them
+        config = dataclasses.replace(config, threads=gui_threads(torch.get_num_threads()))
 
     preview = None
     if preview_mode is not None:
