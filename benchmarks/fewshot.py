@@ -23,6 +23,7 @@ Usage::
     .venv/bin/python benchmarks/fewshot.py                       # 5 seeds x 60 s x 2 images (> 10 min)
     .venv/bin/python benchmarks/fewshot.py --seeds 1 --max-time 20 --datasets huh7
     .venv/bin/python benchmarks/fewshot.py --unet 16/4/128/4/1e-3 --unet 8/4/128/8/3e-3   # compare settings
+    .venv/bin/python benchmarks/fewshot.py --datasets huh7 --no-baselines --init sample  # fine-tune the sample model
 
 Prints a markdown table (mean and standard deviation over seeds).
 """
@@ -195,7 +196,7 @@ def forest_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray,
 # ---- the U-Net --------------------------------------------------------------------------------
 
 def unet(image, painted, seed: int, max_time: float | None, spec: str | None, threads: int | None,
-         iterations: int | None = None):
+         iterations: int | None = None, init: str | None = None):
     """Train with the library defaults (or ``spec`` = width/depth/patch/batch/lr) and predict."""
     from napari_unet.config import ModelConfig, PredictConfig, TrainConfig
     from napari_unet.inference import predict_all
@@ -216,7 +217,12 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
             kw.update(lr_schedule=rest[3])
         mc = ModelConfig(depth=int(d), base_filters=int(w), padding="same", batch_norm=True)
     cfg = TrainConfig(**kw)
-    gen = train(image, painted, cfg, model_config=mc)
+    init_from = None
+    if init == "sample":  # fine-tune the packaged nuclei model instead of a new network
+        from napari_unet._sample_data import SAMPLE_MODEL_PATH
+
+        init_from = SAMPLE_MODEL_PATH
+    gen = train(image, painted, cfg, model_config=mc, init_from=init_from)
     while True:
         try:
             next(gen)
@@ -240,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--iterations", type=int, default=None,
                     help="train a fixed number of steps instead of --max-time (compares settings on a loaded CPU)")
+    ap.add_argument("--init", choices=("new", "sample"), default="new",
+                    help="start from a new network (default) or fine-tune the packaged sample model")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     args = ap.parse_args(argv)
@@ -275,9 +283,10 @@ def main(argv=None) -> int:
                     ap50, miou = score(pred, objects, region, train_ids, small)
                     results.setdefault(label, []).append((ap50, miou, time.perf_counter() - t0, None))
             for spec in specs:
-                label = "U-Net " + (spec or "defaults")
+                label = "U-Net " + (spec or "defaults") + (", fine-tuned sample model" if args.init == "sample" else "")
                 t0 = time.perf_counter()
-                pred, flipped, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations)
+                pred, flipped, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations,
+                                           init=args.init)
                 t = time.perf_counter() - t0
                 # The same trained network, segmenting with and without test-time flips.
                 for lab, p in ((label, pred), (label + " + flips", flipped)):

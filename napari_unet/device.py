@@ -41,8 +41,10 @@ def import_torch():
     up to 644 ms on the first Start, ``benchmarks/responsiveness.py``). On Linux the
     biggest libraries are loaded first with ``dlopen`` called through ctypes, which
     releases the GIL during the call; ``import torch`` then finds them loaded (the longest
-    pause measured fell to 56-80 ms). Anything unexpected (another platform, another
-    layout, a library that will not load) falls back to the plain import.
+    pause measured fell to 56-80 ms, CPU build). Only the CPU libraries: a CUDA build still
+    loads ``libtorch_cuda.so`` inside the import (not measured: no GPU machine here).
+    Anything unexpected (another platform, another layout, a library that will not load)
+    falls back to the plain import.
     """
     if "torch" not in sys.modules and sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
