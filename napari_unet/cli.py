@@ -1,7 +1,7 @@
 """The ``napari-unet`` command line: ``train``, ``predict`` and ``gui``.
 
-Each subcommand lives in its own module (``_cli_train``, ``_cli_predict``) and drains the
-same generators the napari widgets run in a worker thread. Bad input ends with a one-line
+Each subcommand lives in its own module (``_cli_train``, ``_cli_predict``, ``_cli_gui``);
+train and predict drain the same generators the napari widgets run in a worker thread. Bad input ends with a one-line
 message on stderr and a non-zero exit status, never a traceback.
 """
 
@@ -19,40 +19,8 @@ EXIT_INTERRUPTED = 130
 EXIT_FAILURE = 1
 
 
-def _add_gui(sub) -> None:
-    p = sub.add_parser("gui", help="open napari with the napari-unet widgets docked",
-                       description="Open napari with the napari-unet widgets docked (and the sample data).")
-    p.add_argument("--sample", action="store_true", help="load the plugin's sample image and painted labels")
-    p.add_argument("files", nargs="*", help="image files to open")
-    p.set_defaults(func=_cmd_gui)
-
-
-def _cmd_gui(args) -> int:
-    """Open napari with the three widgets docked as tabs (Train in front) and, with --sample, the sample."""
-    import napari
-    from npe2 import PluginManager
-
-    viewer = napari.Viewer(title="napari-unet")
-    for f in args.files:
-        viewer.open(f)
-    manifest = PluginManager.instance().get_manifest("napari-unet")
-    if args.sample:
-        viewer.open_sample("napari-unet", "cells")
-    docks = [viewer.window.add_plugin_dock_widget("napari-unet", widget.display_name, tabify=True)[0]
-             for widget in manifest.contributions.widgets or []]
-    if docks:
-        from qtpy.QtCore import QTimer
-
-        # The Train tab in front (the first step of the walkthrough), once the docks are laid out.
-        QTimer.singleShot(0, docks[0].raise_)
-    if args.sample and len(viewer.layers) > 1:
-        viewer.layers.selection.active = viewer.layers[-1]  # the painted labels, ready for painting
-    napari.run()
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, _cli_predict, _cli_train
+    from . import __version__, _cli_gui, _cli_predict, _cli_train
 
     parser = argparse.ArgumentParser(
         prog="napari-unet",
@@ -61,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _cli_train.add_parser(sub)
     _cli_predict.add_parser(sub)
-    _add_gui(sub)
+    _cli_gui.add_parser(sub)
     return parser
 
 
