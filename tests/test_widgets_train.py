@@ -70,11 +70,14 @@ def test_start_again_continues_same_model_and_preview(make_napari_viewer, qtbot,
                                                       dock, no_threads_left):
     image, labels = small_cells
     viewer, train = _setup(make_napari_viewer, image, labels, iterations=2, dock=dock)
+    viewer.layers.selection.active = viewer.layers["painted"]
     _run(qtbot, train, train.start_button)
     assert train.state.state == "done"
     first = train.current.model
-    # The run ends with a preview of the visible part, in a layer of its own placed on the image.
+    # The run ends with a preview of the visible part, in a layer of its own placed on the image;
+    # the layer the user was painting stays the active one.
     preview = viewer.layers["cells [U-Net preview]"]
+    assert viewer.layers.selection.active is viewer.layers["painted"]
     assert preview.data.ndim == 2 and preview.data.shape[0] <= 96
     np.testing.assert_allclose(preview.scale, (0.5, 0.5))
     # Human in the loop: paint one more cell, press Start again: the same network keeps training.

@@ -49,7 +49,7 @@ def gui_threads(torch_threads: int) -> int:
     ``torch_threads`` is torch's own default (physical cores); CPUs this process may not
     use (affinity: taskset, SLURM, containers) are not counted. With every core busy in
     torch the GUI thread waits for one (on 2 cores, the longest gap while training had a
-    median of 92 ms with 2 threads and 85 ms with 1 over six runs of
+    median of 90 ms with 2 threads and 86 ms with 1 over seven runs of
     ``benchmarks/responsiveness.py``).
     """
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -405,9 +405,12 @@ class TrainWidget(QWidget):
             if not np.allclose(layer.scale, scale):
                 layer.scale = scale
         else:
+            active = self.viewer.layers.selection.active
             layer = self.viewer.add_labels(labels, name=f"{image_layer.name} [U-Net preview]", scale=scale,
                                            translate=translate, opacity=0.5)
             self._preview_layer = layer
+            if active is not None:  # napari activates a new layer: the user goes on painting where they were
+                self.viewer.layers.selection.active = active
 
     # ---- worker slots (main thread) -------------------------------------------------------------
 
