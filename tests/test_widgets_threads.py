@@ -94,6 +94,24 @@ def test_a_job_that_raises_runtime_error_still_finishes(qtbot):
     assert _common.first_line(errors[0]) == "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
+def test_out_of_memory_from_a_job_is_the_users_problem(qtbot):
+    """torch's out of memory (a RuntimeError) becomes a MemoryError: a one-line message, no traceback."""
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    runner = _common.WorkerRunner(owner)
+    errors = []
+
+    def job():
+        yield
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with qtbot.capture_exceptions() as raised, qtbot.waitSignal(runner.finished, timeout=30_000):
+        runner.start(job, errored=errors.append)
+    assert raised == []
+    assert [type(e) for e in errors] == [MemoryError] and isinstance(errors[0], _common.EXPECTED_ERRORS)
+    assert "out of memory" in str(errors[0])
+
+
 def test_gc_paused_collects_nothing_and_freezes_what_it_made_during_a_job(qtbot):
     def job():
         yield

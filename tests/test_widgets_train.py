@@ -154,6 +154,43 @@ def test_gui_training_leaves_a_core_to_the_viewer(monkeypatch, torch_threads, us
     assert gui_threads(torch_threads) == threads
 
 
+def test_the_job_trains_with_all_cores_but_one_by_default(make_napari_viewer, qtbot, small_cells, monkeypatch,
+                                                         no_threads_left):
+    """Threads "0": the job passes gui_threads(torch's own count) to the engine, run after run."""
+    from napari_unet._widgets import _common
+    from napari_unet._widgets.train import gui_threads
+
+    seen = []
+
+    def fake_train(images, labels, config, **kw):
+        seen.append(config.threads)
+        raise ValueError("recorded")
+        yield
+
+    monkeypatch.setattr("napari_unet.training.train", fake_train)
+    # As on an 8-core machine: torch's own count, read by the first job, is what counts.
+    monkeypatch.setattr(_common, "_TORCH_THREADS", 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    image, labels = small_cells
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=2)
+    for _ in range(2):
+        _run(qtbot, train, train.start_button)
+    assert seen == [7, 7] == [gui_threads(8)] * 2
+    train.threads.value = 3
+    _run(qtbot, train, train.start_button)
+    assert seen[-1] == 3
+
+
+def test_torch_threads_are_read_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from napari_unet._widgets import _common
+
+    monkeypatch.setattr(_common, "_TORCH_THREADS", None)
+    assert _common.torch_default_threads(SimpleNamespace(get_num_threads=lambda: 4)) == 4
+    assert _common.torch_default_threads(SimpleNamespace(get_num_threads=lambda: 2)) == 4
+
+
 def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
     from napari_unet._widgets.train import model_config_from, train_config_from
     from napari_unet.config import TrainConfig, default_model_config

@@ -296,6 +296,21 @@ def gc_paused():
             gc.enable()
 
 
+_TORCH_THREADS: int | None = None
+
+
+def torch_default_threads(torch) -> int:
+    """torch's own thread count, read once (by the first job, before any run changed it).
+
+    Read again later it could be what a stopped run left in a reused worker thread (the
+    engine restores its setting where its generator is closed, on the main thread).
+    """
+    global _TORCH_THREADS
+    if _TORCH_THREADS is None:
+        _TORCH_THREADS = torch.get_num_threads()
+    return _TORCH_THREADS
+
+
 def import_engine(training: bool = False):
     """Worker thread, first thing in a job: import torch and the engine without freezing the
     viewer (torch's libraries loaded outside the GIL, no garbage collection); returns torch."""
@@ -310,6 +325,7 @@ def import_engine(training: bool = False):
 
             # The first optimizer imports torch._dynamo (sympy, ...): done here too.
             torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    torch_default_threads(torch)
     return torch
 
 
@@ -371,6 +387,10 @@ class WorkerRunner(QObject):
                 # also pop up a traceback notification for it (it does for unexpected errors).
                 return _Failed(e)
             except RuntimeError as e:
+                from ..inference import is_out_of_memory
+
+                if is_out_of_memory(e):  # torch's (CUDA) out of memory: the user's problem too
+                    return _Failed(MemoryError(f"out of memory: {first_line(e)}"))
                 raise JobError(f"{type(e).__name__}: {e}") from e
 
         def _guard(slot):  # the widget's slots must not run once Qt has deleted the widget
@@ -409,7 +429,12 @@ class WorkerRunner(QObject):
         worker.finished.connect(_done)
         self.worker = worker
         gc_job_started()
-        worker.start()
+        try:
+            worker.start()
+        except BaseException:
+            self.worker = None
+            gc_job_ended()
+            raise
         return worker
 
     def stop(self, reason: str | None = None) -> bool:

@@ -104,7 +104,7 @@ def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_m
     from ..training import train
 
     if config.threads is None:  # "0 = all cores but one", counted as torch counts them
-        config = dataclasses.replace(config, threads=gui_threads(torch.get_num_threads()))
+        config = dataclasses.replace(config, threads=gui_threads(_common.torch_default_threads(torch)))
 
     preview = None
     if preview_mode is not None:
