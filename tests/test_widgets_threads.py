@@ -74,8 +74,9 @@ def test_full_collections_wait_for_the_end_of_the_jobs(qtbot):
     assert gc.get_threshold() == before
 
 
-def test_a_job_that_raises_runtime_error_still_finishes(qtbot):
-    """superqt swallows a RuntimeError (no errored, no finished): the runner re-raises it as JobError."""
+def _job_raising(qtbot, message):
+    """Run a job that raises ``RuntimeError(message)``: (exceptions napari re-raised in the
+    event loop, what the errored slot got); the runner must have finished and unfrozen."""
     owner = QWidget()
     qtbot.addWidget(owner)
     runner = _common.WorkerRunner(owner)
@@ -83,30 +84,25 @@ def test_a_job_that_raises_runtime_error_still_finishes(qtbot):
 
     def job():
         yield
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        raise RuntimeError(message)
 
-    # napari re-raises a worker's unexpected error in the event loop (a traceback notification).
     with qtbot.capture_exceptions() as raised, qtbot.waitSignal(runner.finished, timeout=30_000):
         runner.start(job, errored=errors.append)
     assert not runner.running and gc.get_freeze_count() == 0
-    assert [type(e[1]) for e in raised] == [_common.JobError]
-    assert [type(e) for e in errors] == [_common.JobError]
+    return [e[1] for e in raised], errors
+
+
+def test_a_job_that_raises_runtime_error_still_finishes(qtbot):
+    """superqt swallows a RuntimeError (no errored, no finished): the runner re-raises it as JobError,
+    which napari shows with its traceback (an unexpected error)."""
+    raised, errors = _job_raising(qtbot, "CUDA error: an illegal memory access was encountered")
+    assert [type(e) for e in raised] == [_common.JobError] and [type(e) for e in errors] == [_common.JobError]
     assert _common.first_line(errors[0]) == "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
 def test_out_of_memory_from_a_job_is_the_users_problem(qtbot):
     """torch's out of memory (a RuntimeError) becomes a MemoryError: a one-line message, no traceback."""
-    owner = QWidget()
-    qtbot.addWidget(owner)
-    runner = _common.WorkerRunner(owner)
-    errors = []
-
-    def job():
-        yield
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    with qtbot.capture_exceptions() as raised, qtbot.waitSignal(runner.finished, timeout=30_000):
-        runner.start(job, errored=errors.append)
+    raised, errors = _job_raising(qtbot, "CUDA out of memory. Tried to allocate 2.00 GiB")
     assert raised == []
     assert [type(e) for e in errors] == [MemoryError] and isinstance(errors[0], _common.EXPECTED_ERRORS)
     assert "out of memory" in str(errors[0])
