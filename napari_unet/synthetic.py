@@ -11,11 +11,13 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import draw, segmentation
 
-__all__ = ["make_nuclei", "paint_sparse_labels"]
+__all__ = ["make_nuclei", "make_varied_nuclei", "paint_sparse_labels"]
 
 
 def make_nuclei(shape: tuple[int, int] = (256, 256), n_cells: int | None = None, radius: tuple[float, float] = (7, 14),
-                touching: float = 0.35, seed: int | None = 0, dtype=np.uint16) -> tuple[np.ndarray, np.ndarray]:
+                touching: float = 0.35, seed: int | None = 0, dtype=np.uint16, *,
+                brightness: tuple[float, float] = (0.35, 1.0), blur: float = 1.3, photons: float = 400.0,
+                nucleoli: float = 0.0, gain: float = 1.0, cytoplasm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """A nuclei image and its instance ground truth.
 
     Parameters
@@ -30,6 +32,23 @@ def make_nuclei(shape: tuple[int, int] = (256, 256), n_cells: int | None = None,
         Fraction of nuclei placed right next to an earlier one (so they touch).
     seed : int, optional
         Random seed.
+    dtype : numpy dtype
+        Of the image; integer images are scaled to 4000 (uint16, plus an offset of 100) or
+        255 (uint8) at brightness 1 and clipped to the type's range.
+    brightness : (float, float)
+        Range of the nuclei's mean brightness (uniform per nucleus).
+    blur : float
+        Standard deviation of the Gaussian blur (the microscope's point spread), pixels.
+    photons : float
+        Photons at brightness 1: the lower, the stronger the shot noise.
+    nucleoli : float
+        Mean number of small bright spots per nucleus (Poisson); 0 for none.
+    gain : float
+        Intensity gain before the conversion to ``dtype`` (above 1, bright nuclei saturate).
+    cytoplasm : float
+        0: nuclei (a DNA stain). Above 0: whole cells of a cytoplasmic stain, each a bright
+        centre (its nucleus) fading to this relative brightness at its edge; the ground truth
+        is the whole cell.
 
     Returns
     -------
@@ -74,24 +93,78 @@ def make_nuclei(shape: tuple[int, int] = (256, 256), n_cells: int | None = None,
     instances = segmentation.watershed(-dist, markers, mask=mask).astype(np.int32)
     instances = _drop_fragments(instances)
 
-    brightness = rng.uniform(0.35, 1.0, size=instances.max() + 1)
+    brightness = rng.uniform(*brightness, size=instances.max() + 1)
     brightness[0] = 0.0
     img = brightness[instances]
+    if cytoplasm > 0:
+        img = img * _cell_profile(instances, cytoplasm)
     texture = ndi.gaussian_filter(rng.normal(0, 1, shape), 2.0)
     img = img * (1 + 0.25 * texture / (texture.std() + 1e-9)) * (instances > 0)
     # Darker rims make touching nuclei visible, as in real DNA stains.
     edt = ndi.distance_transform_edt(instances > 0)
     img *= np.clip(0.55 + edt / 4.0, 0, 1)
-    img = ndi.gaussian_filter(img, 1.3)
+    if nucleoli > 0:
+        img *= 1 + _spots(instances, nucleoli, rng)
+    img = ndi.gaussian_filter(img, blur)
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     background = 0.08 + 0.06 * np.sin(2.5 * yy + 1.0) * np.cos(1.7 * xx)
     img = img + background
-    photons = 400.0
     img = rng.poisson(np.clip(img, 0, None) * photons) / photons + rng.normal(0, 0.01, shape)
     scale = 255 if np.dtype(dtype) == np.uint8 else 4000
     if np.issubdtype(np.dtype(dtype), np.integer):
-        img = np.clip(img * scale + 100 * (np.dtype(dtype) != np.uint8), 0, np.iinfo(dtype).max)
+        img = np.clip(gain * img * scale + 100 * (np.dtype(dtype) != np.uint8), 0, np.iinfo(dtype).max)
     return img.astype(dtype), instances
+
+
+def _cell_profile(instances: np.ndarray, edge: float) -> np.ndarray:
+    """Per cell, 1 at its centre falling smoothly to ``edge`` at its outline (0 outside cells)."""
+    inner = (instances > 0) & ~segmentation.find_boundaries(instances, mode="inner")
+    dist = ndi.distance_transform_edt(inner)
+    depth = np.zeros(int(instances.max()) + 1)
+    depth[1:] = ndi.maximum(dist, instances, np.arange(1, len(depth)))
+    rel = np.clip(dist / np.maximum(depth[instances], 1.0), 0, 1)
+    core = np.clip((rel - 0.35) / 0.3, 0, 1)  # the nucleus: the inner part of the cell
+    core = core * core * (3 - 2 * core)  # smoothstep
+    return np.where(instances > 0, edge + (1 - edge) * core, 0.0)
+
+
+def _spots(instances: np.ndarray, per_cell: float, rng: np.random.Generator) -> np.ndarray:
+    """Relative brightening of small discs (nucleoli, chromocentres) inside the nuclei."""
+    inside = np.flatnonzero(instances.ravel() > 0)
+    n = rng.poisson(per_cell * max(int(instances.max()), 1))
+    spots = np.zeros(instances.shape, np.float64)
+    if n == 0 or inside.size == 0:
+        return spots
+    for flat, r, amp in zip(rng.choice(inside, size=n), rng.uniform(1.5, 3.5, n), rng.uniform(0.5, 2.0, n)):
+        y, x = np.unravel_index(flat, instances.shape)
+        rr, cc = draw.disk((y, x), r, shape=instances.shape)
+        same = instances[rr, cc] == instances[y, x]  # a spot stays inside its own nucleus
+        spots[rr[same], cc[same]] = np.maximum(spots[rr[same], cc[same]], amp)
+    return spots
+
+
+def make_varied_nuclei(shape: tuple[int, int] = (256, 256), seed: int | None = 0,
+                       whole_cells: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`make_nuclei` with its appearance drawn at random: a generalist's training image.
+
+    Nuclei of 5 to 36 px semi-axes (one size range per image), sparse to crowded, dim to
+    saturated, sharp to blurred, clean to noisy, with or without nucleoli, in uint8 or
+    uint16. With probability ``whole_cells`` the image shows whole cells instead (a bright
+    nucleus in a dim cytoplasm, the cell as ground truth: ``make_nuclei(cytoplasm=...)``). Used to pretrain the packaged starting model (``sample_data/make_sample_data.py``)
+    so that fine-tuning on a few painted cells of a real image starts from a network that
+    already knows what a nucleus and its outline look like at many scales.
+    """
+    rng = np.random.default_rng(seed)
+    r_lo = float(rng.uniform(5, 22))
+    radius = (r_lo, r_lo * float(rng.uniform(1.3, 1.8)))
+    lo = float(rng.uniform(0.1, 0.6))
+    return make_nuclei(
+        shape, n_cells=None if rng.random() < 0.7 else max(1, int(shape[0] * shape[1] / (6.0 * np.mean(radius)) ** 2)),
+        radius=radius, touching=float(rng.uniform(0.1, 0.7)), seed=int(rng.integers(2**31)),
+        dtype=np.uint8 if rng.random() < 0.4 else np.uint16, brightness=(lo, float(rng.uniform(lo + 0.2, 1.0))),
+        blur=float(rng.uniform(0.7, 2.5)), photons=float(10 ** rng.uniform(1.5, 3.3)),
+        nucleoli=float(rng.choice([0.0, 1.0, 3.0])), gain=float(rng.uniform(0.6, 1.6)),
+        cytoplasm=float(rng.uniform(0.1, 0.4)) if rng.random() < whole_cells else 0.0)
 
 
 def _drop_fragments(instances: np.ndarray, min_size: int = 20) -> np.ndarray:
