@@ -55,7 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-time", type=float, default=None, metavar="SEC",
                    help="time budget in seconds (default 60 when --iterations is not given)")
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="number of optimiser steps")
-    p.add_argument("--from", dest="init_from", default=None, metavar="MODEL", help="model file to fine-tune")
+    p.add_argument("--from", dest="init_from", default=None, metavar="MODEL",
+                   help="model file to fine-tune, or 'sample' for the packaged nuclei model (the best start for a "
+                        "few painted nuclei in one-channel images; a file named sample: ./sample)")
     p.add_argument("--seed", type=int, default=0, help="random seed (repeatable runs on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -183,6 +185,12 @@ def _run(args, ctx) -> int:
             _check_new_file(out, args.overwrite)
             if log is not None:
                 _check_new_file(log, args.overwrite)
+        if args.init_from == "sample":
+            from ._sample_data import sample_model_path
+
+            if sample_model_path() is None:
+                raise FileNotFoundError("this installation has no packaged sample model (--from sample)")
+            args.init_from = str(sample_model_path())
         if args.init_from is not None and not Path(args.init_from).exists():  # a folder: load_model says so
             raise FileNotFoundError(f"{args.init_from}: no such model file")
         config = _config(args)

@@ -52,6 +52,27 @@ def test_train_writes_exactly_out(files, capsys):
     assert load_model(out)[1]["mode"] == "semantic"
 
 
+def test_from_sample_fine_tunes_the_packaged_model(files, tmp_path, monkeypatch, capsys):
+    from napari_unet import _sample_data
+
+    d, _, _ = files
+    out = tmp_path / "ft.safetensors"
+    fast = FAST[:2] + FAST[6:]  # without --depth and --width: the packaged model has its own
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
+                 "--from", "sample", *fast]) == 0
+    model, meta = load_model(out)
+    assert meta["training"]["init_from"] == str(_sample_data.SAMPLE_MODEL_PATH)
+    packaged, _ = load_model(_sample_data.SAMPLE_MODEL_PATH)
+    assert model.config == packaged.config
+    # An installation without the packaged model says so in one line.
+    monkeypatch.setattr(_sample_data, "sample_model_path", lambda: None)
+    capsys.readouterr()
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out",
+                 str(tmp_path / "no.safetensors"), "--from", "sample", *fast]) != 0
+    assert "no packaged sample model" in _err_line(capsys)
+    assert not (tmp_path / "no.safetensors").exists()
+
+
 def test_several_images(files, capsys):
     d, img, lab = files
     tifffile.imwrite(d / "img2.tif", img[::-1])

@@ -192,6 +192,7 @@ def test_changing_layers_while_training(make_napari_viewer, qtbot, small_cells, 
     viewer.add_labels(labels, name="painted")
     train = TrainWidget(viewer)
     viewer.window.add_dock_widget(train)
+    train.start_from.value = START_NEW
     train.depth.value, train.width.value, train.patch_size.value, train.batch_size.value = 2, 4, 64, 2
     train.budget_kind.value, train.budget.value = "iterations", 100_000
     threads = _python_threads()

@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
+from napari_unet._sample_data import SAMPLE_MODEL_PATH
 from napari_unet._widgets import TrainWidget
+from napari_unet._widgets.train import START_NEW, START_SAMPLE
 
 
 def _setup(make_napari_viewer, image, labels, iterations=3, dock=None):
@@ -20,6 +22,7 @@ def _setup(make_napari_viewer, image, labels, iterations=3, dock=None):
     else:
         train = TrainWidget(viewer)
         viewer.window.add_dock_widget(train, name="Train U-Net")
+    train.start_from.value = START_NEW  # a tiny new network (the default fine-tunes the sample model)
     train.depth.value, train.width.value = 2, 4
     train.patch_size.value, train.batch_size.value = 64, 2
     train.budget_kind.value = "iterations"
@@ -206,3 +209,34 @@ def test_widget_starts_from_the_engines_defaults(make_napari_viewer):
     mc, dm = model_config_from(train.settings()), default_model_config()
     assert (mc.depth, mc.base_filters, mc.padding, mc.batch_norm) == (dm.depth, dm.base_filters, dm.padding,
                                                                        dm.batch_norm)
+
+
+def test_default_start_fine_tunes_the_sample_model_for_grey_images(make_napari_viewer, qtbot, small_cells, notes,
+                                                                   no_threads_left):
+    image, labels = small_cells
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="painted")
+    train = TrainWidget(viewer)
+    assert train.start_from.value == START_SAMPLE
+    assert train.depth.native.isHidden() and train.width.native.isHidden()  # the sample model's architecture
+    train.patch_size.value, train.batch_size.value = 64, 2
+    train.budget_kind.value, train.budget.value = "iterations", 2
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "done", train.state.text()
+    meta = train.current.metadata
+    assert meta["training"]["init_from"] == str(SAMPLE_MODEL_PATH) and meta["training"]["iterations"] == 2
+    assert train.current.model.config.base_filters == 8 and notes["error"] == []
+
+
+def test_an_rgb_image_starts_from_a_new_model(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="grey")
+    train = TrainWidget(viewer)
+    assert train.start_from.value == START_SAMPLE
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="rgb", rgb=True)
+    train.image.value = viewer.layers["rgb"]
+    assert train.start_from.value == START_NEW and not train.depth.native.isHidden()
+    # A choice the user makes afterwards is kept.
+    train.image.value = viewer.layers["grey"]
+    assert train.start_from.value == START_NEW
