@@ -222,6 +222,8 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
         from napari_unet._sample_data import SAMPLE_MODEL_PATH
 
         init_from = SAMPLE_MODEL_PATH
+    elif init not in (None, "new"):  # or a model file
+        init_from = init
     gen = train(image, painted, cfg, model_config=mc, init_from=init_from)
     while True:
         try:
@@ -246,8 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--iterations", type=int, default=None,
                     help="train a fixed number of steps instead of --max-time (compares settings on a loaded CPU)")
-    ap.add_argument("--init", choices=("new", "sample"), default="new",
-                    help="start from a new network (default) or fine-tune the packaged sample model")
+    ap.add_argument("--init", default="new", metavar="new|sample|MODEL",
+                    help="start from a new network (default), or fine-tune the packaged sample model or a model file")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     args = ap.parse_args(argv)
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
                     ap50, miou = score(pred, objects, region, train_ids, small)
                     results.setdefault(label, []).append((ap50, miou, time.perf_counter() - t0, None))
             for spec in specs:
-                label = "U-Net " + (spec or "defaults") + (", fine-tuned sample model" if args.init == "sample" else "")
+                label = "U-Net " + (spec or "defaults") + ("" if args.init == "new" else f", fine-tuned {args.init} model")
                 t0 = time.perf_counter()
                 pred, flipped, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations,
                                            init=args.init)
