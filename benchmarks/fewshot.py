@@ -285,7 +285,9 @@ def main(argv=None) -> int:
                     ap50, miou = score(pred, objects, region, train_ids, small)
                     results.setdefault(label, []).append((ap50, miou, time.perf_counter() - t0, None))
             for spec in specs:
-                label = "U-Net " + (spec or "defaults") + ("" if args.init == "new" else f", fine-tuned {args.init} model")
+                label = "U-Net " + (spec or "defaults")
+                if args.init != "new":
+                    label += f", fine-tuned {args.init} model"
                 t0 = time.perf_counter()
                 pred, flipped, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations,
                                            init=args.init)

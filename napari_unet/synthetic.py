@@ -150,9 +150,11 @@ def make_varied_nuclei(shape: tuple[int, int] = (256, 256), seed: int | None = 0
     Nuclei of 5 to 36 px semi-axes (one size range per image), sparse to crowded, dim to
     saturated, sharp to blurred, clean to noisy, with or without nucleoli, in uint8 or
     uint16. With probability ``whole_cells`` the image shows whole cells instead (a bright
-    nucleus in a dim cytoplasm, the cell as ground truth: ``make_nuclei(cytoplasm=...)``). Used to pretrain the packaged starting model (``sample_data/make_sample_data.py``)
-    so that fine-tuning on a few painted cells of a real image starts from a network that
-    already knows what a nucleus and its outline look like at many scales.
+    nucleus in a dim cytoplasm, the cell as ground truth: ``make_nuclei(cytoplasm=...)``).
+    Used (with ``whole_cells=0``) to pretrain the packaged starting model
+    (``sample_data/make_sample_data.py``), so that fine-tuning on a few painted cells of a
+    real image starts from a network that already knows what a nucleus and its outline look
+    like at many scales.
     """
     rng = np.random.default_rng(seed)
     r_lo = float(rng.uniform(5, 22))

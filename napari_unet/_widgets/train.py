@@ -178,8 +178,8 @@ class TrainWidget(QWidget):
         # images): on the few-shot benchmark it beat a new network trained for the same minute.
         self.start_from = ComboBox(label="Start from", choices=self._start_choices,
                                    value=START_SAMPLE if _sample_data.sample_model_path() is not None else START_NEW,
-                                   tooltip="sample nuclei model: a small network pretrained on synthetic nuclei and "
-                                           "cells, fine-tuned on your painted cells (one-channel images). "
+                                   tooltip="sample nuclei model: a small network pretrained on varied synthetic "
+                                           "nuclei, fine-tuned on your painted cells (one-channel images). "
                                            "new model: a network trained from scratch.")
         self.depth = SpinBox(label="Depth", value=DEFAULT_MODEL.depth, min=2, max=6)
         self.width = SpinBox(label="Width (filters)", value=DEFAULT_MODEL.base_filters, min=4, max=128, step=4)
