@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     args = ap.parse_args(argv)
+    if args.init not in ("new", "sample") and not Path(args.init).is_file():
+        ap.error(f"--init: {args.init} is neither new, sample nor a model file")
 
     import torch
 

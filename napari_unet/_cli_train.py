@@ -185,9 +185,19 @@ def _run(args, ctx) -> int:
             _check_new_file(out, args.overwrite)
             if log is not None:
                 _check_new_file(log, args.overwrite)
+        if args.init_from is not None:
+            given = [flag for flag, v in (("--depth", args.depth), ("--width", args.width),
+                                          ("--padding", args.padding), ("--no-batch-norm", args.no_batch_norm or None))
+                     if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} describe a new network; a model fine-tuned with --from keeps "
+                                 "its own architecture")
         if args.init_from == "sample":
             from ._sample_data import sample_model_path
 
+            if Path("sample").exists() and ctx.is_main:
+                print("napari-unet: --from sample is the packaged model; for the file named sample give ./sample",
+                      file=sys.stderr)
             if sample_model_path() is None:
                 raise FileNotFoundError("this installation has no packaged sample model (--from sample)")
             args.init_from = str(sample_model_path())

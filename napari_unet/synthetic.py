@@ -44,7 +44,8 @@ def make_nuclei(shape: tuple[int, int] = (256, 256), n_cells: int | None = None,
     nucleoli : float
         Mean number of small bright spots per nucleus (Poisson); 0 for none.
     gain : float
-        Intensity gain before the conversion to ``dtype`` (above 1, bright nuclei saturate).
+        Intensity gain before the conversion to an integer ``dtype`` (above 1, bright nuclei
+        saturate); float images ignore it.
     cytoplasm : float
         0: nuclei (a DNA stain). Above 0: whole cells of a cytoplasmic stain, each a bright
         centre (its nucleus) fading to this relative brightness at its edge; the ground truth
@@ -147,7 +148,7 @@ def make_varied_nuclei(shape: tuple[int, int] = (256, 256), seed: int | None = 0
                        whole_cells: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """:func:`make_nuclei` with its appearance drawn at random: a generalist's training image.
 
-    Nuclei of 5 to 36 px semi-axes (one size range per image), sparse to crowded, dim to
+    Nuclei of 5 to about 40 px semi-axes (one size range per image), sparse to crowded, dim to
     saturated, sharp to blurred, clean to noisy, with or without nucleoli, in uint8 or
     uint16. With probability ``whole_cells`` the image shows whole cells instead (a bright
     nucleus in a dim cytoplasm, the cell as ground truth: ``make_nuclei(cytoplasm=...)``).

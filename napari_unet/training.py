@@ -953,7 +953,9 @@ def _complete_metadata(result: TrainResult, config: TrainConfig, st: dict[str, A
     if st.get("shift_applied"):
         meta[BIAS_SHIFT_KEY] = [float(v) for v in st["bias_shift"]]
     if data is not None:
-        names = prior.get("class_names")
+        # The earlier names only while they still describe the classes: same count, same mode
+        # (an instance model fine-tuned on three semantic classes keeps its 3 outputs, not its names).
+        names = prior.get("class_names") if prior.get("mode", config.mode) == config.mode else None
         meta["class_names"] = names if isinstance(names, list) and len(names) == data.n_classes else data.class_names
     previous = prior.get("training") or None
     if isinstance(previous, dict):

@@ -4,8 +4,9 @@ A small instance-segmentation U-Net (the engine's default: depth 4, 8 base filte
 convolutions, batch norm; 0.12 M parameters, 0.5 MB) trained on synthetic nuclei of varied
 size, density, brightness, blur and noise (:func:`napari_unet.synthetic.make_varied_nuclei`),
 fully labelled (every nucleus and all background). It lets "Segment with U-Net" work
-before any training, and it is the starting point that training fine-tunes by default
-for one-channel instance segmentation. The sample *images* are not stored:
+before any training, and Train U-Net fine-tunes it by default for instances in
+one-channel images (``napari-unet train --from sample``; ``train()`` and the command line
+start from a new network unless told). The sample *images* are not stored:
 napari_unet._sample_data makes them on the fly with the same generator (seeded).
 
 Run it with ``make sample-data`` or ``.venv/bin/python sample_data/make_sample_data.py

@@ -51,8 +51,9 @@ from napari_unet.training import prepare_training_data, train
 EXPECTED_ERRORS = (ValueError, OSError, MemoryError)
 TINY = ModelConfig(depth=2, base_filters=4, padding="same", batch_norm=True)
 CFG = TrainConfig(iterations=2, max_time=None, patch_size=32, batch_size=1, precision="fp32", threads=1)
-FAST = ["--iterations", "2", "--depth", "2", "--width", "4", "--patch-size", "32", "--batch-size", "1",
-        "--threads", "1", "--precision", "fp32", "--quiet"]
+FAST = ["--iterations", "2", "--patch-size", "32", "--batch-size", "1", "--threads", "1", "--precision", "fp32",
+        "--quiet"]
+NEW_NET = ["--depth", "2", "--width", "4"]  # a tiny new network (not with --from)
 
 _IMG, _TRUTH = make_nuclei((48, 48), radius=(4, 7), seed=5)
 _LAB = paint_sparse_labels(_TRUTH, n_cells=4, seed=5, exclude_border=2).astype(np.uint16)
@@ -314,8 +315,7 @@ def test_cli_refuses_with_one_line(case, tmp_path, models, capsys, read_only_dir
     out = output_path(case.out, case.command, tmp_path, read_only_dir)
     if case.command == "train":
         argv = ["train", "--image", image, "--labels", labels, "--out", str(out), "--mode", case.mode, *FAST]
-        if case.model:
-            argv += ["--from", str(make_model(case.model, models))]
+        argv += ["--from", str(make_model(case.model, models))] if case.model else NEW_NET
     else:
         argv = ["predict", "--model", str(make_model(case.model or "grey", models)), "--image", image,
                 "--out", str(out), "--quiet", "--precision", "fp32"]
@@ -453,5 +453,5 @@ def test_odd_inputs_through_the_command_line(tmp_path, models, capsys):
         assert read_image(out)[0].shape == shape
     labels = _write_tiff(tmp_path / "labels.tif", _LAB)
     out = tmp_path / "m.safetensors"
-    assert main(["train", "--image", nan, "--labels", labels, "--out", str(out), *FAST]) == 0
+    assert main(["train", "--image", nan, "--labels", labels, "--out", str(out), *FAST, *NEW_NET]) == 0
     assert load_model(out)[1]["training"]["status"] == "finished"

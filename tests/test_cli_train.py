@@ -12,8 +12,8 @@ from napari_unet.cli import main
 from napari_unet.io import load_model
 from napari_unet.synthetic import make_nuclei, paint_sparse_labels
 
-FAST = ["--iterations", "3", "--depth", "2", "--width", "4", "--patch-size", "32", "--batch-size", "2",
-        "--threads", "1", "--precision", "fp32"]
+QUICK = ["--iterations", "3", "--patch-size", "32", "--batch-size", "2", "--threads", "1", "--precision", "fp32"]
+FAST = [*QUICK, "--depth", "2", "--width", "4"]  # and a tiny new network
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_train_writes_exactly_out(files, capsys):
     assert "already exists" in _err_line(capsys)
     two = _write(d, "two_classes.tif", np.minimum(lab, 2).astype(np.uint16))  # background and one class
     assert main(["train", "--image", str(d / "img.tif"), "--labels", two, "--out", str(out),
-                 "--from", str(out), "--overwrite", "--mode", "semantic", *FAST]) == 0
+                 "--from", str(out), "--overwrite", "--mode", "semantic", *QUICK]) == 0
     assert "replaced the output layer: 3 -> 2 classes" in capsys.readouterr().err
     assert load_model(out)[1]["mode"] == "semantic"
 
@@ -57,9 +57,8 @@ def test_from_sample_fine_tunes_the_packaged_model(files, tmp_path, monkeypatch,
 
     d, _, _ = files
     out = tmp_path / "ft.safetensors"
-    fast = FAST[:2] + FAST[6:]  # without --depth and --width: the packaged model has its own
     assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
-                 "--from", "sample", *fast]) == 0
+                 "--from", "sample", *QUICK]) == 0
     model, meta = load_model(out)
     assert meta["training"]["init_from"] == str(_sample_data.SAMPLE_MODEL_PATH)
     packaged, _ = load_model(_sample_data.SAMPLE_MODEL_PATH)
@@ -68,9 +67,19 @@ def test_from_sample_fine_tunes_the_packaged_model(files, tmp_path, monkeypatch,
     monkeypatch.setattr(_sample_data, "sample_model_path", lambda: None)
     capsys.readouterr()
     assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out",
-                 str(tmp_path / "no.safetensors"), "--from", "sample", *fast]) != 0
+                 str(tmp_path / "no.safetensors"), "--from", "sample", *QUICK]) != 0
     assert "no packaged sample model" in _err_line(capsys)
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_from_refuses_new_network_options(files, tmp_path, capsys):
+    d, _, _ = files
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
+                 "--from", "sample", *FAST]) == 2
+    assert _err_line(capsys).endswith("--depth, --width describe a new network; a model fine-tuned with --from keeps "
+                                      "its own architecture")
+    assert not out.exists()
 
 
 def test_several_images(files, capsys):

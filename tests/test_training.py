@@ -255,6 +255,18 @@ def test_fine_tune_with_class_change(tmp_path):
     assert load_model(tmp_path / "three.safetensors")[0].config.n_classes == 3
 
 
+def test_fine_tuning_an_instance_model_on_three_semantic_classes_renames_them(nuclei, tmp_path):
+    img, lab, _ = nuclei
+    _, inst = _drain(train(img, lab, _fast(iterations=2), model_config=TINY))
+    assert inst.metadata["class_names"] == ["background", "cell", "boundary"]
+    path = tmp_path / "inst.safetensors"
+    save_model(path, inst.model, inst.metadata)
+    semantic = np.minimum(lab, 3).astype(lab.dtype)  # background and two classes: 3 outputs, as before
+    events, r = _drain(train(img, semantic, _fast(mode="semantic", iterations=2), init_from=path))
+    assert r.model.config.n_classes == 3 and not any("replaced" in (e.message or "") for e in events)
+    assert r.metadata["mode"] == "semantic" and r.metadata["class_names"] == ["background", "class 1", "class 2"]
+
+
 def test_preview_runs_in_eval_mode_without_grad(nuclei):
     img, lab, _ = nuclei
     calls = []

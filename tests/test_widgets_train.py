@@ -229,14 +229,34 @@ def test_default_start_fine_tunes_the_sample_model_for_grey_images(make_napari_v
     assert train.current.model.config.base_filters == 8 and notes["error"] == []
 
 
-def test_an_rgb_image_starts_from_a_new_model(make_napari_viewer):
+def test_start_from_follows_the_image_and_mode_until_the_user_chooses(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="grey")
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="rgb", rgb=True)
+    train = TrainWidget(viewer)
+    train.image.value = viewer.layers["grey"]
+    assert train.start_from.value == START_SAMPLE
+    # The sample model takes one channel and has instance classes: RGB or semantic get a new model.
+    train.image.value = viewer.layers["rgb"]
+    assert train.start_from.value == START_NEW and not train.depth.native.isHidden()
+    train.image.value = viewer.layers["grey"]
+    assert train.start_from.value == START_SAMPLE and train.depth.native.isHidden()
+    train.mode.value = "semantic"
+    assert train.start_from.value == START_NEW
+    train.mode.value = "instances"
+    assert train.start_from.value == START_SAMPLE
+    # Once the user picks, the widget stops choosing.
+    train.start_from.value = START_NEW
+    train.image.value = viewer.layers["rgb"]
+    train.image.value = viewer.layers["grey"]
+    assert train.start_from.value == START_NEW
+
+
+def test_without_the_packaged_model_it_starts_from_a_new_one(make_napari_viewer, monkeypatch):
+    from napari_unet import _sample_data
+
+    monkeypatch.setattr(_sample_data, "sample_model_path", lambda: None)
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((32, 32), np.uint8), name="grey")
     train = TrainWidget(viewer)
-    assert train.start_from.value == START_SAMPLE
-    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="rgb", rgb=True)
-    train.image.value = viewer.layers["rgb"]
-    assert train.start_from.value == START_NEW and not train.depth.native.isHidden()
-    # A choice the user makes afterwards is kept.
-    train.image.value = viewer.layers["grey"]
-    assert train.start_from.value == START_NEW
+    assert train.start_from.value == START_NEW and START_SAMPLE not in train.start_from.choices

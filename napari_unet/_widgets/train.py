@@ -174,10 +174,11 @@ class TrainWidget(QWidget):
         self.labels = layer_picker(napari_viewer, napari.layers.Labels, "Painted labels")
         self.mode = RadioButtons(label="Mode", choices=["instances", "semantic"], value="instances",
                                  orientation="horizontal")
-        # Fine-tuning the packaged nuclei model is the default start where it can be (one-channel
-        # images): on the few-shot benchmark it beat a new network trained for the same minute.
-        self.start_from = ComboBox(label="Start from", choices=self._start_choices,
-                                   value=START_SAMPLE if _sample_data.sample_model_path() is not None else START_NEW,
+        # Fine-tuning the packaged nuclei model is the default start where it fits (instances in a
+        # one-channel image): on the few-shot benchmark it beat a new network trained for the same
+        # minute. The widget picks it (see _auto_start) until the user chooses for themselves.
+        self._start_is_auto = True
+        self.start_from = ComboBox(label="Start from", choices=self._start_choices, value=START_NEW,
                                    tooltip="sample nuclei model: a small network pretrained on varied synthetic "
                                            "nuclei, fine-tuned on your painted cells (one-channel images). "
                                            "new model: a network trained from scratch.")
@@ -234,7 +235,8 @@ class TrainWidget(QWidget):
         layout.addStretch(1)
 
         self.start_from.changed.connect(self._on_start_from)
-        self.image.changed.connect(self._on_image)
+        self.image.changed.connect(self._auto_start)
+        self.mode.changed.connect(self._auto_start)
         self.budget_kind.changed.connect(self._on_budget_kind)
         self.optimizer.changed.connect(self._on_optimizer)
         self.start_button.clicked.connect(self.start)
@@ -247,8 +249,8 @@ class TrainWidget(QWidget):
         camera.events.center.connect(self._on_view_changed)
         camera.events.zoom.connect(self._on_view_changed)
         napari_viewer.dims.events.current_step.connect(self._on_view_changed)
-        self._on_image()
-        self._on_start_from()
+        self._auto_start()
+        self._show_start_options()
         self._set_buttons("idle")
 
     # ---- settings -------------------------------------------------------------------------------
@@ -257,18 +259,33 @@ class TrainWidget(QWidget):
         sample = [START_SAMPLE] if _sample_data.sample_model_path() is not None else []
         return ([START_CURRENT] if self.current is not None else []) + [START_NEW] + sample + [START_FILE]
 
+    def _set_start(self, value: str) -> None:
+        """Set Start from without counting it as the user's choice."""
+        auto = self._start_is_auto
+        self.start_from.value = value
+        self._start_is_auto = auto
+
+    def _auto_start(self, *_):
+        """The packaged model for instances in a one-channel image, else a new model (it takes one
+        channel, and its classes are background / cell / boundary); left alone once the user
+        has chosen, or after a run (then it is the current model)."""
+        if not self._start_is_auto:
+            return
+        layer = self.image.value
+        fits = (_sample_data.sample_model_path() is not None and self.mode.value == "instances"
+                and not (layer is not None and layer.rgb))
+        self._set_start(START_SAMPLE if fits else START_NEW)
+
     def _on_start_from(self, *_):
+        self._start_is_auto = False
+        self._show_start_options()
+
+    def _show_start_options(self):
         self.start_button.setText("Continue" if self.start_from.value == START_CURRENT else "Start")
         new = self.start_from.value == START_NEW
         for w in (self.depth, self.width, self.padding, self.batch_norm):
             w.visible = new
         self.model_file.visible = self.start_from.value == START_FILE
-
-    def _on_image(self, *_):
-        """An RGB image cannot fine-tune the one-channel sample model: start from a new one instead."""
-        layer = self.image.value
-        if layer is not None and layer.rgb and self.start_from.value == START_SAMPLE:
-            self.start_from.value = START_NEW
 
     def _on_budget_kind(self, *_):
         if self.budget_kind.value == "seconds":
