@@ -8,7 +8,7 @@ status 2.
 Under ``torchrun`` (several processes) every rank runs this command with the same
 arguments: the ranks train one model with DistributedDataParallel, rank 0 alone checks
 and writes ``--out`` / ``--log`` and shows progress, and Ctrl-C makes all ranks stop at
-the same step (rank 0 then saves the best weights so far).
+the same step (rank 0 then saves the weights so far: best validated, or averaged).
 """
 
 from __future__ import annotations
@@ -81,7 +81,14 @@ def add_parser(sub) -> None:
                    help="constant (default), or cosine: decay to 5%% of --lr over the budget")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="adam, or sgd with momentum 0.99")
     p.add_argument("--no-augment", action="store_true", help="no geometric or intensity augmentation")
-    p.add_argument("--val-fraction", type=float, default=None, help="fraction of painted objects held out")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"fraction of painted objects held out for validation (default: {dflt.val_fraction:g})")
+    p.add_argument("--min-val-objects", type=int, default=None, metavar="N",
+                   help=f"hold objects out only from N painted objects on; with fewer, all train "
+                        f"(default: {dflt.min_val_objects})")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help=f"keep an exponential moving average of the weights with this decay (validation, "
+                        f"preview and result use it); 0: no averaging (default: {dflt.ema:g})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -99,7 +106,8 @@ def _config(args):
         kw["learning_rate"] = 0.01  # as the widget's SGD preset: Adam's rate is far too small for SGD
     for name, value in (("patch_size", args.patch_size), ("batch_size", args.batch_size),
                         ("learning_rate", args.lr), ("lr_schedule", args.lr_schedule), ("optimizer", args.optimizer),
-                        ("val_fraction", args.val_fraction)):
+                        ("val_fraction", args.val_fraction), ("min_val_objects", args.min_val_objects),
+                        ("ema", args.ema)):
         if value is not None:
             kw[name] = value
     return TrainConfig(**kw)
@@ -267,14 +275,14 @@ def _run(args, ctx) -> int:
                 bar.set_postfix_str(post, refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:
-        interrupted = True  # stop here, but keep what was learnt: save the best weights so far
+        interrupted = True  # stop here, but keep what was learnt: save the weights so far
     except TrainingDataError as e:
         # Name the files: the message says what is wrong with "image 2" / "labels" (or the image).
         raise TrainingDataError(_name_inputs(str(e), pairs)) from None
     except DistributedError as e:  # the same, agreed between the ranks
         raise e.reworded(lambda m: _name_inputs(m, pairs), ("TrainingDataError",)) from None
     finally:
-        gen.close()  # on Ctrl-C as well: the finally inside train() loads the best weights
+        gen.close()  # on Ctrl-C as well: the finally inside train() loads the kept weights
         if bar is not None:
             bar.close()
         if log_file is not None:

@@ -3,9 +3,10 @@
 ``train(images, labels, config)`` yields a :class:`TrainProgress` at least once per
 optimiser step and returns a :class:`TrainResult` (the model and the metadata a model file
 needs). It can be stopped at any yield: closing the generator (or letting it be garbage
-collected, which is what napari's ``worker.quit()`` does) loads the best weights so far
-into ``result.model`` and completes ``result.metadata``; the caller keeps the
-``TrainResult`` from the last event (the same object every time).
+collected, which is what napari's ``worker.quit()`` does) loads the weights so far (the
+best validated ones, or the running average) into ``result.model`` and completes
+``result.metadata``; the caller keeps the ``TrainResult`` from the last event (the same
+object every time).
 
 Labels convention: ``0`` unlabelled (ignored), ``1`` background, ``2, 3, ...`` objects.
 
@@ -15,7 +16,9 @@ Labels convention: ``0`` unlabelled (ignored), ``1`` background, ``2, 3, ...`` o
 * ``mode="semantic"``: painted k >= 1 is class k - 1 (1 = background = class 0).
 
 Validation holds out whole objects (and a margin around them, masked out of the training
-loss), reports their IoU and loss, and keeps the best weights. Imports torch (this module
+loss), reports their IoU and loss, and keeps the best weights; with fewer painted objects
+than ``min_val_objects`` all of them train. An exponential moving average of the weights
+(``ema``) is what validation judges, the preview shows and the result keeps. Imports torch (this module
 is only imported when training); no Qt, no napari.
 """
 
@@ -87,8 +90,9 @@ class TrainResult:
     """The trained network and the metadata for its model file (:func:`napari_unet.io.save_model`).
 
     The same object is attached to every :class:`TrainProgress`; when training ends in any
-    way, ``model`` holds the best weights (best validation IoU, or the last weights when
-    there was no validation) and ``metadata`` is complete.
+    way, ``model`` holds the kept weights (those of the best validation IoU; without
+    validation the running average, ``TrainConfig.ema``, or with ``ema=0`` the last
+    weights) and ``metadata`` is complete.
     """
 
     model: UNet | None = None
@@ -111,6 +115,8 @@ class TrainProgress:
         Validation loss and IoU of the held-out objects, when computed at this step.
     best_val_iou : float or None
         Best validation IoU so far (its weights are kept).
+    n_val_objects : int or None
+        Painted objects held out for validation (0: all train); None before set-up.
     elapsed : float
         Seconds since training started.
     max_time : float or None
@@ -137,6 +143,7 @@ class TrainProgress:
     message: str | None = None
     preview: Any = None
     result: TrainResult | None = None
+    n_val_objects: int | None = None
 
 
 # ---- data preparation -------------------------------------------------------------------------
@@ -200,7 +207,7 @@ def _planes_2d(arr: np.ndarray, spatial_ndim: int) -> np.ndarray:
 
 def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, roi: Any = None,
                           channel_axis: int | None = None, val_fraction: float = 0.2, val_margin: int = 8,
-                          min_val_objects: int = 3, border_weights: bool | None = None, w0: float = 10.0,
+                          min_val_objects: int = 8, border_weights: bool | None = None, w0: float = 10.0,
                           sigma: float = 5.0, class_balance_power: float = 1.0, n_classes: int | None = None,
                           boundary_width: int = 3, seed: int | None = 0) -> TrainingData:
     """Check images and painted labels and turn them into training planes; raise :class:`TrainingDataError`.
@@ -219,7 +226,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     val_fraction, val_margin, min_val_objects : float, int, int
         Fraction of painted objects held out for validation, the margin (px) around them
         that is also kept out of the training loss, and the object count below which
-        validation is skipped.
+        nothing is held out (all painted objects train).
     border_weights : bool, optional
         The paper's weight map (default: on in instance mode).
     w0, sigma, class_balance_power : float
@@ -323,8 +330,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     if val_fraction > 0 and len(objects) >= min_val_objects:
         n_val = int(min(max(1, round(val_fraction * len(objects))), len(objects) - 1))
     elif val_fraction > 0:
-        messages.append(f"only {len(objects)} painted object(s): validation skipped (needs {min_val_objects}); "
-                        "the last weights are kept")
+        messages.append(f"{len(objects)} painted object(s): all used for training, validation skipped (it holds "
+                        f"objects out from {min_val_objects} on)")
     val_set = {objects[k] for k in rng.choice(len(objects), size=n_val, replace=False)} if n_val else set()
 
     planes = []
@@ -560,6 +567,28 @@ def _validate(model: UNet, crops, mode: str, n_classes: int, device, precision: 
     return loss, float(iou)
 
 
+class _EmaAverage:
+    """``multi_avg_fn`` for :class:`torch.optim.swa_utils.AveragedModel`: an EMA with warm-up.
+
+    After ``n`` averaged steps the decay is ``min(decay, (1 + n) / (10 + n))`` (as in
+    TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``). The caller sets ``n``
+    before each update (AveragedModel's own count is a tensor: reading it on a GPU would
+    wait for the device). Integer buffers (batch norm's step counter) are copied.
+    """
+
+    def __init__(self, decay: float):
+        self.decay = float(decay)
+        self.n = 0
+
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _n_averaged=None) -> None:
+        d = min(self.decay, (1.0 + self.n) / (10.0 + self.n))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, 1.0 - d)
+            else:
+                a.copy_(c)
+
+
 def _loss_terms(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of weighted per-pixel losses, sum of weights)``: the loss is their ratio (see :func:`_loss`).
@@ -673,7 +702,8 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
     Returns
     -------
     TrainResult
-        The model (best weights) and its metadata; the same object as ``event.result``.
+        The model (the kept weights, see :class:`TrainResult`) and its metadata; the same
+        object as ``event.result``.
 
     Raises
     ------
@@ -754,7 +784,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 _add_to_output_bias(model, -np.asarray(earlier, np.float64))  # train on from the raw output
                 st["undone_shift"] = np.asarray(earlier, np.float64)
             setattr(model, BIAS_SHIFT_KEY, None)
-        # Set at once: from here on, however training ends, _finish shifts the best weights.
+        # Set at once: from here on, however training ends, _finish shifts the kept weights.
         shift = st["bias_shift"] = _bias_shift(config, data)
         result.model = model
         st["prior_meta"] = prior_meta
@@ -783,6 +813,17 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         # no GPU ...), so that none of them waits for ever in the first collective below.
         st["agreed"] = True
         dctx.agree(None)
+        ema = average = None
+        if config.ema > 0:
+            from torch.optim.swa_utils import AveragedModel
+
+            # PyTorch's own weight averaging, batch-norm statistics included; its stock EMA
+            # (get_ema_multi_avg_fn) has no warm-up, which left short runs near their start.
+            # Made before the DDP wrap and the SyncBatchNorm swap (CUDA): the copy keeps plain
+            # BatchNorm2d, whose state-dict keys are SyncBatchNorm's, so _finish loads it as is.
+            average = _EmaAverage(config.ema)
+            ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+            st["ema"] = ema
         net: nn.Module = model
         if dctx.distributed:
             # precision="auto" times fp32 against bf16 on each rank; the ranks must compute alike.
@@ -821,7 +862,8 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             return TrainProgress(iteration=it, total=config.iterations, loss=loss,
                                  val_loss=None if val is None else val[0], val_iou=None if val is None else val[1],
                                  best_val_iou=st["best_iou"], elapsed=el, max_time=config.max_time,
-                                 fraction=min(fr, 1.0), message=message, preview=prev, result=result)
+                                 fraction=min(fr, 1.0), message=message, preview=prev, result=result,
+                                 n_val_objects=data.n_val_objects)
 
         model.train()
         yield event(0, None, message="; ".join(st["messages"]) or None)
@@ -859,6 +901,9 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                average.n = it  # steps averaged so far (a Python count: no device sync)
+                ema.update_parameters(model)
             it += 1
             st["iteration"] = it
             elapsed = time.perf_counter() - t_start
@@ -873,10 +918,11 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 for group in opt.param_groups:
                     group["lr"] = config.learning_rate * _cosine_factor(it, flags[2], config)
             val = None
+            judged = model if ema is None else ema.module  # the weights validation, preview and result use
             if crops and dctx.is_main and (it % config.val_every == 0 or done):
-                model.eval()
-                with torch.no_grad(), _shifted_output(model, shift):
-                    val = _validate(model, crops, data.mode, data.n_classes, device, precision, memory_format)
+                judged.eval()
+                with torch.no_grad(), _shifted_output(judged, shift):
+                    val = _validate(judged, crops, data.mode, data.n_classes, device, precision, memory_format)
                 model.train()
                 # Later weights win near-ties: a few held-out objects make a noisy IoU, and
                 # keeping an early best threw away most of the training.
@@ -885,12 +931,12 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 st["max_iou"] = top
                 if val[1] >= top - VAL_TOLERANCE:
                     st["best_iou"], st["best_loss"], st["best_iteration"] = val[1], val[0], it
-                    st["best_state"] = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})
+                    st["best_state"] = copy.deepcopy({k: v.detach() for k, v in judged.state_dict().items()})
             prev = None
             if preview is not None and dctx.is_main and (time.perf_counter() - last_preview >= preview_every or done):
-                model.eval()
-                with torch.no_grad(), _shifted_output(model, shift):
-                    prev = preview(model)
+                judged.eval()
+                with torch.no_grad(), _shifted_output(judged, shift):
+                    prev = preview(judged)
                 model.train()
                 last_preview = time.perf_counter()
             if done:
@@ -913,7 +959,11 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
 
 
 def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> None:
-    """Whatever way training ended: best weights into the model, metadata completed. Never raises."""
+    """Whatever way training ended: the kept weights into the model, metadata completed. Never raises.
+
+    The kept weights: the best validated state, else the running average (``ema``), else the
+    last step's. A run that failed keeps them too (then with the earlier output shift).
+    """
     model = result.model
     if model is None:
         return
@@ -923,6 +973,8 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
         plain_batch_norm(model)  # a plain UNet again: inference folds BatchNorm2d, model files need no process group
     if st.get("best_state") is not None:
         model.load_state_dict(st["best_state"])
+    elif st.get("ema") is not None:
+        model.load_state_dict(st["ema"].module.state_dict())
     if st.get("status") == "error" and st.get("undone_shift") is not None:
         st["bias_shift"] = st["undone_shift"]  # a failed run hands the model back calibrated as it came
     if st.get("bias_shift") is not None and not st.get("shift_applied"):

@@ -146,10 +146,12 @@ def test_options_reach_the_training_config(files):
     out = d / "opts.safetensors"
     assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out), *FAST,
                  "--lr", "0.002", "--lr-schedule", "cosine", "--optimizer", "sgd", "--no-augment",
-                 "--val-fraction", "0.3", "--seed", "4", "--overwrite"]) == 0
+                 "--val-fraction", "0.3", "--min-val-objects", "3", "--ema", "0.5", "--seed", "4",
+                 "--overwrite"]) == 0
     cfg = load_model(out)[1]["training"]["config"]
     assert cfg["learning_rate"] == 0.002 and cfg["lr_schedule"] == "cosine" and cfg["optimizer"] == "sgd"
     assert cfg["augment"] is False and cfg["val_fraction"] == 0.3 and cfg["seed"] == 4
+    assert cfg["min_val_objects"] == 3 and cfg["ema"] == 0.5
     assert cfg["patch_size"] == 32 and cfg["batch_size"] == 2 and cfg["iterations"] == 3
     # Not given: the library's defaults.
     assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
@@ -159,8 +161,9 @@ def test_options_reach_the_training_config(files):
 
     cfg = load_model(out)[1]["training"]["config"]
     dflt = TrainConfig()
-    assert (cfg["learning_rate"], cfg["lr_schedule"], cfg["patch_size"], cfg["batch_size"]) == \
-        (dflt.learning_rate, dflt.lr_schedule, dflt.patch_size, dflt.batch_size)
+    assert (cfg["learning_rate"], cfg["lr_schedule"], cfg["patch_size"], cfg["batch_size"], cfg["ema"],
+            cfg["min_val_objects"]) == \
+        (dflt.learning_rate, dflt.lr_schedule, dflt.patch_size, dflt.batch_size, dflt.ema, dflt.min_val_objects)
     # SGD without --lr: the widget's SGD rate, not Adam's.
     assert main(["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
                  "--iterations", "1", "--depth", "2", "--width", "4", "--threads", "1", "--precision", "fp32",

@@ -171,7 +171,7 @@ def test_prepare_semantic_classes():
 def test_validation_split_has_no_leakage():
     img, lab = _painted(n_cells=6)
     margin = 8
-    data = prepare_training_data(img, lab, val_fraction=0.34, val_margin=margin, seed=3)
+    data = prepare_training_data(img, lab, val_fraction=0.34, val_margin=margin, min_val_objects=3, seed=3)
     assert data.n_objects == 6 and data.n_val_objects == 2
     pl = data.planes[0]
     held = pl.val_target != IGNORE

@@ -37,8 +37,9 @@ def painted():
 
 
 def _config(val_every: int, seed: int) -> TrainConfig:
+    # Validation on 6 painted cells and the last step's weights: these tests check best-weight keeping.
     return TrainConfig(iterations=60, max_time=None, patch_size=32, batch_size=2, precision="fp32", threads=1,
-                       val_every=val_every, seed=seed)
+                       val_every=val_every, seed=seed, min_val_objects=3, ema=0.0)
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -148,7 +149,8 @@ def test_sigint_to_the_train_command_saves_the_best_weights(painted, tmp_path):
     proc = subprocess.Popen([str(exe), "train", "--image", str(tmp_path / "img.tif"), "--labels",
                              str(tmp_path / "lab.tif"), "--out", str(out), "--iterations", "100000", "--depth", "2",
                              "--width", "4", "--patch-size", "32", "--batch-size", "2", "--threads", "1",
-                             "--precision", "fp32"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                             "--precision", "fp32", "--min-val-objects", "3"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
         seen = _read_until(proc.stderr, b"val IoU", time.monotonic() + 120)
         proc.send_signal(signal.SIGINT)

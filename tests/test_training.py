@@ -28,8 +28,10 @@ FG_IOU_MIN, AP_MIN = 0.40, 0.25
 
 
 def _fast(**kw):
+    # Validation from 3 painted objects on and the last step's weights: the tests of validation
+    # and best-weight keeping check those mechanisms alone (weight averaging has its own test).
     base = dict(iterations=6, max_time=None, patch_size=32, batch_size=2, precision="fp32", val_every=2, seed=0,
-                threads=1)
+                threads=1, min_val_objects=3, ema=0.0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -144,11 +146,15 @@ def test_continue_training_the_same_model(nuclei):
     assert second.metadata["class_names"] == first.metadata["class_names"]
 
 
-def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path):
+@pytest.mark.parametrize("defaults", [False, True], ids=["last-weights", "averaged-no-validation"])
+def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path, defaults):
     img, lab, _ = nuclei
-    _, first = _drain(train(img, lab, _fast(), model_config=TINY))
+    # With the last weights and one cell held out (_fast), or as by default: averaged, all cells train.
+    on = dict(ema=TrainConfig().ema, min_val_objects=TrainConfig().min_val_objects) if defaults else {}
+    _, first = _drain(train(img, lab, _fast(**on), model_config=TINY))
     shift = np.array(first.metadata["output_bias_shift"])
-    data = prepare_training_data(img, lab, "instances", class_balance_power=TrainConfig().class_balance)
+    data = prepare_training_data(img, lab, "instances", class_balance_power=TrainConfig().class_balance,
+                                 min_val_objects=on.get("min_val_objects", 3))  # the same split as training
     w = data.class_weights.astype(np.float64)
     # Only the boundary's weight relative to the interior's is undone (background untouched).
     np.testing.assert_allclose(shift, [0.0, 0.0, -np.log(w[2] / w[1])], rtol=1e-6)
@@ -156,7 +162,7 @@ def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path):
     calibrated = _state(first.model)["outc.bias"]
     # Training on with a learning rate too small to move anything: the raw bias comes back
     # before the first step and the same shift is added at the end (not added twice).
-    again = _fast(iterations=1, learning_rate=1e-12)
+    again = _fast(iterations=1, learning_rate=1e-12, **on)
     _, second = _drain(train(img, lab, again, model=first.model, metadata=first.metadata))
     torch.testing.assert_close(_state(second.model)["outc.bias"], calibrated, atol=1e-5, rtol=0)
     # Without metadata= the model object itself says what was added.
@@ -166,7 +172,7 @@ def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path):
     _, third = _drain(train(img, lab, again, init_from=tmp_path / "m.safetensors"))
     torch.testing.assert_close(_state(third.model)["outc.bias"], calibrated, atol=1e-5, rtol=0)
     # Off: the weights as trained, and no shift recorded (an earlier one is undone).
-    _, raw = _drain(train(img, lab, _fast(iterations=1, learning_rate=1e-12, calibrate=False),
+    _, raw = _drain(train(img, lab, _fast(iterations=1, learning_rate=1e-12, calibrate=False, **on),
                           init_from=tmp_path / "m.safetensors"))
     assert "output_bias_shift" not in raw.metadata
     torch.testing.assert_close(_state(raw.model)["outc.bias"], calibrated - torch.tensor(shift, dtype=torch.float32),
@@ -210,7 +216,8 @@ def test_validation_sees_the_calibrated_output_and_leaves_the_weights_alone(nucl
         raw_after_validation = ev.result.model.outc.bias.detach().clone()
     finally:
         gen.close()  # not left to the garbage collector: it would restore torch's threads mid-way through a later test
-    data = prepare_training_data(img, lab, "instances", class_balance_power=TrainConfig().class_balance)
+    data = prepare_training_data(img, lab, "instances", class_balance_power=TrainConfig().class_balance,
+                                 min_val_objects=3)  # as _fast: one cell held out
     w = data.class_weights.astype(np.float64)
     shift = np.array([0.0, 0.0, -np.log(w[2] / w[1])])
     torch.testing.assert_close(seen[0], raw_after_validation + torch.tensor(shift, dtype=torch.float32))
@@ -282,6 +289,97 @@ def test_preview_runs_in_eval_mode_without_grad(nuclei):
     assert result.model.training is False
 
 
+def _ema(states: list[dict], decay: float) -> list[dict]:
+    """The weight average after each step, as TrainConfig.ema documents it (warm-up included)."""
+    out, avg = [], None
+    for n, st in enumerate(states):
+        if avg is None:
+            avg = {k: v.clone() for k, v in st.items()}
+        else:
+            d = min(decay, (1 + n) / (10 + n))
+            avg = {k: (a.lerp(st[k], 1 - d) if a.is_floating_point() else st[k].clone()) for k, a in avg.items()}
+        out.append(avg)
+    return out
+
+
+def _assert_state(got: dict, want: dict, shift=None):
+    got, want = dict(got), dict(want)
+    bias = want.pop("outc.bias")
+    torch.testing.assert_close(got.pop("outc.bias"), bias if shift is None else bias + shift)
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k])
+
+
+@pytest.mark.parametrize("case", ["all-train", "validated", "stopped"])
+def test_weight_average_is_what_training_keeps(nuclei, monkeypatch, case):
+    """With ``ema``, validation judges, the preview shows and the result keeps the running
+    average of the weights (the best validated one when objects are held out), not the
+    last step's, also when training is stopped part-way."""
+    import napari_unet.training as tr
+
+    img, lab, _ = nuclei
+    n_cells = len(np.unique(lab[lab >= 2]))
+    validate = case == "validated"
+    cfg = _fast(iterations=12, val_every=1, ema=0.9, min_val_objects=3 if validate else n_cells + 1)
+    judged = {}
+    real = tr._validate
+
+    def spy(model, *a, **k):
+        judged[len(judged) + 1] = _state(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(tr, "_validate", spy)
+    live, previews, events = [], {}, []
+    gen = train(img, lab, cfg, model_config=TINY, preview=_state, preview_every=0.0)
+    for ev in gen:
+        events.append(ev)
+        if ev.iteration:
+            live.append(_state(ev.result.model))  # the weights the optimiser just stepped
+            previews[ev.iteration] = ev.preview
+        if case == "stopped" and ev.iteration == 7:
+            break
+    gen.close()
+    result = ev.result
+    t = result.metadata["training"]
+    shift = torch.tensor(result.metadata["output_bias_shift"])
+    averaged = _ema(live, 0.9)
+    for it, state in previews.items():  # the preview ran on the average (with the output shift)
+        _assert_state(state, averaged[it - 1], shift)
+    if validate:
+        assert t["n_val_objects"] == 1 and events[-1].n_val_objects == 1
+        assert sorted(judged) == list(range(1, 13))  # validated at every step, the average
+        for it, state in judged.items():
+            _assert_state(state, averaged[it - 1], shift)
+        expected = averaged[t["best_iteration"] - 1]
+    else:
+        assert t["n_val_objects"] == 0 and t["best_val_iou"] is None and not judged
+        assert events[0].n_val_objects == 0
+        assert "all used for training" in events[0].message and f"from {n_cells + 1} on" in events[0].message
+        expected = averaged[-1]
+        assert len(live) == (7 if case == "stopped" else 12)
+    _assert_state(_state(result.model), expected, shift)
+    # The average moved with training, and is not the last step's weights.
+    final = _state(result.model)
+    for other in [live[-1]] + ([live[0]] if expected is not averaged[0] else []):
+        assert any(not torch.allclose(final[k], other[k]) for k in final if final[k].is_floating_point())
+
+
+def test_few_painted_objects_all_train_by_default(nuclei):
+    img, lab, _ = nuclei
+    cfg = TrainConfig(iterations=2, max_time=None, patch_size=32, batch_size=2, precision="fp32", threads=1)
+    n_cells = len(np.unique(lab[lab >= 2]))
+    assert n_cells < cfg.min_val_objects == 8 and cfg.ema > 0
+    events, r = _drain(train(img, lab, cfg, model_config=TINY))
+    assert r.metadata["training"]["n_val_objects"] == 0 and "all used for training" in events[0].message
+    data = prepare_training_data(img, lab)  # the function's own default agrees
+    assert data.n_val_objects == 0
+    many = np.ones(lab.shape, np.int32)  # ten painted squares: enough to hold two out
+    for k in range(10):
+        many[8 + 8 * k:13 + 8 * k, 40:45] = k + 2
+    assert prepare_training_data(img, many).n_val_objects == 2
+
+
 def test_stacks_channels_roi_and_valid_padding():
     img, gt = make_nuclei((64, 64), seed=4)
     lab = paint_sparse_labels(gt, n_cells=2, seed=4)
@@ -330,8 +428,8 @@ def test_presets():
     assert cfg.optimizer == "sgd" and cfg.momentum == 0.99 and cfg.batch_size == 1 and cfg.patch_size >= 512
     assert mc.padding == "valid" and mc.base_filters == 64 and mc.depth == 5
     assert TrainConfig.paper_preset(max_time=10).max_time == 10
-    # The paper's targets too: full class balance, a 1 px boundary, no calibration.
-    assert (cfg.class_balance, cfg.boundary_width, cfg.calibrate) == (1.0, 1, False)
+    # The paper's targets too: full class balance, a 1 px boundary, no calibration, no averaging.
+    assert (cfg.class_balance, cfg.boundary_width, cfg.calibrate, cfg.ema) == (1.0, 1, False, 0.0)
     d = default_model_config(2, 3)
     assert d.in_channels == 2 and d.padding == "same" and d.batch_norm
 
@@ -389,6 +487,9 @@ def test_cosine_schedule_factor():
     assert _cosine_factor(75, 5.0, both) == _cosine_factor(75, 0.0, by_steps)  # whichever runs out first
     with pytest.raises(ConfigError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="ema"):
+            TrainConfig(ema=bad)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
