@@ -260,3 +260,22 @@ def test_without_the_packaged_model_it_starts_from_a_new_one(make_napari_viewer,
     viewer.add_image(np.zeros((32, 32), np.uint8), name="grey")
     train = TrainWidget(viewer)
     assert train.start_from.value == START_NEW and START_SAMPLE not in train.start_from.choices
+
+
+def test_validation_plot_says_when_nothing_is_held_out(make_napari_viewer, qtbot, small_cells):
+    from napari_unet._widgets.train import IOU_TITLE
+
+    image, labels = small_cells  # 4 painted cells: fewer than min_val_objects, all of them train
+    viewer, train = _setup(make_napari_viewer, image, labels, iterations=3)
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "done", train.state.text()
+    title = train._iou_plot.titleLabel.text
+    assert title == "validation IoU: none (under 8 painted)" and train._iou_xy == ([], [])
+    # Ten painted squares: two are held out, the plot gets its points and its plain title back.
+    many = np.ones(labels.shape, labels.dtype)
+    for k in range(10):
+        many[4 + 9 * k:9 + 9 * k, 40:46] = k + 2
+    viewer.layers["painted"].data = many
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "done", train.state.text()
+    assert train._iou_plot.titleLabel.text == IOU_TITLE and len(train._iou_xy[0]) >= 1

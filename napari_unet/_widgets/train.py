@@ -40,6 +40,7 @@ PREVIEW_SIDE = 384
 DEFAULTS, DEFAULT_MODEL = TrainConfig(), default_model_config()
 OPTIMIZERS = {"Adam (fine-tuning)": ("adam", DEFAULTS.learning_rate), "SGD, momentum 0.99 (paper)": ("sgd", 1e-2)}
 START_CURRENT, START_NEW, START_FILE = "current model (continue)", "new model", "model file"
+IOU_TITLE = "validation IoU"
 START_SAMPLE = "sample nuclei model (fine-tune)"
 
 
@@ -209,7 +210,7 @@ class TrainWidget(QWidget):
         self.plot = pg.GraphicsLayoutWidget()
         self.plot.setMinimumHeight(180)
         loss_plot = self.plot.addPlot(row=0, col=0, title="training loss")
-        iou_plot = self.plot.addPlot(row=1, col=0, title="validation IoU")
+        iou_plot = self._iou_plot = self.plot.addPlot(row=1, col=0, title=IOU_TITLE)
         iou_plot.setYRange(0, 1)
         iou_plot.setXLink(loss_plot)
         self._loss_curve = loss_plot.plot(pen=pg.mkPen("#ffb000", width=1.5))
@@ -369,6 +370,7 @@ class TrainWidget(QWidget):
         self._loss_xy, self._iou_xy = ([], []), ([], [])
         self._loss_curve.setData([], [])
         self._iou_curve.setData([], [])
+        self._iou_plot.setTitle(IOU_TITLE)
         self._job_images = images
         self._pbar = progress(total=100, desc="Training U-Net")
         self._set_buttons("training", "starting (loading PyTorch)")
@@ -378,7 +380,7 @@ class TrainWidget(QWidget):
                           finished=self._on_finished)
 
     def stop(self) -> None:
-        """Stop at the next iteration; the best weights so far are kept."""
+        """Stop at the next iteration; the weights so far are kept (best validated, or averaged)."""
         if self.runner.stop("stopped"):
             self._set_buttons("stopping", "finishing the current step")
 
@@ -447,6 +449,9 @@ class TrainWidget(QWidget):
 
     def _on_yielded(self, ev) -> None:
         self._last_event = ev
+        if ev.iteration == 0 and ev.n_val_objects == 0:
+            # All painted objects train: fewer than min_val_objects (the notification says it in full).
+            self._iou_plot.setTitle(f"validation IoU: none (under {DEFAULTS.min_val_objects} painted)")
         if ev.preview is not None:
             self._show_preview(*ev.preview)
             self._empty_preview = None
@@ -487,7 +492,7 @@ class TrainWidget(QWidget):
         job, self._job = self._job, None
         if job is not None and job.gen is not None:
             # worker.quit() leaves the engine's generator suspended; closing it here (the worker
-            # thread is done with it) runs its clean-up now: best weights back into the model.
+            # thread is done with it) runs its clean-up now: the kept weights back into the model.
             job.gen.close()
         if self._pbar is not None:
             self._pbar.close()
@@ -523,7 +528,7 @@ class TrainWidget(QWidget):
         if ev is not None and ev.best_val_iou is not None:
             detail += f", best validation IoU {ev.best_val_iou:.2f}"
         if stop_reason and "removed" in stop_reason:
-            _common.notify_warning(f"Training stopped: {stop_reason}; the best weights so far are kept")
+            _common.notify_warning(f"Training stopped: {stop_reason}; the weights so far are kept")
         self._set_buttons("done", detail + ("; stopped" if stop_reason else ""))
 
     def _publish(self) -> None:
