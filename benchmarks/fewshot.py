@@ -24,6 +24,8 @@ Usage::
     .venv/bin/python benchmarks/fewshot.py --seeds 1 --max-time 20 --datasets huh7
     .venv/bin/python benchmarks/fewshot.py --unet 16/4/128/4/1e-3 --unet 8/4/128/8/3e-3   # compare settings
     .venv/bin/python benchmarks/fewshot.py --datasets huh7 --no-baselines --init sample  # fine-tune the sample model
+    .venv/bin/python benchmarks/fewshot.py --datasets huh7 --no-baselines --init sample --seeds 10 \
+        --iterations 380 --set ema=0 --set min_val_objects=3                           # the earlier defaults
 
 Prints a markdown table (mean and standard deviation over seeds).
 """
@@ -196,8 +198,9 @@ def forest_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray,
 # ---- the U-Net --------------------------------------------------------------------------------
 
 def unet(image, painted, seed: int, max_time: float | None, spec: str | None, threads: int | None,
-         iterations: int | None = None, init: str | None = None):
-    """Train with the library defaults (or ``spec`` = width/depth/patch/batch/lr) and predict."""
+         iterations: int | None = None, init: str | None = None, overrides: dict | None = None):
+    """Train with the library defaults (or ``spec`` = width/depth/patch/batch/lr, and
+    ``overrides`` of TrainConfig fields) and predict."""
     from napari_unet.config import ModelConfig, PredictConfig, TrainConfig
     from napari_unet.inference import predict_all
     from napari_unet.training import default_model_config, train
@@ -216,6 +219,7 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
         if len(rest) > 3:  # learning-rate schedule
             kw.update(lr_schedule=rest[3])
         mc = ModelConfig(depth=int(d), base_filters=int(w), padding="same", batch_norm=True)
+    kw.update(overrides or {})
     cfg = TrainConfig(**kw)
     init_from = None
     if init == "sample":  # fine-tune the packaged nuclei model instead of a new network
@@ -236,6 +240,26 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
     return pred, flipped, res.metadata["training"]
 
 
+def _overrides(items: list[str], ap: argparse.ArgumentParser) -> dict:
+    """``--set FIELD=VALUE`` items as TrainConfig keyword arguments (values read as JSON, else text)."""
+    import dataclasses
+    import json
+
+    from napari_unet.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            ap.error(f"--set {item}: give FIELD=VALUE with a TrainConfig field ({', '.join(sorted(fields))})")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="huh7,cremi")
@@ -250,11 +274,14 @@ def main(argv=None) -> int:
                     help="train a fixed number of steps instead of --max-time (compares settings on a loaded CPU)")
     ap.add_argument("--init", default="new", metavar="new|sample|MODEL",
                     help="start from a new network (default), or fine-tune the packaged sample model or a model file")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TrainConfig field, e.g. --set ema=0 --set min_val_objects=3 (repeatable)")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     args = ap.parse_args(argv)
     if args.init not in ("new", "sample") and not Path(args.init).is_file():
         ap.error(f"--init: {args.init} is neither new, sample nor a model file")
+    overrides = _overrides(args.set, ap)
 
     import torch
 
@@ -287,12 +314,12 @@ def main(argv=None) -> int:
                     ap50, miou = score(pred, objects, region, train_ids, small)
                     results.setdefault(label, []).append((ap50, miou, time.perf_counter() - t0, None))
             for spec in specs:
-                label = "U-Net " + (spec or "defaults")
+                label = "U-Net " + (spec or "defaults") + "".join(f", {k}={v}" for k, v in overrides.items())
                 if args.init != "new":
                     label += f", fine-tuned {args.init} model"
                 t0 = time.perf_counter()
                 pred, flipped, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations,
-                                           init=args.init)
+                                           init=args.init, overrides=overrides)
                 t = time.perf_counter() - t0
                 # The same trained network, segmenting with and without test-time flips.
                 for lab, p in ((label, pred), (label + " + flips", flipped)):
