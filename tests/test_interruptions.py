@@ -146,11 +146,18 @@ def test_sigint_to_the_train_command_saves_the_best_weights(painted, tmp_path):
     tifffile.imwrite(tmp_path / "lab.tif", lab)
     out = tmp_path / "m.safetensors"
     exe = Path(sys.executable).parent / "napari-unet"
-    proc = subprocess.Popen([str(exe), "train", "--image", str(tmp_path / "img.tif"), "--labels",
-                             str(tmp_path / "lab.tif"), "--out", str(out), "--iterations", "100000", "--depth", "2",
-                             "--width", "4", "--patch-size", "32", "--batch-size", "2", "--threads", "1",
-                             "--precision", "fp32", "--min-val-objects", "3"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    # A shell starts background jobs (`make test &`) with SIGINT ignored, and a child inherits
+    # that: Python then never turns Ctrl-C into KeyboardInterrupt. Start the command as a
+    # terminal would (a handler, unlike SIG_IGN, is reset to the default in the child).
+    parent = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([str(exe), "train", "--image", str(tmp_path / "img.tif"), "--labels",
+                                 str(tmp_path / "lab.tif"), "--out", str(out), "--iterations", "100000", "--depth",
+                                 "2", "--width", "4", "--patch-size", "32", "--batch-size", "2", "--threads", "1",
+                                 "--precision", "fp32", "--min-val-objects", "3"],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if parent is None else parent)
     try:
         seen = _read_until(proc.stderr, b"val IoU", time.monotonic() + 120)
         proc.send_signal(signal.SIGINT)
