@@ -18,8 +18,8 @@ Labels convention: ``0`` unlabelled (ignored), ``1`` background, ``2, 3, ...`` o
 Validation holds out whole objects (and a margin around them, masked out of the training
 loss), reports their IoU and loss, and keeps the best weights; with fewer painted objects
 than ``min_val_objects`` all of them train. An exponential moving average of the weights
-(``ema``) is what validation judges, the preview shows and the result keeps. Imports torch (this module
-is only imported when training); no Qt, no napari.
+(``ema``) is what validation judges, the preview shows and the result keeps. Imports
+torch (this module is only imported when training); no Qt, no napari.
 """
 
 from __future__ import annotations
