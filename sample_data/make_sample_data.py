@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         images.append(image)
         labels.append(np.where(truth > 0, truth + 1, 1).astype(np.uint16))  # fully painted: 1 bg, 2.. cells
     # Validation every 50 steps: with 64 images, validating every 10 took most of the time.
-    config = TrainConfig(mode="instances", max_time=args.seconds, seed=0, val_every=50)  # the defaults otherwise
+    # ema=0: the settings the shipped file was made with (before weight averaging became the default).
+    config = TrainConfig(mode="instances", max_time=args.seconds, seed=0, val_every=50,
+                         ema=0.0)  # the defaults otherwise
     arch = default_model_config()
     t0 = time.perf_counter()
     gen = train(images, labels, config, model_config=arch)
