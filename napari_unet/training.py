@@ -718,7 +718,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
     with the same seed, one process and N processes follow the same loss curve (up to
     float rounding, and to batch norm statistics on CPUs, which are per process).
     """
-    from .device import autocast, resolve_device, select_precision
+    from .device import autocast, resolve_device, select_training_setup
     from .io import load_model
 
     config = config or TrainConfig()
@@ -789,18 +789,20 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         result.model = model
         st["prior_meta"] = prior_meta
         model.to(device)
-        precision = select_precision(config.precision, device, model=model)
-        st["precision"], st["device"] = precision, str(device)
-        # channels-last pays with bf16 on AMX CPUs (1.5-2x), but made fp32 training 2.7x slower on an
-        # AVX-512 CPU without AMX (batch-norm kernels): use it only together with reduced precision.
-        memory_format = torch.channels_last if precision != "fp32" else torch.contiguous_format
-        st["memory_format"] = memory_format
-        model.to(memory_format=memory_format)
         rng = np.random.default_rng(config.seed)
         largest = max(max(p.target.shape) for p in data.planes)
         size_in = _size_in(model, config.patch_size, largest)
         size_out = model.output_size(size_in)
         st["patch"] = (size_in, size_out)
+        share = shard(range(config.batch_size), dctx.rank, dctx.world_size)  # this rank's patches of each batch
+        # Precision and memory layout: what is fastest depends on the CPU (channels-last fp32 was
+        # 1.5x faster on one AVX-512 CPU and 2.7x slower on another), so "auto" measures.
+        precision, channels_last = select_training_setup(config.precision, device, model,
+                                                         (max(len(share), 1), data.in_channels, size_in, size_in))
+        st["precision"], st["device"] = precision, str(device)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        st["memory_format"] = memory_format
+        model.to(memory_format=memory_format)
         sampler = _Sampler(data.planes, size_in, size_out, rng, AugmentConfig() if config.augment else None)
         crops = _val_crops(data.planes)
         if config.optimizer == "sgd":
@@ -826,10 +828,10 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             st["ema"] = ema
         net: nn.Module = model
         if dctx.distributed:
-            # precision="auto" times fp32 against bf16 on each rank; the ranks must compute alike.
-            precision = dctx.broadcast(precision)
+            # precision="auto" times the set-ups on each rank; the ranks must compute alike.
+            precision, channels_last = dctx.broadcast((precision, channels_last))
             st["precision"] = precision
-            memory_format = torch.channels_last if precision != "fp32" else torch.contiguous_format
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
             st["memory_format"] = memory_format
             model.to(memory_format=memory_format)
             if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
@@ -849,7 +851,6 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
 
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         scaler = _grad_scaler(precision, device)
-        share = shard(range(config.batch_size), dctx.rank, dctx.world_size)  # this rank's patches of each batch
         patch_seed = config.seed if config.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
 
         def event(it, loss, val=None, message=None, prev=None):
@@ -1027,6 +1028,8 @@ def _complete_metadata(result: TrainResult, config: TrainConfig, st: dict[str, A
         "device": st.get("device"),
         "processes": int(st.get("world_size", 1)),
         "precision": st.get("precision"),
+        "memory_format": ("channels_last" if st["memory_format"] == torch.channels_last else "contiguous")
+        if st.get("memory_format") is not None else None,
         "config": config.to_dict(),
         "init_from": st.get("init_from"),
         "messages": list(st.get("messages", [])),

@@ -91,3 +91,63 @@ def test_import_torch_loads_the_libraries_before_the_import(case, mapped):
     out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, case], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [mapped]
+
+
+# ---- training set-up: precision and memory layout -------------------------------------------------
+
+def _bn_net():
+    return UNet(1, 3, depth=2, base_filters=4, padding="same", batch_norm=True)
+
+
+def test_training_setup_explicit_choices_are_kept():
+    net = _bn_net()
+    assert dev.select_training_setup("fp32", "cpu", net, (2, 1, 32, 32)) == ("fp32", False)
+    assert dev.select_training_setup("bf16", "cpu", net, (2, 1, 32, 32)) == ("bf16", True)
+
+
+@pytest.mark.parametrize("times, expected", [
+    ({("fp32", False): 1.0, ("fp32", True): 0.6, ("bf16", True): 0.5}, ("bf16", True)),
+    ({("fp32", False): 1.0, ("fp32", True): 0.6, ("bf16", True): 2.5}, ("fp32", True)),
+    ({("fp32", False): 1.0, ("fp32", True): 0.9, ("bf16", True): 0.85}, ("fp32", False)),  # not 1.25x faster
+    ({("fp32", False): 0.4, ("fp32", True): 1.1, ("bf16", True): 1.0}, ("fp32", False)),
+])
+def test_training_setup_auto_takes_the_clearly_fastest(monkeypatch, times, expected):
+    calls = []
+
+    def fake(model, shape, precision, channels_last, repeats=2):
+        calls.append((precision, channels_last, shape))
+        return times[(precision, channels_last)]
+
+    monkeypatch.setattr(dev, "_time_training_step", fake)
+    monkeypatch.setattr(dev, "_TRAIN_CALIBRATION", {})
+    net = _bn_net()
+    assert dev.select_training_setup("auto", "cpu", net, (8, 1, 64, 64)) == expected
+    assert [c[:2] for c in calls] == list(dev.TRAINING_CANDIDATES) and all(c[2] == (8, 1, 64, 64) for c in calls)
+    # cached for the same network and batch shape; measured again for another batch shape
+    assert dev.select_training_setup("auto", "cpu", net, (8, 1, 64, 64)) == expected
+    assert len(calls) == 3
+    dev.select_training_setup("auto", "cpu", net, (4, 1, 64, 64))
+    assert len(calls) == 6
+
+
+def test_training_setup_skips_what_cannot_run(monkeypatch):
+    def fake(model, shape, precision, channels_last, repeats=2):
+        if precision == "bf16":
+            raise RuntimeError("no bf16 kernel")
+        return 1.0 if not channels_last else 0.5
+
+    monkeypatch.setattr(dev, "_time_training_step", fake)
+    monkeypatch.setattr(dev, "_TRAIN_CALIBRATION", {})
+    assert dev.select_training_setup("auto", "cpu", _bn_net(), (2, 1, 32, 32)) == ("fp32", True)
+
+
+def test_real_training_calibration_leaves_the_model_alone(monkeypatch):
+    monkeypatch.setattr(dev, "_TRAIN_CALIBRATION", {})
+    net = _bn_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    precision, channels_last = dev.select_training_setup("auto", "cpu", net, (2, 1, 32, 32))
+    assert (precision, channels_last) in dev.TRAINING_CANDIDATES
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics
+    assert all(p.grad is None for p in net.parameters())
+    assert net.training and next(net.parameters()).is_contiguous()

@@ -514,3 +514,34 @@ def test_learning_rate_follows_the_schedule(nuclei, monkeypatch, schedule):
         assert lrs == pytest.approx([0.01 * _cosine_factor(i, 0.0, TrainConfig(iterations=5, max_time=None))
                                      for i in range(5)])
         assert lrs[0] == 0.01 and lrs == sorted(lrs, reverse=True)
+
+
+@pytest.mark.parametrize("choice", [("fp32", True), ("bf16", True), ("fp32", False)])
+def test_auto_precision_trains_in_the_measured_setup(nuclei, monkeypatch, choice):
+    """precision="auto" trains in what select_training_setup measured fastest, at the run's batch shape."""
+    from napari_unet import device as dev
+
+    asked = []
+
+    def measured(requested, device, model, batch_shape):
+        asked.append((requested, batch_shape))
+        return choice
+
+    monkeypatch.setattr(dev, "select_training_setup", measured)
+    seen = []
+
+    def preview(model):  # called in the training thread on the weights being judged
+        w = model.inc[3].weight  # the second 3x3 conv: 4 channels in (with 1, both layouts look alike)
+        seen.append((w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous(),
+                     torch.is_autocast_enabled("cpu")))
+
+    img, lab, _ = nuclei
+    _, result = _drain(train(img, lab, _fast(precision="auto", iterations=3), model_config=TINY, preview=preview,
+                             preview_every=0.0))
+    assert asked == [("auto", (2, 1, 32, 32))]  # batch 2, one channel, 32 px patches
+    assert seen and all(cl == choice[1] for cl, _ in seen)
+    t = result.metadata["training"]
+    assert t["precision"] == choice[0]
+    assert t["memory_format"] == ("channels_last" if choice[1] else "contiguous")
+    # The result is handed back in the plain layout whatever trained it.
+    assert all(p.is_contiguous() for p in result.model.parameters())
