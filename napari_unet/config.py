@@ -137,7 +137,10 @@ class TrainConfig(_DictMixin):
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
     precision : str
-        ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast).
+        ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast). ``"auto"`` on a CPU
+        times training steps in fp32, fp32 channels-last and bf16 channels-last and takes
+        the clearly fastest (:func:`napari_unet.device.select_training_setup`); an
+        explicit value is used as given (fp32 in the plain layout: bit-for-bit repeatable).
     threads : int or None
         CPU threads for torch during training (``None``: leave torch's setting). On a CPU
         shared with other jobs one thread can be several times faster than two.
