@@ -1,8 +1,9 @@
-"""Synthetic fluorescence nuclei with known ground truth, for sample data, tests and benchmarks.
+"""Synthetic fluorescence nuclei and whole cells with known ground truth, for sample data, tests and benchmarks.
 
 Touching nuclei of varied size, shape and brightness, with texture, blur, background and
-shot noise, plus "painted" sparse labels in the plugin's convention (0 unlabelled,
-1 background, 2.. cells). No Qt, no torch.
+shot noise (:func:`make_nuclei`); clusters of touching whole cells, each a bright nucleus
+in a dim cytoplasm (:func:`make_whole_cells`); plus "painted" sparse labels in the
+plugin's convention (0 unlabelled, 1 background, 2.. cells). No Qt, no torch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import draw, segmentation
 
-__all__ = ["make_nuclei", "make_varied_nuclei", "paint_sparse_labels"]
+__all__ = ["make_nuclei", "make_varied_nuclei", "make_whole_cells", "make_varied_cells", "paint_sparse_labels"]
 
 
 def make_nuclei(shape: tuple[int, int] = (256, 256), n_cells: int | None = None, radius: tuple[float, float] = (7, 14),
@@ -106,15 +107,21 @@ def make_nuclei(shape: tuple[int, int] = (256, 256), n_cells: int | None = None,
     img *= np.clip(0.55 + edt / 4.0, 0, 1)
     if nucleoli > 0:
         img *= 1 + _spots(instances, nucleoli, rng)
+    return _acquire(img, rng, blur, photons, gain, dtype), instances
+
+
+def _acquire(img: np.ndarray, rng: np.random.Generator, blur: float, photons: float, gain: float, dtype,
+             background: float = 0.08) -> np.ndarray:
+    """What the camera records of a fluorophore map: blur, uneven background, shot and read noise, ``dtype``."""
+    h, w = img.shape
     img = ndi.gaussian_filter(img, blur)
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    background = 0.08 + 0.06 * np.sin(2.5 * yy + 1.0) * np.cos(1.7 * xx)
-    img = img + background
-    img = rng.poisson(np.clip(img, 0, None) * photons) / photons + rng.normal(0, 0.01, shape)
+    img = img + background + 0.75 * background * np.sin(2.5 * yy + 1.0) * np.cos(1.7 * xx)
+    img = rng.poisson(np.clip(img, 0, None) * photons) / photons + rng.normal(0, 0.01, img.shape)
     scale = 255 if np.dtype(dtype) == np.uint8 else 4000
     if np.issubdtype(np.dtype(dtype), np.integer):
         img = np.clip(gain * img * scale + 100 * (np.dtype(dtype) != np.uint8), 0, np.iinfo(dtype).max)
-    return img.astype(dtype), instances
+    return img.astype(dtype)
 
 
 def _cell_profile(instances: np.ndarray, edge: float) -> np.ndarray:
@@ -168,6 +175,168 @@ def make_varied_nuclei(shape: tuple[int, int] = (256, 256), seed: int | None = 0
         blur=float(rng.uniform(0.7, 2.5)), photons=float(10 ** rng.uniform(1.5, 3.3)),
         nucleoli=float(rng.choice([0.0, 1.0, 3.0])), gain=float(rng.uniform(0.6, 1.6)),
         cytoplasm=float(rng.uniform(0.1, 0.4)) if rng.random() < whole_cells else 0.0)
+
+
+def make_whole_cells(shape: tuple[int, int] = (256, 256), n_cells: int | None = None,
+                     nucleus_radius: tuple[float, float] = (6.0, 11.0), cell_scale: tuple[float, float] = (1.6, 2.4),
+                     clustered: float = 0.7, seed: int | None = 0, dtype=np.uint16, *,
+                     brightness: tuple[float, float] = (0.4, 1.0), cytoplasm: tuple[float, float] = (0.06, 0.3),
+                     junction: float = 0.3, elongation: tuple[float, float] = (1.0, 2.2), blur: float = 1.2,
+                     photons: float = 400.0, nucleoli: float = 2.0, dark_nucleoli: bool = True,
+                     eccentric: float = 0.6, gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Whole cells stained in nucleus and cytoplasm, many of them touching; the ground truth is the whole cell.
+
+    What a whole-cell fluorescence image shows (Cell Tracking Challenge Fluo-C2DL-Huh7, for
+    one): each cell a bright nucleus in a dim, irregular cytoplasm, cells pressed together in
+    clusters where only the nuclei and a faint line tell them apart. A network pretrained on
+    these learns to split touching cytoplasm between nuclei, which nuclei images cannot
+    teach it.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Image size.
+    n_cells : int, optional
+        Cells to place; by default about one per ``(2.6 * mean cell radius) ** 2`` pixels.
+    nucleus_radius : (float, float)
+        Range of the nuclei's semi-axes in pixels.
+    cell_scale : (float, float)
+        Range of a cell's radius relative to its nucleus's.
+    clustered : float
+        Fraction of cells placed against an earlier one (their cytoplasms touch).
+    seed : int, optional
+        Random seed.
+    dtype : numpy dtype
+        Of the image, as in :func:`make_nuclei`.
+    brightness : (float, float)
+        Range of the nuclei's brightness (uniform per cell).
+    cytoplasm : (float, float)
+        Range of the cytoplasm's brightness relative to its nucleus (per cell).
+    junction : float
+        How much darker the cytoplasm is along the line where two cells touch (0: no line).
+    elongation : (float, float)
+        Range of the cells' aspect ratio (each cell a randomly turned, wobbly ellipse).
+    blur, photons, gain : float
+        As in :func:`make_nuclei`.
+    nucleoli : float
+        Mean number of nucleoli per nucleus (Poisson).
+    dark_nucleoli : bool
+        Nucleoli darker than the nucleus (as in Huh7) or brighter.
+    eccentric : float
+        Largest offset of a nucleus from its cell's centre, as a fraction of the room
+        there is (cell radius minus nucleus radius): off-centre nuclei can reach the line
+        where their cell meets the next one, and are cut straight there.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``dtype`` image.
+    instances : numpy.ndarray
+        int32 ground truth, 0 background and 1..N whole cells. Touching cells meet where
+        their (shape-normalised) distances from their centres are equal, so each cell keeps
+        its own nucleus.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    r_cell = float(np.mean(nucleus_radius)) * float(np.mean(cell_scale))
+    if n_cells is None:
+        n_cells = max(1, int(h * w / (2.6 * r_cell) ** 2))
+    cells: list[tuple] = []  # (y, x, nucleus radius, cell radius, elongation, angle, outline harmonics)
+    for _ in range(n_cells * 30):
+        if len(cells) == n_cells:
+            break
+        rn = rng.uniform(*nucleus_radius)
+        radius = rn * rng.uniform(*cell_scale)
+        if cells and rng.random() < clustered:
+            other = cells[rng.integers(len(cells))]
+            ang = rng.uniform(0, 2 * np.pi)
+            d = (radius + other[3]) * rng.uniform(0.5, 0.8)  # closer than the two radii: the cytoplasms touch
+            y, x = other[0] + d * np.sin(ang), other[1] + d * np.cos(ang)
+        else:
+            y, x = rng.uniform(0, h), rng.uniform(0, w)
+        if not (-0.3 * radius <= y < h + 0.3 * radius and -0.3 * radius <= x < w + 0.3 * radius):
+            continue
+        if any((y - c[0]) ** 2 + (x - c[1]) ** 2 < (1.25 * (rn + c[2])) ** 2 for c in cells):
+            continue  # nuclei never overlap
+        harmonics = [(k, rng.uniform(0.0, 0.12), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4, 5)]
+        cells.append((y, x, rn, radius, rng.uniform(*elongation), rng.uniform(0, np.pi), harmonics))
+    # Territories: each pixel goes to the cell it is relatively nearest to, within that cell's outline.
+    nearest = np.full(shape, np.inf, np.float32)
+    owner = np.zeros(shape, np.int32)
+    for i, (y, x, _, radius, e, th, harmonics) in enumerate(cells, start=1):
+        reach = int(np.ceil(radius * np.sqrt(e) * 1.4)) + 2
+        y0, y1 = max(int(y) - reach, 0), min(int(y) + reach + 1, h)
+        x0, x1 = max(int(x) - reach, 0), min(int(x) + reach + 1, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy, dx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dy, dx = dy - y, dx - x
+        u, v = dy * np.cos(th) + dx * np.sin(th), dx * np.cos(th) - dy * np.sin(th)
+        phi = np.arctan2(v, u)
+        wobble = 1.0 + sum(a * np.cos(k * phi + p) for k, a, p in harmonics)
+        rho = np.hypot(u / (radius * np.sqrt(e)), v * np.sqrt(e) / radius) / wobble
+        near, own = nearest[y0:y1, x0:x1], owner[y0:y1, x0:x1]
+        take = (rho < near) & (rho < 1.0)
+        near[take] = rho[take]
+        own[take] = i
+    nuclei = np.zeros(shape, np.int32)
+    for i, (y, x, rn, radius, *_rest) in enumerate(cells, start=1):
+        off, ang = rng.uniform(0, eccentric) * max(radius - rn, 0.0), rng.uniform(0, 2 * np.pi)
+        rr, cc = draw.ellipse(y + off * np.sin(ang), x + off * np.cos(ang), rn, rn * rng.uniform(0.7, 1.0),
+                              shape=shape, rotation=rng.uniform(-np.pi, np.pi))
+        mine = owner[rr, cc] == i
+        nuclei[rr[mine], cc[mine]] = i
+    # Cells cut to slivers by the image border or by their neighbours, or without a nucleus, go.
+    area = np.bincount(owner.ravel(), minlength=len(cells) + 1)
+    nucleus_area = np.bincount(nuclei.ravel(), minlength=len(cells) + 1)
+    keep = (area >= 0.15 * np.pi * r_cell**2) & (nucleus_area >= 8)
+    keep[0] = False
+    owner = np.where(keep[owner], owner, 0)
+    nuclei = np.where(keep[nuclei], nuclei, 0)
+    instances, forward, _ = segmentation.relabel_sequential(owner)
+    nuclei = forward[nuclei]
+    n = int(instances.max())
+
+    bright = np.concatenate([[0.0], rng.uniform(*brightness, size=n)])
+    relative = np.concatenate([[0.0], rng.uniform(*cytoplasm, size=n)])
+    texture = ndi.gaussian_filter(rng.normal(0, 1, shape), 2.0)
+    cyto = bright[instances] * relative[instances] * (1 + 0.3 * texture / (texture.std() + 1e-9))
+    edge = segmentation.find_boundaries(instances, mode="inner") & (instances > 0)
+    cyto *= np.clip(0.55 + ndi.distance_transform_edt((instances > 0) & ~edge) / 8.0, 0, 1)  # dimmer at the rim
+    grain = ndi.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    nucleus = bright[instances] * (1 + 0.15 * grain / (grain.std() + 1e-9))
+    if nucleoli > 0:
+        spots = _spots(nuclei, nucleoli, rng)
+        nucleus = nucleus / (1 + spots) if dark_nucleoli else nucleus * (1 + spots)
+    img = np.where(nuclei > 0, nucleus, cyto)
+    # Where two cells touch, a faint darker line (their membranes).
+    hi = ndi.maximum_filter(instances, size=3)
+    lo = ndi.minimum_filter(np.where(instances > 0, instances, n + 1), size=3)
+    touching = edge & ((hi > instances) | (lo < instances)) & (nuclei == 0)
+    img[touching] *= 1.0 - junction
+    return _acquire(img, rng, blur, photons, gain, dtype, background=0.03), instances.astype(np.int32)
+
+
+def make_varied_cells(shape: tuple[int, int] = (256, 256), seed: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`make_whole_cells` with its appearance drawn at random, as :func:`make_varied_nuclei` does for nuclei.
+
+    Nuclei of 4 to about 20 px semi-axes, cells 1.4 to 3 times their nucleus, isolated to
+    packed, round to elongated, faint to saturated, visible or invisible lines between
+    touching cells, dark or bright nucleoli, uint8 or uint16.
+    """
+    rng = np.random.default_rng(seed)
+    rn = float(rng.uniform(4, 14))
+    lo_scale = float(rng.uniform(1.4, 2.2))
+    lo = float(rng.uniform(0.2, 0.7))
+    c_lo = float(rng.uniform(0.03, 0.25))
+    return make_whole_cells(
+        shape, nucleus_radius=(rn, rn * float(rng.uniform(1.1, 1.5))), cell_scale=(lo_scale, lo_scale + 0.8),
+        clustered=float(rng.uniform(0.3, 0.95)), seed=int(rng.integers(2**31)),
+        dtype=np.uint8 if rng.random() < 0.4 else np.uint16, brightness=(lo, float(rng.uniform(lo + 0.2, 1.0))),
+        cytoplasm=(c_lo, c_lo * float(rng.uniform(1.2, 2.5))), junction=float(rng.uniform(0.0, 0.6)),
+        elongation=(1.0, float(rng.uniform(1.2, 2.8))), blur=float(rng.uniform(0.7, 2.2)),
+        photons=float(10 ** rng.uniform(1.5, 3.3)), nucleoli=float(rng.choice([0.0, 1.0, 3.0])),
+        dark_nucleoli=bool(rng.random() < 0.6), gain=float(rng.uniform(0.7, 2.0)))
 
 
 def _drop_fragments(instances: np.ndarray, min_size: int = 20) -> np.ndarray:

@@ -81,3 +81,65 @@ def test_whole_cells_fade_from_a_bright_centre_to_a_dim_cytoplasm():
     b, tb = make_varied_nuclei((128, 128), seed=2, whole_cells=1.0)
     np.testing.assert_array_equal(ta, tb)
     assert not np.array_equal(a, b)
+
+
+def _touching(truth: np.ndarray) -> np.ndarray:
+    """Pixels of a cell next to another cell (not to background)."""
+    hi = ndi.maximum_filter(truth, size=3)
+    lo = ndi.minimum_filter(np.where(truth > 0, truth, truth.max() + 1), size=3)
+    return (truth > 0) & ((hi > truth) | (lo < truth))
+
+
+def test_whole_cells_touch_in_clusters_and_keep_one_bright_nucleus_each():
+    from napari_unet.synthetic import make_whole_cells
+
+    image, truth = make_whole_cells((256, 256), seed=3, dtype=np.float32, photons=1e5, blur=0.5)
+    again, truth2 = make_whole_cells((256, 256), seed=3, dtype=np.float32, photons=1e5, blur=0.5)
+    np.testing.assert_array_equal(image, again)
+    np.testing.assert_array_equal(truth, truth2)
+    assert truth.dtype == np.int32 and np.array_equal(np.unique(truth), np.arange(truth.max() + 1))
+    ids = np.arange(1, truth.max() + 1)
+    assert len(ids) >= 10
+    touching = _touching(truth)
+    touches = np.unique(truth[touching])
+    assert len(touches) > 0.5 * len(ids)  # clustered=0.7: most cells press against a neighbour
+    # Fewer cells: clustered ones all touch a neighbour, scattered ones mostly do not (measured over
+    # seeds 0-4: 0.83-1.0 against 0.17-0.58 of the cells).
+    for seed in range(3):
+        _, packed = make_whole_cells((256, 256), seed=seed, n_cells=12, clustered=0.95)
+        _, apart = make_whole_cells((256, 256), seed=seed, n_cells=12, clustered=0.0)
+        assert len(np.unique(packed[_touching(packed)])) >= 0.8 * packed.max()
+        assert len(np.unique(apart[_touching(apart)])) <= 0.6 * apart.max()
+    # Each cell: a bright nucleus (its brightest tenth) in a cytoplasm several times dimmer (its rim).
+    rim = (truth > 0) & (ndi.distance_transform_edt(truth > 0) <= 2)
+    for i in ids:
+        px = image[truth == i]
+        assert np.percentile(px, 90) > 2.0 * np.median(image[rim & (truth == i)])
+    assert image[truth > 0].mean() > 3 * image[truth == 0].mean()
+
+
+def test_whole_cells_junction_darkens_only_where_cells_touch():
+    from napari_unet.synthetic import make_whole_cells
+
+    kw = dict(seed=5, dtype=np.float32, photons=1e6, blur=0.5, clustered=0.9)
+    plain, truth = make_whole_cells((192, 192), junction=0.0, **kw)
+    lined, truth2 = make_whole_cells((192, 192), junction=0.6, **kw)
+    np.testing.assert_array_equal(truth, truth2)  # the same cells: the line is drawn last
+    touching = _touching(truth)
+    # (the median: where a nucleus reaches the line it is not darkened, 0.76 measured for this seed)
+    assert np.median(lined[touching]) < 0.85 * np.median(plain[touching])
+    away = (truth > 0) & (ndi.distance_transform_edt(~touching) > 4)
+    np.testing.assert_allclose(lined[away].mean(), plain[away].mean(), rtol=0.01)
+
+
+def test_varied_cells_repeat_and_vary():
+    from napari_unet.synthetic import make_varied_cells
+
+    made = [make_varied_cells((192, 192), seed=s) for s in range(8)]
+    np.testing.assert_array_equal(make_varied_cells((192, 192), seed=2)[0], made[2][0])
+    assert {im.dtype for im, _ in made} == {np.dtype(np.uint8), np.dtype(np.uint16)}
+    median_area = [np.median(np.bincount(t.ravel())[1:]) for _, t in made]
+    assert max(median_area) > 4 * min(median_area)
+    for im, truth in made:
+        assert im.shape == truth.shape == (192, 192) and truth.max() >= 1
+        assert im[truth > 0].mean() > 1.3 * im[truth == 0].mean()
