@@ -5,7 +5,7 @@ Run under Xvfb from the repository root::
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
 
 It opens napari as ``napari-unet gui --sample`` does, then: paints one more cell, fine-tunes
-the packaged nuclei model for ``--seconds`` (screenshot during training, with the live preview), segments with the
+the packaged cell model for ``--seconds`` (screenshot during training, with the live preview), segments with the
 trained model, corrects a cell and turns the result into training labels, and exports the
 masks to a temporary folder. The images go to ``docs/``.
 """
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     shot("01_sample_and_painting.png")
 
     # 2. Train: a live plot of the loss and validation IoU, a live preview of the visible part.
-    train.start_from.value = "sample nuclei model (fine-tune)"
+    train.start_from.value = "sample cell model (fine-tune)"
     train.budget_kind.value = "seconds"
     train.budget.value = args.seconds
     train.start_button.click()

@@ -2,7 +2,7 @@
 
 The images are generated on the fly by :mod:`napari_unet.synthetic` (seeded, so the same
 every time); only the small pretrained model is stored in the package, as
-``napari_unet/_data/nuclei_unet.safetensors`` (made by ``sample_data/make_sample_data.py``).
+``napari_unet/_data/cells_unet.safetensors`` (made by ``sample_data/make_sample_data.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 
 __all__ = ["cells_sample", "stack_sample", "SAMPLE_MODEL_PATH", "sample_model_path"]
 
-#: The small pretrained nuclei model shipped in the package (instances, 1 channel in).
-SAMPLE_MODEL_PATH = Path(__file__).resolve().parent / "_data" / "nuclei_unet.safetensors"
+#: The small model shipped in the package, pretrained on synthetic nuclei and whole cells (instances, 1 channel in).
+SAMPLE_MODEL_PATH = Path(__file__).resolve().parent / "_data" / "cells_unet.safetensors"
 
 
 def sample_model_path() -> Path | None:

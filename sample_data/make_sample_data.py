@@ -1,17 +1,20 @@
-"""Make the plugin's packaged sample model: ``napari_unet/_data/nuclei_unet.safetensors``.
+"""Make the plugin's packaged sample model: ``napari_unet/_data/cells_unet.safetensors``.
 
 A small instance-segmentation U-Net (the engine's default: depth 4, 8 base filters, padded
-convolutions, batch norm; 0.12 M parameters, 0.5 MB) trained on synthetic nuclei of varied
-size, density, brightness, blur and noise (:func:`napari_unet.synthetic.make_varied_nuclei`),
-fully labelled (every nucleus and all background). It lets "Segment with U-Net" work
+convolutions, batch norm; 0.12 M parameters, 0.5 MB) trained on 64 images of synthetic nuclei
+of varied size, density, brightness, blur and noise (:func:`napari_unet.synthetic.make_varied_nuclei`)
+and 64 of whole cells, clusters of touching cells with a bright nucleus each in a dimmer
+cytoplasm (:func:`napari_unet.synthetic.make_varied_cells`), fully labelled (every object and
+all background). It lets "Segment with U-Net" work
 before any training, and Train U-Net fine-tunes it by default for instances in
 one-channel images (``napari-unet train --from sample``; ``train()`` and the command line
 start from a new network unless told). The sample *images* are not stored:
 napari_unet._sample_data makes them on the fly with the same generator (seeded).
 
 Run it with ``make sample-data`` or ``.venv/bin/python sample_data/make_sample_data.py
-[--seconds 600] [--out PATH]``. It prints the held-out average precision it reaches on
-the sample's kind of image and on varied ones, and stores both in the file.
+[--seconds 2400] [--cells 64] [--out PATH]``. It prints the held-out average precision it
+reaches on the sample's kind of image, on varied nuclei and on whole cells, and stores them
+in the file.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent.parent / "napari_unet" / "_data" / "nuclei_unet.safetensors"
+OUT = Path(__file__).resolve().parent.parent / "napari_unet" / "_data" / "cells_unet.safetensors"
 TRAIN_SEEDS = range(1000, 1064)  # not the seeds of the sample image (7) nor of the stack (100..103)
+CELL_SEEDS = range(5000, 5064)  # whole-cell images (make_varied_cells)
 TEST_SEED = 2000
 VARIED_TEST_SEEDS = range(3000, 3008)
+CELL_TEST_SEEDS = range(6000, 6008)
 
 
 def _average_precision(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> float:
@@ -45,19 +50,23 @@ def _average_precision(truth: np.ndarray, pred: np.ndarray, threshold: float = 0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=600.0, help="training time budget (default 600)")
+    parser.add_argument("--seconds", type=float, default=2400.0, help="training time budget (default 2400)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"model file to write (default {OUT})")
+    parser.add_argument("--cells", type=int, default=len(CELL_SEEDS),
+                        help=f"whole-cell images added to the {len(TRAIN_SEEDS)} nuclei images "
+                             f"(default and most: {len(CELL_SEEDS)})")
     args = parser.parse_args(argv)
 
     from napari_unet.config import PredictConfig, TrainConfig, default_model_config
     from napari_unet.inference import predict_all
     from napari_unet.io import save_model
-    from napari_unet.synthetic import make_nuclei, make_varied_nuclei
+    from napari_unet.synthetic import make_nuclei, make_varied_cells, make_varied_nuclei
     from napari_unet.training import train
 
     images, labels = [], []
-    for seed in TRAIN_SEEDS:
-        image, truth = make_varied_nuclei((320, 320), seed=seed)
+    made = [make_varied_nuclei((320, 320), seed=seed) for seed in TRAIN_SEEDS]
+    made += [make_varied_cells((320, 320), seed=seed) for seed in CELL_SEEDS[: args.cells]]
+    for image, truth in made:
         images.append(image)
         labels.append(np.where(truth > 0, truth + 1, 1).astype(np.uint16))  # fully painted: 1 bg, 2.. cells
     # Validation every 50 steps: with 64 images, validating every 10 took most of the time.
@@ -77,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if ev.iteration % 50 == 0 and ev.loss is not None:
             print(f"iteration {ev.iteration:5d}  loss {ev.loss:.3f}  best val IoU {ev.best_val_iou}  "
                   f"{ev.elapsed:.0f} s", flush=True)
-    result.metadata.setdefault("training", {})["source"] = "sample_data/make_sample_data.py (synthetic nuclei)"
+    source = "sample_data/make_sample_data.py (synthetic nuclei and whole cells)"
+    result.metadata.setdefault("training", {})["source"] = source
     image, truth = make_nuclei((384, 384), seed=TEST_SEED)
     pred = predict_all(result.model, image, PredictConfig(output="instances"), result.metadata)
     ap = _average_precision(truth, pred.labels)
@@ -88,11 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         v_pred = predict_all(result.model, v_image, PredictConfig(output="instances"), result.metadata)
         varied.append(_average_precision(v_truth, v_pred.labels))
     result.metadata["training"]["test_ap50_varied"] = round(float(np.mean(varied)), 3)
+    cells = []
+    for seed in CELL_TEST_SEEDS:
+        c_image, c_truth = make_varied_cells((320, 320), seed=seed)
+        c_pred = predict_all(result.model, c_image, PredictConfig(output="instances"), result.metadata)
+        cells.append(_average_precision(c_truth, c_pred.labels))
+    result.metadata["training"]["test_ap50_cells"] = round(float(np.mean(cells)), 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_model(args.out, result.model, result.metadata)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {time.perf_counter() - t0:.0f} s; "
           f"AP@0.5 on a held-out synthetic image: {ap:.3f} ({truth.max()} nuclei, {pred.labels.max()} found); "
-          f"on {len(varied)} held-out varied images: {np.mean(varied):.3f} (min {np.min(varied):.3f})")
+          f"on {len(varied)} held-out varied images: {np.mean(varied):.3f} (min {np.min(varied):.3f}); "
+          f"on {len(cells)} held-out whole-cell images: {np.mean(cells):.3f} (min {np.min(cells):.3f})")
     return 0
 
 

@@ -143,3 +143,20 @@ def test_varied_cells_repeat_and_vary():
     for im, truth in made:
         assert im.shape == truth.shape == (192, 192) and truth.max() >= 1
         assert im[truth > 0].mean() > 1.3 * im[truth == 0].mean()
+
+
+def test_packaged_model_segments_whole_cells():
+    # The packaged model is pretrained on whole cells too: it finds whole cells (nucleus and
+    # cytoplasm), not only their bright nuclei, and separates most touching ones.
+    from napari_unet.inference import predict_all
+    from napari_unet.io import load_model
+    from napari_unet.synthetic import make_varied_cells
+
+    model, meta = load_model(sample_model_path())
+    assert "whole cells" in meta["training"]["source"]
+    image, truth = make_varied_cells((192, 192), seed=6000)  # a held-out seed of make_sample_data
+    pred = predict_all(model, image, metadata=meta)
+    fg, true_fg = pred.labels > 0, truth > 0
+    assert (fg & true_fg).sum() / true_fg.sum() > 0.8
+    assert (fg & ~true_fg).sum() / (~true_fg).sum() < 0.1
+    assert 0.7 * truth.max() <= pred.labels.max() <= 1.3 * truth.max()

@@ -23,7 +23,7 @@ def _setup(make_napari_viewer, image, model_file=None, dock=None, **layer_kw):
         seg.model.value = seg.model.choices[-1]  # "model file..."
         seg.model_file.value = str(model_file)
     else:
-        assert seg.model.value.name == "sample model: nuclei (packaged)"
+        assert seg.model.value.name == "sample model: cells (packaged)"
     return viewer, seg
 
 
@@ -174,7 +174,7 @@ def test_packaged_sample_model_is_listed(make_napari_viewer):
     viewer = make_napari_viewer()
     seg = SegmentWidget(viewer)
     names = [name for name, _ in seg._model_choices()]
-    assert names[0] == "sample model: nuclei (packaged)" and names[-1] == "model file..."
+    assert names[0] == "sample model: cells (packaged)" and names[-1] == "model file..."
 
 
 def test_two_channel_image_with_a_two_channel_model(make_napari_viewer, qtbot, small_cells, tiny_model_file,

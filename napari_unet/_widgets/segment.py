@@ -140,7 +140,7 @@ class SegmentWidget(QWidget):
         self._models: list[ModelEntry] = []
         sample = _sample_data.sample_model_path()
         if sample is not None:
-            self._models.append(ModelEntry(name="sample model: nuclei (packaged)", path=str(sample)))
+            self._models.append(ModelEntry(name="sample model: cells (packaged)", path=str(sample)))
         self._outputs: list[_Output] = []
         self._job_image = None
         self._job_layers: tuple = ()

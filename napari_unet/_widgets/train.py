@@ -41,7 +41,7 @@ DEFAULTS, DEFAULT_MODEL = TrainConfig(), default_model_config()
 OPTIMIZERS = {"Adam (fine-tuning)": ("adam", DEFAULTS.learning_rate), "SGD, momentum 0.99 (paper)": ("sgd", 1e-2)}
 START_CURRENT, START_NEW, START_FILE = "current model (continue)", "new model", "model file"
 IOU_TITLE = "validation IoU"
-START_SAMPLE = "sample nuclei model (fine-tune)"
+START_SAMPLE = "sample cell model (fine-tune)"
 
 
 def gui_threads(torch_threads: int) -> int:
@@ -175,13 +175,14 @@ class TrainWidget(QWidget):
         self.labels = layer_picker(napari_viewer, napari.layers.Labels, "Painted labels")
         self.mode = RadioButtons(label="Mode", choices=["instances", "semantic"], value="instances",
                                  orientation="horizontal")
-        # Fine-tuning the packaged nuclei model is the default start where it fits (instances in a
+        # Fine-tuning the packaged model is the default start where it fits (instances in a
         # one-channel image): on the few-shot benchmark it beat a new network trained for the same
         # minute. The widget picks it (see _auto_start) until the user chooses for themselves.
         self._start_is_auto = True
         self.start_from = ComboBox(label="Start from", choices=self._start_choices, value=START_NEW,
-                                   tooltip="sample nuclei model: a small network pretrained on varied synthetic "
-                                           "nuclei, fine-tuned on your painted cells (one-channel images). "
+                                   tooltip="sample cell model: a small network pretrained on varied synthetic "
+                                           "nuclei and whole cells, fine-tuned on your painted cells (one-channel "
+                                           "images). "
                                            "new model: a network trained from scratch.")
         self.depth = SpinBox(label="Depth", value=DEFAULT_MODEL.depth, min=2, max=6)
         self.width = SpinBox(label="Width (filters)", value=DEFAULT_MODEL.base_filters, min=4, max=128, step=4)
