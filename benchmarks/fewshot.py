@@ -222,7 +222,7 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
     kw.update(overrides or {})
     cfg = TrainConfig(**kw)
     init_from = None
-    if init == "sample":  # fine-tune the packaged nuclei model instead of a new network
+    if init == "sample":  # fine-tune the packaged sample model instead of a new network
         from napari_unet._sample_data import SAMPLE_MODEL_PATH
 
         init_from = SAMPLE_MODEL_PATH
@@ -331,13 +331,17 @@ def main(argv=None) -> int:
         for label, vals in results.items():
             v = np.array([x[:3] for x in vals], float)
             steps = [x[3] for x in vals if x[3] is not None]
-            rows.append((name, n_eval, label, v[:, 0].mean(), v[:, 0].std(), v[:, 1].mean(), v[:, 2].mean(),
-                         f"{np.median(steps):.0f}" if steps else "-"))
+            # The criterion is the mean over seeds 0-4; with more seeds, the first five and the
+            # median over all of them are shown too, since the painted cells change the score a lot.
+            rows.append((name, n_eval, label, v[:, 0].mean(), v[:, 0].std(), v[:5, 0].mean(), np.median(v[:, 0]),
+                         v[:, 1].mean(), v[:, 2].mean(), f"{np.median(steps):.0f}" if steps else "-"))
     print()
-    print("| image | scored objects | method | AP@0.5 (mean ± sd) | matched IoU | time per run (s) | steps |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n_eval, label, m, s, miou, t, steps in rows:
-        print(f"| {name} | {n_eval} | {label} | {m:.3f} ± {s:.3f} | {miou:.3f} | {t:.0f} | {steps} |")
+    print("| image | scored objects | method | AP@0.5 (mean ± sd) | seeds 0-4 | median | matched IoU "
+          "| time per run (s) | steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n_eval, label, m, s, m5, med, miou, t, steps in rows:
+        print(f"| {name} | {n_eval} | {label} | {m:.3f} ± {s:.3f} | {m5:.3f} | {med:.3f} | {miou:.3f} | {t:.0f} "
+              f"| {steps} |")
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     return 0
 
