@@ -48,6 +48,19 @@ def _average_precision(truth: np.ndarray, pred: np.ndarray, threshold: float = 0
     return tp / max(tp + fp + fn, 1)
 
 
+def _held_out_aps(result, make, seeds) -> list[float]:
+    """AP@0.5 of the trained model on one 320x320 image ``make(seed=...)`` per held-out seed."""
+    from napari_unet.config import PredictConfig
+    from napari_unet.inference import predict_all
+
+    aps = []
+    for seed in seeds:
+        image, truth = make((320, 320), seed=seed)
+        pred = predict_all(result.model, image, PredictConfig(output="instances"), result.metadata)
+        aps.append(_average_precision(truth, pred.labels))
+    return aps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2400.0, help="training time budget (default 2400)")
@@ -92,17 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     pred = predict_all(result.model, image, PredictConfig(output="instances"), result.metadata)
     ap = _average_precision(truth, pred.labels)
     result.metadata["training"]["test_ap50"] = round(ap, 3)
-    varied = []
-    for seed in VARIED_TEST_SEEDS:
-        v_image, v_truth = make_varied_nuclei((320, 320), seed=seed)
-        v_pred = predict_all(result.model, v_image, PredictConfig(output="instances"), result.metadata)
-        varied.append(_average_precision(v_truth, v_pred.labels))
+    varied = _held_out_aps(result, make_varied_nuclei, VARIED_TEST_SEEDS)
     result.metadata["training"]["test_ap50_varied"] = round(float(np.mean(varied)), 3)
-    cells = []
-    for seed in CELL_TEST_SEEDS:
-        c_image, c_truth = make_varied_cells((320, 320), seed=seed)
-        c_pred = predict_all(result.model, c_image, PredictConfig(output="instances"), result.metadata)
-        cells.append(_average_precision(c_truth, c_pred.labels))
+    cells = _held_out_aps(result, make_varied_cells, CELL_TEST_SEEDS)
     result.metadata["training"]["test_ap50_cells"] = round(float(np.mean(cells)), 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_model(args.out, result.model, result.metadata)
