@@ -91,6 +91,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help=f"keep an exponential moving average of the weights with this decay (validation, "
                         f"preview and result use it); 0: no averaging (default: {dflt.ema:g})")
+    p.add_argument("--keep-pretrained", type=float, default=None, metavar="FRACTION",
+                   help=f"with --from: the result blends this fraction of the starting weights into the "
+                        f"trained ones (0: the trained weights only; default: {dflt.keep_pretrained:g})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -109,7 +112,7 @@ def _config(args):
     for name, value in (("patch_size", args.patch_size), ("batch_size", args.batch_size),
                         ("learning_rate", args.lr), ("lr_schedule", args.lr_schedule), ("optimizer", args.optimizer),
                         ("val_fraction", args.val_fraction), ("min_val_objects", args.min_val_objects),
-                        ("ema", args.ema)):
+                        ("ema", args.ema), ("keep_pretrained", args.keep_pretrained)):
         if value is not None:
             kw[name] = value
     return TrainConfig(**kw)

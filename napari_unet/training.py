@@ -497,6 +497,26 @@ def _shifted_output(model: UNet, shift: np.ndarray | None):
             model.outc.bias.copy_(saved)
 
 
+def _blend_into(model: UNet, start: dict[str, torch.Tensor], keep: float) -> None:
+    """``keep * start + (1 - keep) * model`` for every floating-point tensor ``start`` has
+    (weights and batch-norm statistics; the batch counters stay the trained ones), in place."""
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            old = start.get(key)
+            if old is not None and value.is_floating_point() and old.shape == value.shape:
+                value.mul_(1.0 - keep).add_(old.to(value.device, value.dtype), alpha=keep)
+
+
+def _blended(judged: UNet, st: dict[str, Any], config: TrainConfig) -> UNet:
+    """What the result would be now: ``judged`` itself, or a blended copy when fine-tuning (keep_pretrained)."""
+    start = st.get("start_state")
+    if start is None:
+        return judged
+    kept = copy.deepcopy(judged)
+    _blend_into(kept, start, config.keep_pretrained)
+    return kept
+
+
 def _size_in(model: UNet, patch_size: int, largest: int) -> int:
     """Patch input size: the config's, not much larger than the images, valid for the model."""
     want = min(patch_size, largest + 2 * model.margin())
@@ -764,6 +784,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             mc = dataclasses.replace(mc, in_channels=data.in_channels, n_classes=data.n_classes)
             model = UNet.from_config(mc)
         else:
+            replaced = False
             if model.config.in_channels != data.in_channels:
                 raise TrainingDataError(f"the model takes {model.config.in_channels} channel(s) but the image has "
                                         f"{data.in_channels}")
@@ -774,6 +795,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 prior_meta.pop("class_names", None)
                 prior_meta.pop(BIAS_SHIFT_KEY, None)
                 setattr(model, BIAS_SHIFT_KEY, None)  # a new output layer: nothing to undo
+                replaced = True
             # What an earlier training added to the bias: recorded on the model object (so that
             # model= without metadata= is undone too), else in the metadata (model files).
             earlier = getattr(model, BIAS_SHIFT_KEY, None)
@@ -784,6 +806,11 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 _add_to_output_bias(model, -np.asarray(earlier, np.float64))  # train on from the raw output
                 st["undone_shift"] = np.asarray(earlier, np.float64)
             setattr(model, BIAS_SHIFT_KEY, None)
+            if config.keep_pretrained > 0:  # the starting weights, raw output, for the blend (WiSE-FT)
+                st["start_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()
+                                     if not (replaced and k.startswith("outc."))}
+                st["messages"].append(f"the result keeps {config.keep_pretrained:.0%} of the starting weights "
+                                      f"(keep_pretrained){'; not the new output layer' if replaced else ''}")
         # Set at once: from here on, however training ends, _finish shifts the kept weights.
         shift = st["bias_shift"] = _bias_shift(config, data)
         result.model = model
@@ -919,11 +946,11 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                 for group in opt.param_groups:
                     group["lr"] = config.learning_rate * _cosine_factor(it, flags[2], config)
             val = None
-            judged = model if ema is None else ema.module  # the weights validation, preview and result use
+            judged = model if ema is None else ema.module  # the weights validation and preview judge
             if crops and dctx.is_main and (it % config.val_every == 0 or done):
                 judged.eval()
-                with torch.no_grad(), _shifted_output(judged, shift):
-                    val = _validate(judged, crops, data.mode, data.n_classes, device, precision, memory_format)
+                with torch.no_grad(), _shifted_output(_blended(judged, st, config), shift) as kept:
+                    val = _validate(kept, crops, data.mode, data.n_classes, device, precision, memory_format)
                 model.train()
                 # Later weights win near-ties: a few held-out objects make a noisy IoU, and
                 # keeping an early best threw away most of the training.
@@ -936,8 +963,8 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             prev = None
             if preview is not None and dctx.is_main and (time.perf_counter() - last_preview >= preview_every or done):
                 judged.eval()
-                with torch.no_grad(), _shifted_output(judged, shift):
-                    prev = preview(judged)
+                with torch.no_grad(), _shifted_output(_blended(judged, st, config), shift) as kept:
+                    prev = preview(kept)
                 model.train()
                 last_preview = time.perf_counter()
             if done:
@@ -976,6 +1003,8 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
         model.load_state_dict(st["best_state"])
     elif st.get("ema") is not None:
         model.load_state_dict(st["ema"].module.state_dict())
+    if st.get("start_state") is not None and st.get("status") != "error":
+        _blend_into(model, st["start_state"], config.keep_pretrained)
     if st.get("status") == "error" and st.get("undone_shift") is not None:
         st["bias_shift"] = st["undone_shift"]  # a failed run hands the model back calibrated as it came
     if st.get("bias_shift") is not None and not st.get("shift_applied"):

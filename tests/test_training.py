@@ -545,3 +545,53 @@ def test_auto_precision_trains_in_the_measured_setup(nuclei, monkeypatch, choice
     assert t["memory_format"] == ("channels_last" if choice[1] else "contiguous")
     # The result is handed back in the plain layout whatever trained it.
     assert all(p.is_contiguous() for p in result.model.parameters())
+
+
+def test_fine_tuning_keeps_a_fraction_of_the_starting_weights(nuclei, tmp_path):
+    """keep_pretrained: result = keep * start + (1 - keep) * trained, for every float tensor
+    (the output bias gets the calibration shift on top, so it is compared without it)."""
+    img, lab, _ = nuclei
+    _, first = _drain(train(img, lab, _fast(iterations=2), model_config=TINY))
+    path = tmp_path / "start.safetensors"
+    save_model(path, first.model, first.metadata)
+    start = _state(load_model(path)[0])
+    events, plain = _drain(train(img, lab, _fast(keep_pretrained=0.0), init_from=path))
+    assert not any("starting weights" in (e.message or "") for e in events)
+    events, kept = _drain(train(img, lab, _fast(keep_pretrained=0.4), init_from=path))
+    assert "keeps 40% of the starting weights" in events[0].message
+    got, trained = _state(kept.model), _state(plain.model)
+    assert not _same(got, trained)
+    for key, value in got.items():
+        if key == "outc.bias" or not value.is_floating_point():
+            continue
+        torch.testing.assert_close(value, 0.4 * start[key] + 0.6 * trained[key], atol=1e-6, rtol=1e-5)
+    assert kept.metadata["training"]["config"]["keep_pretrained"] == 0.4
+    # A new network is not blended with anything.
+    events, new = _drain(train(img, lab, _fast(keep_pretrained=0.4), model_config=TINY))
+    assert not any("starting weights" in (e.message or "") for e in events)
+
+
+def test_a_replaced_output_layer_is_not_blended(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.random((48, 48)).astype(np.float32)
+    lab = np.zeros((48, 48), np.uint8)
+    lab[:10] = 1
+    lab[20:30, 5:15] = 2
+    path = tmp_path / "two.safetensors"
+    _, two = _drain(train(img, lab, _fast(mode="semantic", iterations=2), model_config=TINY))
+    save_model(path, two.model, two.metadata)
+    lab[20:30, 30:40] = 3
+    events, three = _drain(train(img, lab, _fast(mode="semantic", iterations=2, keep_pretrained=0.5),
+                                 init_from=path))
+    assert any("not the new output layer" in (e.message or "") for e in events)
+    _, unblended = _drain(train(img, lab, _fast(mode="semantic", iterations=2, keep_pretrained=0.0),
+                                init_from=path))
+    got, trained = _state(three.model), _state(unblended.model)
+    torch.testing.assert_close(got["outc.weight"], trained["outc.weight"])  # the new layer as trained
+    first = next(k for k, v in got.items() if v.is_floating_point() and not k.startswith("outc."))
+    assert not torch.allclose(got[first], trained[first])  # the rest blended
+
+
+def test_keep_pretrained_must_be_a_fraction():
+    with pytest.raises(ConfigError, match="keep_pretrained"):
+        TrainConfig(keep_pretrained=1.0)
