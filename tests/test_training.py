@@ -242,17 +242,23 @@ def test_same_seed_same_losses(nuclei):
     assert runs[0] != runs[2]
 
 
-def test_fine_tune_with_class_change(tmp_path):
+def _two_class_model_and_three_class_labels(tmp_path):
+    """A saved 2-class semantic model and labels with a third class: (image, labels, model path)."""
     rng = np.random.default_rng(0)
     img = rng.random((48, 48)).astype(np.float32)
     lab = np.zeros((48, 48), np.uint8)
     lab[:10] = 1
     lab[20:30, 5:15] = 2
     path = tmp_path / "two.safetensors"
-    _, r2 = _drain(train(img, lab, _fast(mode="semantic", iterations=2), model_config=TINY))
-    assert r2.model.config.n_classes == 2
-    save_model(path, r2.model, r2.metadata)
+    _, two = _drain(train(img, lab, _fast(mode="semantic", iterations=2), model_config=TINY))
+    assert two.model.config.n_classes == 2
+    save_model(path, two.model, two.metadata)
     lab[20:30, 30:40] = 3
+    return img, lab, path
+
+
+def test_fine_tune_with_class_change(tmp_path):
+    img, lab, path = _two_class_model_and_three_class_labels(tmp_path)
     events, r3 = _drain(train(img, lab, _fast(mode="semantic", iterations=2), init_from=path))
     assert "replaced the output layer: 2 -> 3 classes" in events[0].message
     assert r3.model.config.n_classes == 3 and r3.model.outc.out_channels == 3
@@ -572,15 +578,7 @@ def test_fine_tuning_keeps_a_fraction_of_the_starting_weights(nuclei, tmp_path):
 
 
 def test_a_replaced_output_layer_is_not_blended(tmp_path):
-    rng = np.random.default_rng(0)
-    img = rng.random((48, 48)).astype(np.float32)
-    lab = np.zeros((48, 48), np.uint8)
-    lab[:10] = 1
-    lab[20:30, 5:15] = 2
-    path = tmp_path / "two.safetensors"
-    _, two = _drain(train(img, lab, _fast(mode="semantic", iterations=2), model_config=TINY))
-    save_model(path, two.model, two.metadata)
-    lab[20:30, 30:40] = 3
+    img, lab, path = _two_class_model_and_three_class_labels(tmp_path)
     events, three = _drain(train(img, lab, _fast(mode="semantic", iterations=2, keep_pretrained=0.5),
                                  init_from=path))
     assert any("not the new output layer" in (e.message or "") for e in events)
