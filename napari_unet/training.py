@@ -816,6 +816,8 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         result.model = model
         st["prior_meta"] = prior_meta
         model.to(device)
+        if st.get("start_state") is not None:  # blended at every validation and preview: keep it beside the model
+            st["start_state"] = {k: v.to(device) for k, v in st["start_state"].items()}
         rng = np.random.default_rng(config.seed)
         largest = max(max(p.target.shape) for p in data.planes)
         size_in = _size_in(model, config.patch_size, largest)

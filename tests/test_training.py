@@ -572,6 +572,11 @@ def test_fine_tuning_keeps_a_fraction_of_the_starting_weights(nuclei, tmp_path):
             continue
         torch.testing.assert_close(value, 0.4 * start[key] + 0.6 * trained[key], atol=1e-6, rtol=1e-5)
     assert kept.metadata["training"]["config"]["keep_pretrained"] == 0.4
+    # The preview (and validation) judge the blend: the last preview is the result.
+    seen = []
+    _, previewed = _drain(train(img, lab, _fast(keep_pretrained=0.4, val_every=100), init_from=path,
+                                preview=lambda m: seen.append(_state(m)), preview_every=0.0))
+    assert _same(seen[-1], _state(previewed.model))
     # A new network is not blended with anything.
     events, new = _drain(train(img, lab, _fast(keep_pretrained=0.4), model_config=TINY))
     assert not any("starting weights" in (e.message or "") for e in events)
