@@ -56,9 +56,9 @@ def add_parser(sub) -> None:
                    help="time budget in seconds (default 60 when --iterations is not given)")
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="number of optimiser steps")
     p.add_argument("--from", dest="init_from", default=None, metavar="MODEL",
-                   help="model file to fine-tune, or 'sample' for the packaged model pretrained on synthetic nuclei "
-                        "and whole cells (the best start for a few painted cells in one-channel images; a file named "
-                        "sample: ./sample)")
+                   help="model file to fine-tune, or 'sample' for the packaged model pretrained on real and "
+                        "synthetic nuclei and cells (the best start for a few painted cells; it takes colour images "
+                        "as grey; a file named sample: ./sample)")
     p.add_argument("--seed", type=int, default=0, help="random seed (repeatable runs on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",

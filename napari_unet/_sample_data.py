@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = ["cells_sample", "stack_sample", "SAMPLE_MODEL_PATH", "sample_model_path"]
 
-#: The small model shipped in the package, pretrained on synthetic nuclei and whole cells (instances, 1 channel in).
+#: The small model shipped in the package, pretrained on real and synthetic nuclei and cells (instances, 1 channel in).
 SAMPLE_MODEL_PATH = Path(__file__).resolve().parent / "_data" / "cells_unet.safetensors"
 
 

@@ -149,6 +149,11 @@ class TrainConfig(_DictMixin):
         the preview and the result use the averaged weights, which are steadier than the
         last step's. The decay warms up as ``min(ema, (1 + n) / (10 + n))`` after ``n``
         steps, so that short runs are not held back by the starting weights.
+    check_painted : bool
+        Instance mode: after training, segment the painted planes (up to four) and count
+        the painted cells found again (IoU >= 0.5); the last progress event says so, and
+        warns when fewer than half are (:mod:`napari_unet.quality`). Costs one prediction
+        per plane.
     keep_pretrained : float
         When training starts from existing weights (``init_from``, or ``model`` to train
         on), the result keeps this fraction of the starting weights: it is
@@ -186,6 +191,7 @@ class TrainConfig(_DictMixin):
     threads: int | None = None
     ema: float = 0.99
     keep_pretrained: float = 0.3
+    check_painted: bool = True
 
     def __post_init__(self):
         if self.threads is not None and self.threads < 1:

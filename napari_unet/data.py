@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["normalize", "normalize_like", "IGNORE", "TrainingDataError", "as_list", "check_labels", "split_channels",
+__all__ = ["normalize", "normalize_like", "LUMINANCE", "to_grey",
+           "IGNORE", "TrainingDataError", "as_list", "check_labels", "split_channels",
            "apply_roi", "instance_targets", "semantic_targets", "class_balance", "border_weight_map"]
 
 
@@ -43,6 +44,19 @@ def normalize_like(image: np.ndarray, params: dict[str, Any] | None, channel_axi
     if method != "percentile":
         raise ValueError(f"unknown normalisation method {method!r} in the model file")
     return normalize(image, float(params.get("low", 1.0)), float(params.get("high", 99.8)), channel_axis)
+
+
+#: RGB -> grey weights (``skimage.color.rgb2gray``'s), for a one-channel model given an RGB(A) image.
+LUMINANCE = np.array([0.2125, 0.7154, 0.0721], np.float32)
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """``(..., C)`` RGB(A), channels last -> ``(..., 1)`` float32 luminance (alpha dropped).
+
+    Training and prediction convert alike, so a one-channel model (the packaged one) can be
+    fine-tuned on and applied to colour images (H&E, brightfield).
+    """
+    return (np.asarray(image[..., :3], dtype=np.float32) @ LUMINANCE)[..., None]
 
 
 # ---- painted labels -> training data ---------------------------------------------------------

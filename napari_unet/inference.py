@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from .config import PredictConfig
+from .data import to_grey
 
 __all__ = [
     "predict", "predict_all", "tiled_predict", "tiled_predict_iter", "PredictProgress", "Prediction",
@@ -352,9 +353,6 @@ def tiled_predict(predictor: Callable | Sequence[Callable], image, tile: int | t
 
 # ---- images: channels, planes --------------------------------------------------------------
 
-_LUMINANCE = np.array([0.2125, 0.7154, 0.0721], np.float32)  # skimage.color.rgb2gray's weights
-
-
 @dataclass
 class _Prepared:
     image: np.ndarray          # the user's array, channel axis moved last (a view), or no channel axis
@@ -369,8 +367,7 @@ class _Prepared:
         if not self.has_channels:
             return np.asarray(p, dtype=np.float32)[None]
         if self.to_grey:
-            rgb = np.asarray(p[..., :3], dtype=np.float32)
-            return (rgb @ _LUMINANCE)[None]
+            return to_grey(p)[..., 0][None]
         return np.moveaxis(np.asarray(p, dtype=np.float32), -1, 0)
 
 
@@ -422,7 +419,7 @@ def prepare_image(image: np.ndarray, in_channels: int, channel_axis: int | None 
     if min(spatial) < 1:  # no pixels, or a stack of no planes (the labels written would be empty)
         raise ValueError(f"the image is empty (shape {image.shape})")
     return _Prepared(image=image, has_channels=ax is not None,
-                     to_grey=ax is not None and in_channels == 1,
+                     to_grey=ax is not None and in_channels == 1 and image.shape[-1] in (3, 4),
                      lead_shape=tuple(spatial[:-2]), plane_shape=tuple(spatial[-2:]))
 
 

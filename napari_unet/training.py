@@ -55,6 +55,7 @@ from .data import (
     normalize,
     semantic_targets,
     split_channels,
+    to_grey,
 )
 from .distributed import DistContext, shard
 from .model import UNet
@@ -124,7 +125,10 @@ class TrainProgress:
     fraction : float
         Progress in [0, 1] by iterations or time, whichever ends first.
     message : str or None
-        Something to tell the user (e.g. "replaced the output layer: 2 -> 3 classes").
+        Something to tell the user (e.g. "replaced the output layer: 2 -> 3 classes"; the
+        last event of an instance run: how many painted cells the result finds again).
+    warning : bool
+        The message is a warning: the painted-cell check failed (fewer than half found).
     preview : Any
         The return value of the ``preview`` callable, when it was called for this event.
     result : TrainResult
@@ -144,6 +148,7 @@ class TrainProgress:
     preview: Any = None
     result: TrainResult | None = None
     n_val_objects: int | None = None
+    warning: bool = False  # the message is a warning (the painted-cell check failed)
 
 
 # ---- data preparation -------------------------------------------------------------------------
@@ -157,6 +162,7 @@ class _Plane:
     source: tuple[int, int]  # (image index, plane index)
     centres: np.ndarray = field(default=None)  # flat indices of trainable labelled pixels
     object_centres: np.ndarray = field(default=None)  # ... of those in objects (class > 0)
+    painted: np.ndarray | None = None  # (H, W) the painted labels (instance mode), held-out objects included
 
 
 @dataclass
@@ -209,7 +215,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
                           channel_axis: int | None = None, val_fraction: float = 0.2, val_margin: int = 8,
                           min_val_objects: int = 8, border_weights: bool | None = None, w0: float = 10.0,
                           sigma: float = 5.0, class_balance_power: float = 1.0, n_classes: int | None = None,
-                          boundary_width: int = 3, seed: int | None = 0) -> TrainingData:
+                          boundary_width: int = 3, seed: int | None = 0,
+                          model_channels: int | None = None) -> TrainingData:
     """Check images and painted labels and turn them into training planes; raise :class:`TrainingDataError`.
 
     Parameters
@@ -238,6 +245,10 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         Instance mode: the boundary band's width (see :func:`napari_unet.data.instance_targets`).
     seed : int, optional
         Chooses the held-out objects.
+    model_channels : int, optional
+        The channels of the network that will train (fine-tuning): for a one-channel network
+        an RGB(A) image is converted to grey (:func:`napari_unet.data.to_grey`), as
+        prediction does.
 
     This is cheap enough to call on the GUI thread to check the input before training.
     """
@@ -263,6 +274,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         if rois:
             lab = apply_roi(lab, rois[i])
         im = split_channels(img, lab.shape, channel_axis, f"image{suffix(i)}")
+        if model_channels == 1 and im.shape[-1] in (3, 4):
+            im = to_grey(im)
         shapes.append(tuple(int(s) for s in np.shape(img)))
         if min(lab.shape[-2:]) < MIN_IMAGE_SIZE:
             raise TrainingDataError(f"image{suffix(i)} is too small ({lab.shape[-2]}x{lab.shape[-1]} px); training "
@@ -356,7 +369,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         targets.append(target)
         cells_list.append(cells)
         planes.append(_Plane(image=np.ascontiguousarray(np.moveaxis(im, -1, 0)), target=target, weight=None,
-                             val_target=val_target, source=src))
+                             val_target=val_target, source=src, painted=lab if mode == "instances" else None))
     cw = class_balance(targets, n_cls, class_balance_power)
     use_border = (mode == "instances") if border_weights is None else bool(border_weights)
     for pl, cells in zip(planes, cells_list):
@@ -774,7 +787,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             val_margin=config.val_margin, min_val_objects=config.min_val_objects,
             border_weights=config.border_weights, w0=config.w0, sigma=config.sigma,
             class_balance_power=config.class_balance, boundary_width=config.boundary_width, seed=config.seed,
-            n_classes=target_classes)
+            n_classes=target_classes, model_channels=None if model is None else model.config.in_channels)
         st["data"] = data
         st["messages"].extend(data.messages)
         if config.seed is not None:
@@ -882,7 +895,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         scaler = _grad_scaler(precision, device)
         patch_seed = config.seed if config.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
 
-        def event(it, loss, val=None, message=None, prev=None):
+        def event(it, loss, val=None, message=None, prev=None, warning=False):
             el = time.perf_counter() - t_start
             fr = 0.0
             if config.iterations:
@@ -893,7 +906,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
                                  val_loss=None if val is None else val[0], val_iou=None if val is None else val[1],
                                  best_val_iou=st["best_iou"], elapsed=el, max_time=config.max_time,
                                  fraction=min(fr, 1.0), message=message, preview=prev, result=result,
-                                 n_val_objects=data.n_val_objects)
+                                 n_val_objects=data.n_val_objects, warning=warning)
 
         model.train()
         yield event(0, None, message="; ".join(st["messages"]) or None)
@@ -974,6 +987,15 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             yield event(it, float(sums[0] / denominator), val, None, prev)
             if done:
                 break
+        if config.check_painted and data.mode == "instances" and dctx.is_main:
+            # Does the kept network find the painted cells again? Told to the user in a last event.
+            from .quality import painted_check
+
+            _finish(result, config, st)
+            check = painted_check(model, result.metadata, [(p.image, p.painted) for p in data.planes])
+            st["painted_check"] = check.to_dict()
+            result.metadata["training"]["painted_check"] = check.to_dict()
+            yield event(it, None, message=check.message(), warning=not check.ok)
         return result
     except (GeneratorExit, KeyboardInterrupt):  # closed (Stop, worker.quit()) or Ctrl-C inside a step
         st["status"] = "stopped"
@@ -993,10 +1015,12 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
 
     The kept weights: the best validated state, else the running average (``ema``), else the
     last step's. A run that failed keeps them too (then with the earlier output shift).
+    Called once more after it ran (the painted-cell check finishes first), it does nothing.
     """
     model = result.model
-    if model is None:
+    if model is None or st.get("finished"):
         return
+    st["finished"] = True
     if st.get("sync_bn"):
         from .distributed import plain_batch_norm
 
@@ -1064,6 +1088,7 @@ def _complete_metadata(result: TrainResult, config: TrainConfig, st: dict[str, A
         "config": config.to_dict(),
         "init_from": st.get("init_from"),
         "messages": list(st.get("messages", [])),
+        "painted_check": st.get("painted_check"),
         "previous": previous,
     }
 

@@ -72,6 +72,24 @@ def test_from_sample_fine_tunes_the_packaged_model(files, tmp_path, monkeypatch,
     assert not (tmp_path / "no.safetensors").exists()
 
 
+def test_from_sample_on_a_colour_image_trains_and_predicts_as_grey(files, tmp_path, capsys):
+    d, img, lab = files
+    grey = img.astype(np.float32) / img.max()
+    rgb = (255 * np.stack([1 - 0.5 * grey, 1 - 0.8 * grey, 1 - 0.3 * grey], axis=-1)).astype(np.uint8)  # H&E-like
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    out = tmp_path / "rgb.safetensors"
+    assert main(["train", "--image", str(tmp_path / "rgb.tif"), "--labels", str(d / "lab.tif"), "--out", str(out),
+                 "--from", "sample", *QUICK]) == 0
+    err = capsys.readouterr().err
+    n_painted = len(np.unique(lab[lab >= 2]))
+    assert "check on the painted cells" in err and f"of {n_painted} found again" in err
+    model, meta = load_model(out)
+    assert model.config.in_channels == 1 and meta["training"]["painted_check"]["painted"] == n_painted
+    assert main(["predict", "--model", str(out), "--image", str(tmp_path / "rgb.tif"), "--out",
+                 str(tmp_path / "rgb_labels.tif")]) == 0
+    assert tifffile.imread(tmp_path / "rgb_labels.tif").shape == (64, 64)
+
+
 def test_from_refuses_new_network_options(files, tmp_path, capsys):
     d, _, _ = files
     out = tmp_path / "m.safetensors"

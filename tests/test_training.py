@@ -33,7 +33,7 @@ def _fast(**kw):
     # Validation from 3 painted objects on and the last step's weights: the tests of validation
     # and best-weight keeping check those mechanisms alone (weight averaging has its own test).
     base = dict(iterations=6, max_time=None, patch_size=32, batch_size=2, precision="fp32", val_every=2, seed=0,
-                threads=1, min_val_objects=3, ema=0.0)
+                threads=1, min_val_objects=3, ema=0.0, check_painted=False)  # the check: test_quality.py
     base.update(kw)
     return TrainConfig(**base)
 

@@ -236,19 +236,17 @@ def test_start_from_follows_the_image_and_mode_until_the_user_chooses(make_napar
     train = TrainWidget(viewer)
     train.image.value = viewer.layers["grey"]
     assert train.start_from.value == START_SAMPLE
-    # The sample model takes one channel and has instance classes: RGB or semantic get a new model.
+    # The sample model has instance classes: semantic gets a new model. It takes RGB as grey.
     train.image.value = viewer.layers["rgb"]
-    assert train.start_from.value == START_NEW and not train.depth.native.isHidden()
-    train.image.value = viewer.layers["grey"]
     assert train.start_from.value == START_SAMPLE and train.depth.native.isHidden()
     train.mode.value = "semantic"
-    assert train.start_from.value == START_NEW
+    assert train.start_from.value == START_NEW and not train.depth.native.isHidden()
     train.mode.value = "instances"
     assert train.start_from.value == START_SAMPLE
     # Once the user picks, the widget stops choosing.
     train.start_from.value = START_NEW
-    train.image.value = viewer.layers["rgb"]
-    train.image.value = viewer.layers["grey"]
+    train.mode.value = "semantic"
+    train.mode.value = "instances"
     assert train.start_from.value == START_NEW
 
 

@@ -175,14 +175,14 @@ class TrainWidget(QWidget):
         self.labels = layer_picker(napari_viewer, napari.layers.Labels, "Painted labels")
         self.mode = RadioButtons(label="Mode", choices=["instances", "semantic"], value="instances",
                                  orientation="horizontal")
-        # Fine-tuning the packaged model is the default start where it fits (instances in a
-        # one-channel image): on the few-shot benchmark it beat a new network trained for the same
+        # Fine-tuning the packaged model is the default start where it fits (instances; colour
+        # images as grey): on the few-shot benchmark it beat a new network trained for the same
         # minute. The widget picks it (see _auto_start) until the user chooses for themselves.
         self._start_is_auto = True
         self.start_from = ComboBox(label="Start from", choices=self._start_choices, value=START_NEW,
-                                   tooltip="sample cell model: a small network pretrained on varied synthetic "
-                                           "nuclei and whole cells, fine-tuned on your painted cells (one-channel "
-                                           "images). "
+                                   tooltip="sample cell model: a small network pretrained on real and synthetic "
+                                           "nuclei and whole cells (fluorescence, brightfield, H&E, phase "
+                                           "contrast), fine-tuned on your painted cells (colour images as grey). "
                                            "new model: a network trained from scratch.")
         self.depth = SpinBox(label="Depth", value=DEFAULT_MODEL.depth, min=2, max=6)
         self.width = SpinBox(label="Width (filters)", value=DEFAULT_MODEL.base_filters, min=4, max=128, step=4)
@@ -268,14 +268,12 @@ class TrainWidget(QWidget):
         self._start_is_auto = auto
 
     def _auto_start(self, *_):
-        """The packaged model for instances in a one-channel image, else a new model (it takes one
-        channel, and its classes are background / cell / boundary); left alone once the user
+        """The packaged model for instances (its classes are background / cell / boundary; an RGB
+        image trains and is segmented as grey), else a new model; left alone once the user
         has chosen, or after a run (then it is the current model)."""
         if not self._start_is_auto:
             return
-        layer = self.image.value
-        fits = (_sample_data.sample_model_path() is not None and self.mode.value == "instances"
-                and not (layer is not None and layer.rgb))
+        fits = _sample_data.sample_model_path() is not None and self.mode.value == "instances"
         self._set_start(START_SAMPLE if fits else START_NEW)
 
     def _on_start_from(self, *_):
@@ -473,7 +471,7 @@ class TrainWidget(QWidget):
             self._iou_xy[1].append(ev.val_iou)
             self._iou_curve.setData(*self._iou_xy)
         if ev.message:
-            _common.notify_info(ev.message)
+            (_common.notify_warning if ev.warning else _common.notify_info)(ev.message)
         if self.state.state == "training":
             parts = [f"iteration {ev.iteration}" + (f"/{ev.total}" if ev.total else ""),
                      f"{ev.elapsed:.0f}" + (f"/{ev.max_time:.0f}" if ev.max_time else "") + " s"]
@@ -528,6 +526,9 @@ class TrainWidget(QWidget):
         detail = f"{iterations} iterations"
         if ev is not None and ev.best_val_iou is not None:
             detail += f", best validation IoU {ev.best_val_iou:.2f}"
+        check = (result.metadata.get("training") or {}).get("painted_check")
+        if check:
+            detail += f", {check['recovered']} of {check['painted']} painted cells found again"
         if stop_reason and "removed" in stop_reason:
             _common.notify_warning(f"Training stopped: {stop_reason}; the weights so far are kept")
         self._set_buttons("done", detail + ("; stopped" if stop_reason else ""))

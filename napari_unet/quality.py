@@ -1,0 +1,110 @@
+"""Does a trained network agree with what the user painted? (No Qt, no napari.)
+
+A few painted cells and a minute of training can end in a network that misses most cells,
+and the user should hear it rather than find out cell by cell. After training, the
+painted planes are segmented as prediction would segment them, and each painted cell is
+looked for in the result (matched at IoU >= 0.5). A network that recovers fewer than half
+of the cells it was trained on will not do better on the cells it has not seen: that is
+reported (:func:`painted_check`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["match_objects", "PaintedCheck", "painted_check"]
+
+#: Below this fraction of painted cells recovered, the check warns.
+MIN_RECOVERED = 0.5
+
+
+def match_objects(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Best IoU of each object of ``truth`` (ids ``1..``, in ``np.unique`` order) with an object of ``pred``.
+
+    At IoU > 0.5 a match is one-to-one, so counting ``iou >= 0.5`` counts matched pairs.
+    """
+    from skimage.metrics import contingency_table
+
+    t_ids, t = np.unique(truth, return_inverse=True)
+    p_ids, p = np.unique(pred, return_inverse=True)
+    table = contingency_table(t.reshape(truth.shape), p.reshape(pred.shape)).toarray().astype(np.float64)
+    t_area, p_area = table.sum(axis=1), table.sum(axis=0)
+    keep_t, keep_p = t_ids != 0, p_ids != 0
+    inter = table[keep_t][:, keep_p]
+    if inter.size == 0:
+        return np.zeros(int(keep_t.sum()))
+    iou = inter / (t_area[keep_t, None] + p_area[None, keep_p] - inter)
+    return iou.max(axis=1)
+
+
+@dataclass
+class PaintedCheck:
+    """How a trained network segments the planes it was trained on.
+
+    Attributes
+    ----------
+    painted : int
+        Painted cells (labels >= 2) on the checked planes.
+    recovered : int
+        Of those, the ones the network's segmentation matches at IoU >= 0.5.
+    on_background : int
+        Predicted objects lying mostly (> half their area) on painted background.
+    """
+
+    painted: int
+    recovered: int
+    on_background: int
+
+    @property
+    def ok(self) -> bool:
+        return self.painted == 0 or self.recovered >= MIN_RECOVERED * self.painted
+
+    def message(self) -> str:
+        """One line for the user: always the counts, and what to do when the check fails."""
+        text = (f"check on the painted cells: {self.recovered} of {self.painted} found again (IoU >= 0.5), "
+                f"{self.on_background} object(s) on painted background")
+        if not self.ok:
+            text += ("; the model does not reproduce what you painted, so its result elsewhere will be poor: "
+                     "paint more cells, and background where it errs, and train again")
+        return text
+
+    def to_dict(self) -> dict:
+        return {"painted": self.painted, "recovered": self.recovered, "on_background": self.on_background}
+
+
+def painted_check(model, metadata: dict, planes, max_planes: int = 4) -> PaintedCheck:
+    """Segment painted planes with ``model`` and compare with the painting.
+
+    Parameters
+    ----------
+    model : napari_unet.model.UNet
+        The trained network (instance mode).
+    metadata : dict
+        Its metadata (normalisation, smallest cell size).
+    planes : iterable of (image, painted)
+        ``image`` ``(C, Y, X)``, the whole plane (percentile normalisation of an already
+        normalised plane gives it back, so normalised training planes can be passed);
+        ``painted`` ``(Y, X)``: 0 unlabelled, 1 background, 2.. cells.
+    max_planes : int
+        Only the planes with the most painted cells are segmented (it costs a prediction each).
+    """
+    from .config import PredictConfig
+    from .inference import predict_all
+
+    planes = [(im, lab) for im, lab in planes if (lab >= 2).any()]
+    planes.sort(key=lambda p: -len(np.unique(p[1][p[1] >= 2])))
+    painted = recovered = on_background = 0
+    for image, lab in planes[:max_planes]:
+        image = image[0] if image.shape[0] == 1 else image
+        axis = None if image.ndim == 2 else 0
+        pred = predict_all(model, image, PredictConfig(output="instances", channel_axis=axis), metadata).labels
+        cells = np.where(lab >= 2, lab, 0)
+        best = match_objects(cells, pred)
+        painted += len(best)
+        recovered += int((best >= 0.5).sum())
+        ids, area = np.unique(pred[pred > 0], return_counts=True)
+        on_bg = np.bincount(pred[lab == 1].ravel(), minlength=int(pred.max()) + 1)[ids]
+        on_background += int((on_bg > 0.5 * area).sum())
+    return PaintedCheck(painted=painted, recovered=recovered, on_background=on_background)

@@ -1,0 +1,128 @@
+"""The painted-cell check (napari_unet.quality), colour images with the one-channel packaged model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unet._sample_data import SAMPLE_MODEL_PATH, cells_sample
+from napari_unet.config import PredictConfig, TrainConfig
+from napari_unet.data import LUMINANCE, normalize, to_grey
+from napari_unet.inference import predict_all
+from napari_unet.io import load_model
+from napari_unet.quality import PaintedCheck, match_objects, painted_check
+from napari_unet.synthetic import make_nuclei, paint_sparse_labels
+from napari_unet.training import prepare_training_data, train
+
+needs_model = pytest.mark.skipif(not SAMPLE_MODEL_PATH.is_file(), reason="no packaged model in this installation")
+
+
+def _drain(gen):
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return events, stop.value
+
+
+def test_match_objects_gives_each_reference_object_its_best_iou():
+    truth = np.zeros((10, 10), int)
+    truth[0:4, 0:4] = 1  # 16 px
+    truth[6:10, 6:10] = 2  # 16 px, predicted half
+    truth[0:2, 8:10] = 3  # missed
+    pred = np.zeros((10, 10), int)
+    pred[0:4, 0:4] = 7  # exact
+    pred[6:10, 6:8] = 9  # 8 px inside object 2
+    iou = match_objects(truth, pred)
+    np.testing.assert_allclose(iou, [1.0, 0.5, 0.0])
+    assert match_objects(truth, np.zeros_like(pred)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_check_counts_and_message():
+    good, bad = PaintedCheck(5, 4, 0), PaintedCheck(5, 2, 3)
+    assert good.ok and not bad.ok and PaintedCheck(0, 0, 0).ok
+    assert good.message().startswith("check on the painted cells: 4 of 5 found again")
+    assert "train again" not in good.message()
+    assert "2 of 5" in bad.message() and "3 object(s) on painted background" in bad.message()
+    assert "train again" in bad.message()
+
+
+@needs_model
+def test_the_packaged_model_finds_the_painted_sample_cells():
+    (image, _, _), (labels, _, _) = cells_sample()
+    model, meta = load_model(SAMPLE_MODEL_PATH)
+    check = painted_check(model, meta, [(image[None].astype(np.float32), labels)])
+    assert check.painted == len(np.unique(labels[labels >= 2])) == 5
+    assert check.recovered >= 3, check
+    # The same counts from the normalised plane training keeps: normalising twice changes nothing.
+    again = painted_check(model, meta, [(normalize(image)[None], labels)])
+    assert (again.painted, again.recovered) == (check.painted, check.recovered)
+
+
+def test_an_untrained_network_fails_the_check_and_training_says_so(small_cells):
+    image, labels = small_cells
+    from napari_unet.config import ModelConfig
+
+    cfg = TrainConfig(iterations=1, max_time=None, patch_size=32, batch_size=1, precision="fp32", seed=0,
+                      threads=1, ema=0.0)
+    events, result = _drain(train(image, labels, cfg, model_config=ModelConfig(depth=2, base_filters=4)))
+    check = result.metadata["training"]["painted_check"]
+    assert check["painted"] == len(np.unique(labels[labels >= 2]))
+    assert check["recovered"] < check["painted"] / 2
+    last = events[-1]
+    assert last.warning and last.message.startswith("check on the painted cells") and last.loss is None
+    assert all(not e.warning for e in events[:-1])
+    off = dict(cfg.to_dict(), check_painted=False)
+    events, result = _drain(train(image, labels, TrainConfig(**off), model_config=ModelConfig(depth=2, base_filters=4)))
+    assert result.metadata["training"]["painted_check"] is None and not any(e.warning for e in events)
+
+
+def test_semantic_training_has_no_painted_cell_check(small_cells):
+    image, labels = small_cells
+    cfg = TrainConfig(mode="semantic", iterations=1, max_time=None, patch_size=32, batch_size=1,
+                      precision="fp32", threads=1)
+    events, result = _drain(train(image, np.minimum(labels, 2), cfg))
+    assert result.metadata["training"]["painted_check"] is None and not any(e.warning for e in events)
+
+
+def _rgb(seed=5):
+    """A colour image (dark-violet nuclei on a pale background, like H&E) and painted labels."""
+    image, truth = make_nuclei((96, 96), radius=(5, 9), seed=seed)
+    grey = image.astype(np.float32) / image.max()
+    rgb = np.stack([1 - 0.5 * grey, 1 - 0.8 * grey, 1 - 0.3 * grey], axis=-1)
+    return (255 * rgb).astype(np.uint8), paint_sparse_labels(truth, n_cells=4, seed=seed, exclude_border=4)
+
+
+def test_training_data_for_a_one_channel_model_from_rgb_is_grey():
+    rgb, labels = _rgb()
+    data = prepare_training_data(rgb, labels, model_channels=1)
+    assert data.in_channels == 1 and data.planes[0].image.shape == (1, 96, 96)
+    want = normalize(rgb[..., :3].astype(np.float32) @ LUMINANCE)
+    np.testing.assert_allclose(data.planes[0].image[0], want, atol=1e-5)
+    np.testing.assert_allclose(to_grey(rgb)[..., 0], rgb.astype(np.float32) @ LUMINANCE, rtol=1e-6)
+    # A new network takes the colours.
+    assert prepare_training_data(rgb, labels).in_channels == 3
+
+
+@needs_model
+def test_fine_tuning_the_packaged_model_on_rgb(tmp_path):
+    rgb, labels = _rgb()
+    cfg = TrainConfig(iterations=2, max_time=None, patch_size=32, batch_size=2, precision="fp32", threads=1)
+    events, result = _drain(train(rgb, labels, cfg, init_from=SAMPLE_MODEL_PATH))
+    assert result.model.config.in_channels == 1
+    assert result.metadata["training"]["painted_check"]["painted"] == 4
+    colour = predict_all(result.model, rgb, PredictConfig(), result.metadata)
+    grey = predict_all(result.model, to_grey(rgb)[..., 0], PredictConfig(), result.metadata)
+    assert colour.labels.shape == (96, 96)
+    np.testing.assert_array_equal(colour.labels, grey.labels)
+
+
+def test_a_size_one_channel_axis_for_a_one_channel_model(tiny_model_file):
+    path = tiny_model_file()
+    image = make_nuclei((48, 48), seed=1)[0]
+    plain = predict_all(path, image, PredictConfig(output="semantic", probabilities=True))
+    axis0 = predict_all(path, image[None], PredictConfig(output="semantic", probabilities=True,
+                                                         channel_axis=0))
+    assert axis0.labels.shape == (48, 48)
+    np.testing.assert_allclose(axis0.probabilities, plain.probabilities, atol=1e-6)
