@@ -347,15 +347,16 @@ def summarise(results: dict, images: list[str], ks: list[int]) -> str:
             if not per:
                 continue
             means = np.array([v.mean() for v in per.values()])
-            below = sum(int(a < o - 0.05) for n, v in per.items()
-                        for a, o in zip(v, [r[1] for r in results.get((n, k, OTSU), [])]))
+            otsu = {(n, r[0]): r[1] for n in per for r in results.get((n, k, OTSU), [])}  # by image and seed
+            below = sum(int(r[1] < otsu[(n, r[0])] - 0.05) for n in per for r in results[(n, k, m)]
+                        if (n, r[0]) in otsu)
             rf = [per[n].mean() - np.mean([r[1] for r in results[(n, k, FOREST)]])
                   for n in per if (n, k, FOREST) in results]
             worst = min(per, key=lambda n: per[n].mean())
             vs_rf = f"{np.mean(rf):+.3f}" if rf else "-"
+            below = f"{below} of {sum(map(len, per.values()))}" if otsu else "-"
             lines.append(f"| {k} | {m} | {means.mean():.3f} | {means.std():.3f} | {worst} {per[worst].mean():.3f} "
-                         f"| {np.mean([v.std() for v in per.values()]):.3f} | {below} of {sum(map(len, per.values()))} "
-                         f"| {vs_rf} |")
+                         f"| {np.mean([v.std() for v in per.values()]):.3f} | {below} | {vs_rf} |")
     return "\n".join(lines)
 
 
@@ -401,6 +402,8 @@ def main(argv=None) -> int:
             ap.error(f"--init: {init} is neither new, sample nor a model file")
     if args.data is not None and not (args.data / "manifest.csv").is_file():
         ap.error(f"--data: {args.data} has no manifest.csv (see ../shared/data/README.md for the layout)")
+    if args.unet and args.init != ["new"]:
+        ap.error("--unet describes a new network: use it with --init new (a fine-tuned model keeps its architecture)")
     overrides = _overrides(args.set, ap)
     ks = sorted({int(k) for k in args.k.split(",")})
 
@@ -429,14 +432,17 @@ def main(argv=None) -> int:
         edge = border_ids(objects)
         big = ids[(areas >= args.min_area) & ~np.isin(ids, edge)]
         skip = ids[(areas < args.min_area) | np.isin(ids, edge)]  # neither painted nor scored
+        if max(ks) >= len(big):  # the same images for every K, else the curve compares other images
+            print(f"  {name}: left out, {len(big)} usable objects for K up to {max(ks)}", flush=True)
+            continue
         for seed in range(args.seeds):
             order = np.random.default_rng(seed).permutation(big)  # K=10 paints K=5's objects and 5 more
             for k in ks:
-                if k >= len(big):
-                    continue
                 train_ids = order[:k]
                 painted = paint(objects, region, train_ids)
-                n_eval = len(big) - k
+                # Every K is scored on the same objects: those no K paints.
+                unpainted = order[k:max(ks)]
+                n_eval = len(big) - max(ks)
                 runs = []  # (label, function of no arguments -> (labels, flipped labels, training info))
                 if not args.no_baselines:
                     runs += [(OTSU, partial(_baseline, otsu_baseline, image, painted, objects, train_ids)),
@@ -455,7 +461,8 @@ def main(argv=None) -> int:
                     for lab, p in ((label, pred), (label + " + flips", flipped)):
                         if p is None:
                             continue
-                        ap50, miou = score(p, objects, region, train_ids, skip, drop_border=True)
+                        ap50, miou = score(p, objects, region, train_ids, np.concatenate([skip, unpainted]),
+                                           drop_border=True)
                         results.setdefault((name, k, lab), []).append((seed, ap50, n_eval, miou, t))
                         steps = f", {info['iterations']} steps in {info['elapsed']:.0f} s" if info else ""
                         check = (info or {}).get("painted_check")

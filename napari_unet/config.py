@@ -151,7 +151,7 @@ class TrainConfig(_DictMixin):
         steps, so that short runs are not held back by the starting weights.
     check_painted : bool
         Instance mode: after training, segment the painted planes (up to four) and count
-        the painted cells found again (IoU >= 0.5); the last progress event says so, and
+        the painted cells found again (IoU > 0.5); the last progress event says so, and
         warns when fewer than half are (:mod:`napari_unet.quality`). Costs one prediction
         per plane.
     keep_pretrained : float

@@ -3,9 +3,9 @@
 A few painted cells and a minute of training can end in a network that misses most cells,
 and the user should hear it rather than find out cell by cell. After training, the
 painted planes are segmented as prediction would segment them, and each painted cell is
-looked for in the result (matched at IoU >= 0.5). A network that recovers fewer than half
-of the cells it was trained on will not do better on the cells it has not seen: that is
-reported (:func:`painted_check`).
+looked for in the result (matched at IoU > 0.5). A network that recovers fewer than half
+of the cells that were painted (those held out for validation included) will not do better
+on the cells nobody painted: that is reported (:func:`painted_check`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ __all__ = ["match_objects", "PaintedCheck", "painted_check"]
 MIN_RECOVERED = 0.5
 
 
-def match_objects(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def match_objects(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Best IoU of each object of ``truth`` (ids ``1..``, in ``np.unique`` order) with an object of ``pred``.
 
-    At IoU > 0.5 a match is one-to-one, so counting ``iou >= 0.5`` counts matched pairs.
+    Above IoU 0.5 a match is one-to-one (two objects cannot both overlap more than half of
+    a third), so counting ``iou > 0.5`` counts matched pairs.
     """
     from skimage.metrics import contingency_table
 
@@ -48,7 +49,7 @@ class PaintedCheck:
     painted : int
         Painted cells (labels >= 2) on the checked planes.
     recovered : int
-        Of those, the ones the network's segmentation matches at IoU >= 0.5.
+        Of those, the ones the network's segmentation matches at IoU > 0.5.
     on_background : int
         Predicted objects lying mostly (> half their area) on painted background.
     """
@@ -63,7 +64,7 @@ class PaintedCheck:
 
     def message(self) -> str:
         """One line for the user: always the counts, and what to do when the check fails."""
-        text = (f"check on the painted cells: {self.recovered} of {self.painted} found again (IoU >= 0.5), "
+        text = (f"check on the painted cells: {self.recovered} of {self.painted} found again (IoU > 0.5), "
                 f"{self.on_background} object(s) on painted background")
         if not self.ok:
             text += ("; the model does not reproduce what you painted, so its result elsewhere will be poor: "
@@ -74,7 +75,7 @@ class PaintedCheck:
         return {"painted": self.painted, "recovered": self.recovered, "on_background": self.on_background}
 
 
-def painted_check(model, metadata: dict, planes, max_planes: int = 4) -> PaintedCheck:
+def painted_check(model, metadata: dict, planes, max_planes: int = 4, device: str = "auto") -> PaintedCheck:
     """Segment painted planes with ``model`` and compare with the painting.
 
     Parameters
@@ -84,11 +85,15 @@ def painted_check(model, metadata: dict, planes, max_planes: int = 4) -> Painted
     metadata : dict
         Its metadata (normalisation, smallest cell size).
     planes : iterable of (image, painted)
-        ``image`` ``(C, Y, X)``, the whole plane (percentile normalisation of an already
-        normalised plane gives it back, so normalised training planes can be passed);
+        ``image`` ``(C, Y, X)``, the whole plane, raw or normalised (prediction normalises
+        each plane by its percentiles, which leaves a normalised 2D image as it is; a plane
+        of a stack normalised as a whole is judged as Segment would see that plane alone);
         ``painted`` ``(Y, X)``: 0 unlabelled, 1 background, 2.. cells.
     max_planes : int
-        Only the planes with the most painted cells are segmented (it costs a prediction each).
+        Only the planes with the most painted cells are segmented (it costs a prediction
+        each); the counts are those of these planes.
+    device : str
+        Where to segment (the training's device).
     """
     from .config import PredictConfig
     from .inference import predict_all
@@ -99,11 +104,12 @@ def painted_check(model, metadata: dict, planes, max_planes: int = 4) -> Painted
     for image, lab in planes[:max_planes]:
         image = image[0] if image.shape[0] == 1 else image
         axis = None if image.ndim == 2 else 0
-        pred = predict_all(model, image, PredictConfig(output="instances", channel_axis=axis), metadata).labels
+        pred = predict_all(model, image, PredictConfig(output="instances", channel_axis=axis, device=device),
+                           metadata).labels
         cells = np.where(lab >= 2, lab, 0)
         best = match_objects(cells, pred)
         painted += len(best)
-        recovered += int((best >= 0.5).sum())
+        recovered += int((best > 0.5).sum())
         ids, area = np.unique(pred[pred > 0], return_counts=True)
         on_bg = np.bincount(pred[lab == 1].ravel(), minlength=int(pred.max()) + 1)[ids]
         on_background += int((on_bg > 0.5 * area).sum())

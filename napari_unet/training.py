@@ -247,8 +247,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         Chooses the held-out objects.
     model_channels : int, optional
         The channels of the network that will train (fine-tuning): for a one-channel network
-        an RGB(A) image is converted to grey (:func:`napari_unet.data.to_grey`), as
-        prediction does.
+        an RGB(A) image (channels on the last axis, or on ``channel_axis``) is converted to
+        grey (:func:`napari_unet.data.to_grey`), as prediction does; a message says so.
 
     This is cheap enough to call on the GUI thread to check the input before training.
     """
@@ -262,6 +262,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     if rois and len(rois) != len(labs):
         raise TrainingDataError(f"{len(rois)} roi masks for {len(labs)} label arrays")
     rng = np.random.default_rng(seed)
+    messages: list[str] = []
+    converted = False
     suffix = (lambda i: f" {i + 1}") if len(imgs) > 1 else (lambda i: "")
     raw: list[tuple[np.ndarray, np.ndarray, tuple[int, int]]] = []  # (image (Y,X,C) normalised, labels, source)
     constant: list[tuple[int, float]] = []  # (image index, its one value): nothing to learn from
@@ -274,8 +276,13 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         if rois:
             lab = apply_roi(lab, rois[i])
         im = split_channels(img, lab.shape, channel_axis, f"image{suffix(i)}")
-        if model_channels == 1 and im.shape[-1] in (3, 4):
+        # RGB(A) for a one-channel model: as prediction reads it (an explicit channel axis, or the last axis).
+        rgb_axis = channel_axis is not None or tuple(np.shape(img)[:-1]) == tuple(lab.shape)
+        if model_channels == 1 and im.shape[-1] in (3, 4) and rgb_axis:
             im = to_grey(im)
+            if not converted:
+                messages.append("the model takes one channel: the colour image is trained on as grey")
+                converted = True
         shapes.append(tuple(int(s) for s in np.shape(img)))
         if min(lab.shape[-2:]) < MIN_IMAGE_SIZE:
             raise TrainingDataError(f"image{suffix(i)} is too small ({lab.shape[-2]}x{lab.shape[-1]} px); training "
@@ -338,7 +345,6 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
             # A component can hold several painted classes; it is still one held-out region.
             comps.append(cc)
             objects.extend((r, k) for k in range(1, n + 1))
-    messages = []
     n_val = 0
     if val_fraction > 0 and len(objects) >= min_val_objects:
         n_val = int(min(max(1, round(val_fraction * len(objects))), len(objects) - 1))
@@ -987,15 +993,23 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             yield event(it, float(sums[0] / denominator), val, None, prev)
             if done:
                 break
-        if config.check_painted and data.mode == "instances" and dctx.is_main:
+        if config.check_painted and data.mode == "instances" and dctx.is_main and st["status"] == "finished":
             # Does the kept network find the painted cells again? Told to the user in a last event.
+            # Not after Stop: the user asked for the result now.
+            from .io import first_line
             from .quality import painted_check
 
             _finish(result, config, st)
-            check = painted_check(model, result.metadata, [(p.image, p.painted) for p in data.planes])
-            st["painted_check"] = check.to_dict()
-            result.metadata["training"]["painted_check"] = check.to_dict()
-            yield event(it, None, message=check.message(), warning=not check.ok)
+            try:
+                check = painted_check(model, result.metadata, [(p.image, p.painted) for p in data.planes],
+                                      device=st["device"])
+            except Exception as e:  # noqa: BLE001 - an advisory check must never cost the run its result
+                message, warning = f"painted-cell check skipped: {first_line(e)}", True
+            else:
+                st["painted_check"] = check.to_dict()
+                message, warning = check.message(), not check.ok
+                _complete_metadata(result, config, st)
+            yield event(it, None, message=message, warning=warning)
         return result
     except (GeneratorExit, KeyboardInterrupt):  # closed (Stop, worker.quit()) or Ctrl-C inside a step
         st["status"] = "stopped"
@@ -1015,12 +1029,20 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
 
     The kept weights: the best validated state, else the running average (``ema``), else the
     last step's. A run that failed keeps them too (then with the earlier output shift).
-    Called once more after it ran (the painted-cell check finishes first), it does nothing.
+    Called once more (the painted-cell check finishes the weights first), it only brings the
+    metadata up to date (how the run ended).
     """
     model = result.model
-    if model is None or st.get("finished"):
+    if model is None:
         return
-    st["finished"] = True
+    if not st.get("finished"):
+        _finish_weights(model, config, st)
+        st["finished"] = True
+    _complete_metadata(result, config, st)
+
+
+def _finish_weights(model: UNet, config: TrainConfig, st: dict[str, Any]) -> None:
+    """The kept weights into ``model``, blended and output-shifted (once per run)."""
     if st.get("sync_bn"):
         from .distributed import plain_batch_norm
 
@@ -1042,7 +1064,6 @@ def _finish(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> Non
         model.to(memory_format=torch.contiguous_format)
     except Exception:  # pragma: no cover - a model on an odd device: leave its layout
         pass
-    _complete_metadata(result, config, st)
 
 
 def _complete_metadata(result: TrainResult, config: TrainConfig, st: dict[str, Any]) -> None:

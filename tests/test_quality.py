@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_unet import quality
 from napari_unet._sample_data import SAMPLE_MODEL_PATH, cells_sample
 from napari_unet.config import PredictConfig, TrainConfig
 from napari_unet.data import LUMINANCE, normalize, to_grey
@@ -100,9 +101,15 @@ def test_training_data_for_a_one_channel_model_from_rgb_is_grey():
     assert data.in_channels == 1 and data.planes[0].image.shape == (1, 96, 96)
     want = normalize(rgb[..., :3].astype(np.float32) @ LUMINANCE)
     np.testing.assert_allclose(data.planes[0].image[0], want, atol=1e-5)
-    np.testing.assert_allclose(to_grey(rgb)[..., 0], rgb.astype(np.float32) @ LUMINANCE, rtol=1e-6)
-    # A new network takes the colours.
+    assert any("trained on as grey" in m for m in data.messages)
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], axis=-1)  # alpha is dropped
+    np.testing.assert_allclose(prepare_training_data(rgba, labels, model_channels=1).planes[0].image[0], want,
+                               atol=1e-5)
+    # A new network takes the colours; three planes first are channels, not a colour image, as in prediction.
     assert prepare_training_data(rgb, labels).in_channels == 3
+    first = np.moveaxis(rgb, -1, 0)
+    assert prepare_training_data(first, labels, model_channels=1).in_channels == 3
+    assert prepare_training_data(first, labels, model_channels=1, channel_axis=0).in_channels == 1
 
 
 @needs_model
@@ -126,3 +133,42 @@ def test_a_size_one_channel_axis_for_a_one_channel_model(tiny_model_file):
                                                          channel_axis=0))
     assert axis0.labels.shape == (48, 48)
     np.testing.assert_allclose(axis0.probabilities, plain.probabilities, atol=1e-6)
+
+
+def _fine_tune_config(**kw):
+    return TrainConfig(**{**dict(iterations=3, max_time=None, patch_size=32, batch_size=2, precision="fp32",
+                                 threads=1, seed=0), **kw})
+
+
+@needs_model
+def test_the_check_judges_the_kept_weights_and_leaves_them_alone(small_cells):
+    image, labels = small_cells
+    _, checked = _drain(train(image, labels, _fine_tune_config(), init_from=SAMPLE_MODEL_PATH))
+    _, plain = _drain(train(image, labels, _fine_tune_config(check_painted=False), init_from=SAMPLE_MODEL_PATH))
+    # The same weights with and without the check (blended with the start and output-shifted once).
+    a, b = checked.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    again = painted_check(checked.model, checked.metadata, [(image[None].astype(np.float32), labels)])
+    assert checked.metadata["training"]["painted_check"] == again.to_dict()
+    assert checked.metadata["training"]["status"] == "finished"
+
+
+def test_a_failing_check_keeps_the_run(small_cells, monkeypatch):
+    image, labels = small_cells
+
+    def broken(*args, **kwargs):
+        raise MemoryError("out of memory even with the smallest tile")
+
+    monkeypatch.setattr(quality, "painted_check", broken)
+    events, result = _drain(train(image, labels, _fine_tune_config()))
+    assert events[-1].warning and events[-1].message == "painted-cell check skipped: out of memory even with the " \
+                                                        "smallest tile"
+    assert result.model is not None and result.metadata["training"]["status"] == "finished"
+    assert result.metadata["training"]["painted_check"] is None
+
+
+def test_a_stopped_run_is_not_checked(small_cells):
+    image, labels = small_cells
+    events, result = _drain(train(image, labels, _fine_tune_config(iterations=50), stop=lambda: True))
+    assert result.metadata["training"]["status"] == "stopped" and events[-1].iteration == 1
+    assert result.metadata["training"]["painted_check"] is None and not any(e.warning for e in events)

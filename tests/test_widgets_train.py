@@ -229,6 +229,46 @@ def test_default_start_fine_tunes_the_sample_model_for_grey_images(make_napari_v
     assert train.current.model.config.base_filters == 8 and notes["error"] == []
 
 
+def test_default_start_fine_tunes_the_sample_model_on_a_colour_image(make_napari_viewer, qtbot, small_cells, notes,
+                                                                     no_threads_left):
+    image, labels = small_cells
+    grey = image.astype(np.float32) / image.max()
+    rgb = (255 * np.stack([1 - 0.5 * grey, 1 - 0.8 * grey, 1 - 0.3 * grey], axis=-1)).astype(np.uint8)  # H&E-like
+    viewer = make_napari_viewer()
+    viewer.add_image(rgb, name="stained", rgb=True)
+    viewer.add_labels(labels, name="painted")
+    train = TrainWidget(viewer)
+    assert train.start_from.value == START_SAMPLE
+    train.patch_size.value, train.batch_size.value = 64, 2
+    train.budget_kind.value, train.budget.value = "iterations", 2
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "done", train.state.text()
+    check = train.current.metadata["training"]["painted_check"]
+    # The state line reports the painted-cell check; a notification gives the whole sentence.
+    assert f"{check['recovered']} of {check['painted']} painted cells found again" in train.state.text()
+    assert any(n.startswith("check on the painted cells") for n in notes["info"] + notes["warning"])
+    assert train.current.model.config.in_channels == 1 and notes["error"] == []
+    preview = viewer.layers["stained [U-Net preview]"]  # labels of the visible part, from the grey image
+    assert preview.data.ndim == 2 and preview.data.dtype.kind == "u"
+
+
+def test_a_failed_painted_cell_check_is_a_warning(make_napari_viewer, qtbot, small_cells, notes, no_threads_left):
+    image, labels = small_cells
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="painted")
+    train = TrainWidget(viewer)
+    train.start_from.value = START_NEW  # one step of a tiny new network finds no painted cell
+    train.depth.value, train.width.value = 2, 4
+    train.patch_size.value, train.batch_size.value = 32, 1
+    train.budget_kind.value, train.budget.value = "iterations", 1
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "done", train.state.text()
+    warned = [n for n in notes["warning"] if n.startswith("check on the painted cells")]
+    assert len(warned) == 1 and "train again" in warned[0]
+    assert not any(n.startswith("check on the painted cells") for n in notes["info"])
+
+
 def test_start_from_follows_the_image_and_mode_until_the_user_chooses(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((32, 32), np.uint8), name="grey")
