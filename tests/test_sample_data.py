@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -160,3 +162,48 @@ def test_packaged_model_segments_whole_cells():
     assert (fg & true_fg).sum() / true_fg.sum() > 0.8
     assert (fg & ~true_fg).sum() / (~true_fg).sum() < 0.1
     assert 0.7 * truth.max() <= pred.labels.max() <= 1.3 * truth.max()
+
+
+def test_packaged_model_records_its_real_pretraining_data():
+    from napari_unet.io import load_model
+
+    _, meta = load_model(sample_model_path())
+    training = meta["training"]
+    assert "DSB2018" in training["source"] and "Usiigaci" in training["source"]
+    # One held-out real image per group, scored when the model was made.
+    assert {k.split("_")[0] for k in training["test_ap50_real"]} == {"fluo-small", "fluo-large", "bf", "he",
+                                                                     "usiigaci"}
+
+
+def test_pretraining_reads_a_real_data_folder(tmp_path):
+    import csv
+    import importlib.util
+
+    import imageio.v3 as iio
+    import tifffile
+
+    spec = importlib.util.spec_from_file_location(
+        "make_sample_data", Path(__file__).resolve().parent.parent / "sample_data" / "make_sample_data.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    rng = np.random.default_rng(0)
+    rows = []
+    for stem, rgb in [("he_a", True), ("he_b", True), ("usiigaci_set01", False), ("usiigaci_set02", False)]:
+        image = rng.integers(0, 255, (40, 48, 3) if rgb else (40, 48), dtype=np.uint8)
+        mask = np.zeros((40, 48), np.uint16)
+        mask[5:15, 5:15], mask[20:30, 20:35] = 1, 2
+        (tmp_path / "d" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / "masks").mkdir(parents=True, exist_ok=True)
+        iio.imwrite(tmp_path / "d" / "images" / f"{stem}.png", image)
+        tifffile.imwrite(tmp_path / "d" / "masks" / f"{stem}.tif", mask)
+        rows.append({"dataset": "d", "image": f"d/images/{stem}.png", "mask": f"d/masks/{stem}.tif"})
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    train, held = make.load_real(tmp_path)
+    assert [s for s, _, _ in held] == ["he_a", "usiigaci_set01"]  # the first of each group
+    assert [s for s, _, _ in train] == ["he_b", "usiigaci_set02"]
+    for _, image, masks in train + held:
+        assert image.shape == masks.shape == (40, 48)  # colour read as grey
+        assert set(np.unique(masks)) == {0, 1, 2}
