@@ -22,7 +22,7 @@ own cost of a new layer and the steady state of segmenting (the result layer upd
 Each long gap is attributed to the widgets' GUI-thread slots and to the button click that
 started the phase.
 
-Latest results are in the README ("Does the viewer stay responsive?"), with what was fixed
+Latest results are in docs/gui.md ("Does the viewer stay responsive?"), with what was fixed
 from this script's output, cProfile and py-spy: napari's progress bar ran
 ``QApplication.processEvents()`` on every change (now once per percent); the preview layer
 is made at Start and its transforms set only on a move; worker threads run at a lower OS

@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--probabilities", action="store_true", help="also write the class probabilities (float32)")
     p.add_argument("--flips", action="store_true",
                    help="test-time augmentation: average the image's and its 3 mirror images' predictions "
-                        "(4x the compute; smoother outlines; see the README's few-shot table for when it helps)")
+                        "(4x the compute; smoother outlines; see docs/design.md for when it helps)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -129,7 +129,7 @@ class TrainConfig(_DictMixin):
         With fewer painted objects, none is held out: all train, and the averaged (``ema``)
         or last weights are kept. With 5 painted cells, holding one out was no better on
         average and, on one seed of ten, kept nearly untrained weights (few-shot
-        benchmark, see the README).
+        benchmark, see docs/design.md).
     momentum : float
         Momentum of the ``"sgd"`` optimiser (paper: 0.99).
     seed : int or None
@@ -273,9 +273,8 @@ class PredictConfig(_DictMixin):
     flips : bool
         Test-time augmentation: each tile also goes through the network mirrored left-right,
         up-down and both, and the four probability maps (mirrored back) are averaged. Four
-        times the compute; smoother cell outlines. On the README's few-shot benchmark it
-        raised the AP of networks trained from scratch for a minute, not that of the
-        fine-tuned packaged model.
+        times the compute; smoother cell outlines. Whether it helps depends on the network
+        (see docs/design.md); ``benchmarks/fewshot.py --flips`` measures it.
     """
 
     output: str | None = None
@@ -308,7 +307,7 @@ class PredictConfig(_DictMixin):
 def default_model_config(in_channels: int = 1, n_classes: int = 3) -> ModelConfig:
     """The network trained when none is given: depth 4, 8 base filters, padded convs, batch norm.
 
-    Chosen with ``benchmarks/fewshot.py`` (see the README): on a 2-core CPU it makes
+    Chosen with ``benchmarks/fewshot.py`` (see docs/design.md): on a 2-core CPU it makes
     about 400 steps of 8 patches a minute and reached the best held-out AP of the sizes
     tried (width 16 made fewer, slower steps in the same minute).
     (Here, not in ``training``, so that the widgets show it without importing torch.)

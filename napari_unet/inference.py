@@ -543,7 +543,7 @@ def _plane_tile(model, tile: int, plane_shape: tuple[int, int], overlap: int = 0
 DEFAULT_MIN_SIZE = 15
 #: With the median area A of the painted cells (model file's ``object_area``): cells smaller
 #: than MIN_SIZE_FRACTION * A are removed, seeds smaller than MIN_SEED_FRACTION * A are
-#: merged into their neighbours. Chosen with ``benchmarks/fewshot.py`` (see the README).
+#: merged into their neighbours. Chosen with ``benchmarks/fewshot.py`` (see docs/design.md).
 MIN_SIZE_FRACTION = 0.15
 MIN_SEED_FRACTION = 0.05
 

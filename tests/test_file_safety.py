@@ -1,4 +1,4 @@
-"""Files are never half-written and model files never run code (see README "Safety and limits").
+"""Files are never half-written and model files never run code (see docs/safety.md).
 
 A writer process is SIGKILLed at random moments while it saves model files and TIFFs over
 a target path; the target must always be either the previous complete file or the new

@@ -155,9 +155,8 @@ class SegmentWidget(QWidget):
         self.probabilities = CheckBox(label="Also probabilities", value=False)
         self.flips = CheckBox(label="Mirror-average (4x time)", value=False,
                               tooltip="Test-time augmentation: average the predictions of the image and its "
-                                      "three mirror images: smoother outlines, four times the compute. On the "
-                                      "README's benchmark it helped networks trained from scratch, not the "
-                                      "fine-tuned sample model.")
+                                      "three mirror images: smoother outlines, four times the compute; it "
+                                      "does not help every model (see docs/design.md).")
         self.scope = RadioButtons(label="Planes", choices=["current plane", "whole stack"], value="whole stack",
                                   orientation="horizontal")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
