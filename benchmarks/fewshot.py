@@ -171,42 +171,83 @@ def paint(objects: np.ndarray, region: np.ndarray, train_ids: np.ndarray, ring: 
 
 # ---- scoring ----------------------------------------------------------------------------------
 
-def score(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_ids, ignore_ids,
-          drop_border: bool = False) -> tuple[float, float]:
-    """(AP@0.5, mean matched IoU) of ``pred`` against the held-out objects in the annotated region.
-
-    With ``drop_border``, predicted objects touching the image border are left out too (the
-    reference objects there are among ``ignore_ids``).
-    """
+def _overlaps(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_ids, ignore_ids,
+              drop_border: bool = False):
+    """``(inter, gt_area, pred_area)``: pixel overlaps of the scored reference objects (rows) and the
+    counted predicted objects (columns); see :func:`score` for which are counted."""
     from skimage.segmentation import relabel_sequential
 
     if drop_border:
         pred = np.where(np.isin(pred, border_ids(pred)), 0, pred)
-    gt = np.where(np.isin(objects, np.concatenate([train_ids, ignore_ids])), 0, objects)
-    gt = relabel_sequential(gt)[0]
+    skipped = np.isin(objects, np.concatenate([train_ids, ignore_ids]))
+    gt = relabel_sequential(np.where(skipped, 0, objects))[0]
     pred = relabel_sequential(pred.astype(np.int64))[0]
     n_p = int(pred.max())
     area = np.bincount(pred.ravel(), minlength=n_p + 1)
     inside = np.bincount(pred.ravel(), weights=region.ravel(), minlength=n_p + 1)
-    on_skip = np.bincount(pred.ravel(), weights=np.isin(objects, np.concatenate([train_ids, ignore_ids])).ravel(),
-                          minlength=n_p + 1)
+    on_skip = np.bincount(pred.ravel(), weights=skipped.ravel(), minlength=n_p + 1)
     keep = (inside > 0.5 * area) & (on_skip <= 0.5 * area)
     keep[0] = False
-    pred = np.where(keep[pred], pred, 0)
-    pred = relabel_sequential(pred)[0]
+    pred = relabel_sequential(np.where(keep[pred], pred, 0))[0]
     n_g, n_p = int(gt.max()), int(pred.max())
-    if n_g == 0 or n_p == 0:
-        return 0.0, 0.0
     both = (gt > 0) & (pred > 0)
     inter = np.zeros((n_g + 1, n_p + 1))
     np.add.at(inter, (gt[both], pred[both]), 1)
     ga = np.bincount(gt.ravel(), minlength=n_g + 1)
     pa = np.bincount(pred.ravel(), minlength=n_p + 1)
-    iou = inter[1:, 1:] / (ga[1:, None] + pa[None, 1:] - inter[1:, 1:])
+    return inter[1:, 1:], ga[1:], pa[1:]
+
+
+def score(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_ids, ignore_ids,
+          drop_border: bool = False) -> tuple[float, float]:
+    """(AP@0.5, mean matched IoU) of ``pred`` against the held-out objects in the annotated region.
+
+    Predicted objects mostly outside the region or mostly on painted or ignored objects are
+    not counted; with ``drop_border``, predicted objects touching the image border neither
+    (the reference objects there are among ``ignore_ids``).
+    """
+    inter, ga, pa = _overlaps(pred, objects, region, train_ids, ignore_ids, drop_border)
+    n_g, n_p = inter.shape
+    if n_g == 0 or n_p == 0:
+        return 0.0, 0.0
+    iou = inter / (ga[:, None] + pa[None, :] - inter)
     r, c = linear_sum_assignment(-iou)
     matched = iou[r, c][iou[r, c] >= 0.5]
     tp = len(matched)
     return tp / (n_g + n_p - tp), float(matched.mean()) if tp else 0.0
+
+
+def error_kinds(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_ids, ignore_ids,
+                drop_border: bool = False) -> dict[str, int]:
+    """What went wrong, reference object by object (counted as :func:`score` counts).
+
+    ``matched``: IoU >= 0.5 with a predicted object; ``merged``: unmatched, and most of it lies in a predicted object that also holds most
+    of another reference object; ``split``: two or more predicted objects each hold at
+    least a fifth of it; ``missed``: predicted objects cover less than half of it;
+    ``misshapen``: the rest of the unmatched (one object, IoU under 0.5); ``extra``:
+    predicted objects matching nothing.
+    """
+    inter, ga, pa = _overlaps(pred, objects, region, train_ids, ignore_ids, drop_border)
+    kinds = dict(matched=0, merged=0, split=0, missed=0, misshapen=0, extra=0)
+    if inter.size == 0:
+        kinds["missed"], kinds["extra"] = len(ga), len(pa)
+        return kinds
+    iou = inter / (ga[:, None] + pa[None, :] - inter)
+    matched_g, matched_p = iou.max(axis=1) >= 0.5, iou.max(axis=0) >= 0.5  # as score() matches
+    holds = inter / ga[:, None] > 0.5  # reference object i lies mostly in predicted object j
+    for i in range(len(ga)):
+        if matched_g[i]:
+            kinds["matched"] += 1
+        elif holds[i].any() and holds[:, holds[i].argmax()].sum() >= 2:
+            kinds["merged"] += 1
+        elif (inter[i] >= 0.2 * ga[i]).sum() >= 2:
+            kinds["split"] += 1
+        elif inter[i].sum() < 0.5 * ga[i]:
+            kinds["missed"] += 1
+        else:
+            kinds["misshapen"] += 1
+    kinds["extra"] = int((~matched_p).sum())
+    return kinds
 
 
 # ---- baselines --------------------------------------------------------------------------------
@@ -395,6 +436,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) to this file")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write every run's predicted labels to this folder (<image>_K<k>_seed<s>_<method>.tif), "
+                         "to look at the errors cell by cell")
     args = ap.parse_args(argv)
     args.init = args.init or ["sample"]
     for init in args.init:
@@ -407,6 +451,7 @@ def main(argv=None) -> int:
     overrides = _overrides(args.set, ap)
     ks = sorted({int(k) for k in args.k.split(",")})
 
+    import tifffile
     import torch
 
     wheel = args.datasets or ("huh7" if args.data else "huh7,cremi")
@@ -461,13 +506,19 @@ def main(argv=None) -> int:
                     for lab, p in ((label, pred), (label + " + flips", flipped)):
                         if p is None:
                             continue
-                        ap50, miou = score(p, objects, region, train_ids, np.concatenate([skip, unpainted]),
-                                           drop_border=True)
+                        ignore = np.concatenate([skip, unpainted])
+                        ap50, miou = score(p, objects, region, train_ids, ignore, drop_border=True)
                         results.setdefault((name, k, lab), []).append((seed, ap50, n_eval, miou, t))
                         steps = f", {info['iterations']} steps in {info['elapsed']:.0f} s" if info else ""
                         check = (info or {}).get("painted_check")
                         if check:
                             steps += f", painted cells found again {check['recovered']}/{check['painted']}"
+                        kinds = error_kinds(p, objects, region, train_ids, ignore, drop_border=True)
+                        steps += ", " + " ".join(f"{n} {v}" for n, v in kinds.items() if n != "matched" and v)
+                        if args.save:
+                            args.save.mkdir(parents=True, exist_ok=True)
+                            tag = f"{name.replace('/', '_')}_K{k}_seed{seed}_{lab.replace(' ', '_').replace(',', '')}"
+                            tifffile.imwrite(args.save / f"{tag}.tif", p.astype(np.uint32), compression="zlib")
                         print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
                               f"{t:.0f} s{steps}, load {os.getloadavg()[0]:.1f}", flush=True)
     table = summarise(results, names, ks)

@@ -1,0 +1,59 @@
+"""The few-shot benchmark's scoring (benchmarks/fewshot.py): what its tables count."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def fewshot():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fewshot.py"
+    spec = importlib.util.spec_from_file_location("fewshot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _scene():
+    """Six 8x8 reference objects in a row on a 20x80 image; object 6 touches the right border."""
+    objects = np.zeros((20, 80), np.int32)
+    for i in range(6):
+        objects[6:14, 4 + 13 * i:12 + 13 * i] = i + 1
+    objects[6:14, 72:80] = 6
+    return objects
+
+
+def test_score_and_error_kinds_count_each_mistake(fewshot):
+    objects = _scene()
+    region = np.ones(objects.shape, bool)
+    pred = np.zeros_like(objects)
+    pred[objects == 1] = 10                      # object 1 (painted): not scored
+    pred[objects == 2] = 11                      # object 2: matched
+    pred[6:14, 30:51] = 12                       # objects 3 and 4 merged into one
+    pred[6:9, 56:64], pred[9:11, 56:64], pred[11:14, 56:64] = 13, 14, 17   # object 5 split in three
+    pred[1:4, 20:26] = 15                        # an extra object on background
+    pred[objects == 6] = 16                      # the border object: left out on both sides
+    train, ignore = np.array([1]), fewshot.border_ids(objects)
+    assert ignore.tolist() == [6]
+    ap, miou = fewshot.score(pred, objects, region, train, ignore, drop_border=True)
+    # scored: 2, 3, 4, 5; counted predictions: 11, 12, 13, 14, 17, 15 -> 1 TP, 5 FP, 3 FN.
+    assert ap == pytest.approx(1 / 9) and miou == pytest.approx(1.0)
+    kinds = fewshot.error_kinds(pred, objects, region, train, ignore, drop_border=True)
+    assert kinds == dict(matched=1, merged=2, split=1, missed=0, misshapen=0, extra=5)
+    # Nothing predicted: every scored object missed.
+    nothing = fewshot.error_kinds(np.zeros_like(pred), objects, region, train, ignore, drop_border=True)
+    assert nothing["missed"] == 4 and nothing["extra"] == 0
+    assert fewshot.score(np.zeros_like(pred), objects, region, train, ignore) == (0.0, 0.0)
+
+
+def test_paint_marks_the_chosen_objects_and_background_near_them(fewshot):
+    objects = _scene()
+    region = np.ones(objects.shape, bool)
+    painted = fewshot.paint(objects, region, np.array([2, 4]))
+    assert set(np.unique(painted[objects == 2])) == {2} and set(np.unique(painted[objects == 4])) == {3}
+    assert (painted[np.isin(objects, [1, 3, 5, 6])] == 0).all()   # other objects stay unlabelled
+    assert (painted[(objects == 0)] <= 1).all() and (painted == 1).any()
