@@ -221,11 +221,11 @@ def error_kinds(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train
                 drop_border: bool = False) -> dict[str, int]:
     """What went wrong, reference object by object (counted as :func:`score` counts).
 
-    ``matched``: IoU >= 0.5 with a predicted object; ``merged``: unmatched, and most of it lies in a predicted object that also holds most
-    of another reference object; ``split``: two or more predicted objects each hold at
-    least a fifth of it; ``missed``: predicted objects cover less than half of it;
-    ``misshapen``: the rest of the unmatched (one object, IoU under 0.5); ``extra``:
-    predicted objects matching nothing.
+    ``matched``: IoU >= 0.5 with a predicted object; ``merged``: unmatched, and most of it
+    lies in a predicted object that also holds most of another reference object; ``split``:
+    two or more predicted objects each hold at least a fifth of it; ``missed``: predicted
+    objects cover less than half of it; ``misshapen``: the rest of the unmatched (one
+    object, IoU under 0.5); ``extra``: predicted objects matching nothing.
     """
     inter, ga, pa = _overlaps(pred, objects, region, train_ids, ignore_ids, drop_border)
     kinds = dict(matched=0, merged=0, split=0, missed=0, misshapen=0, extra=0)
