@@ -344,7 +344,75 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
             break
     pred = predict_all(res.model, image, PredictConfig(), res.metadata).labels
     flipped = predict_all(res.model, image, PredictConfig(flips=True), res.metadata).labels if flips else None
-    return pred, flipped, res.metadata["training"]
+    return pred, flipped, {**res.metadata["training"], "result": res, "config": cfg}
+
+
+def simulated_rounds(image, objects, region, painted_ids, candidates, first, rounds: int, per_round: int,
+                     seconds: float, seed: int) -> list[tuple[np.ndarray, dict, np.ndarray]]:
+    """The correction loop as a user runs it: after each result, paint the ``per_round``
+    candidate objects it gets most wrong (lowest best IoU with a predicted object: missed,
+    merged or split ones first) and press Continue for ``seconds``.
+
+    ``first`` is the first run's ``(labels, info)``; returns ``(labels, info, painted ids)``
+    after each round. Continue trains the same network (``train(model=...)``), as the
+    Train widget does, with the first run's settings and a ``seconds`` budget.
+    """
+    import dataclasses
+
+    from napari_unet.config import PredictConfig
+    from napari_unet.inference import predict_all
+    from napari_unet.quality import match_objects
+    from napari_unet.training import train
+
+    labels, info = first
+    res, cfg = info["result"], info["config"]
+    painted_ids = np.asarray(painted_ids)
+    out = []
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        left = np.setdiff1d(candidates, painted_ids)
+        if len(left) == 0:
+            break
+        # match_objects gives each reference object, in id order, its best IoU with the result.
+        best = match_objects(np.where(np.isin(objects, left), objects, 0), labels)
+        order = np.lexsort((rng.random(len(left)), best))  # worst first, ties at random
+        painted_ids = np.concatenate([painted_ids, left[order[:per_round]]])
+        painted = paint(objects, region, painted_ids)
+        budget = dataclasses.replace(cfg, max_time=seconds, iterations=None)
+        gen = train(image, painted, budget, model=res.model, metadata=res.metadata)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                res = stop.value
+                break
+        labels = predict_all(res.model, image, PredictConfig(), res.metadata).labels
+        out.append((labels, {**res.metadata["training"], "result": res, "config": cfg}, painted_ids))
+    return out
+
+
+def _errors(pred, objects, region, train_ids, ignore) -> str:
+    kinds = error_kinds(pred, objects, region, train_ids, ignore, drop_border=True)
+    named = [f"{n} {v}" for n, v in kinds.items() if n != "matched" and v]
+    return (", " + " ".join(named)) if named else ""
+
+
+def _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, big, skip, pred, info):
+    """The simulated correction rounds after one U-Net run; every round (the first run as round
+    0) is scored on the same objects: those no round painted."""
+    t0 = time.perf_counter()
+    rounds = simulated_rounds(image, objects, region, train_ids, big, (pred, info), args.rounds,
+                              args.round_k, args.round_time, seed)
+    final = rounds[-1][2] if rounds else train_ids
+    n_eval = len(big) - len(final)
+    for r, (labels, rinfo) in enumerate([(pred, info)] + [(lab, inf) for lab, inf, _ in rounds]):
+        ap50, miou = score(labels, objects, region, final, skip, drop_border=True)
+        lab = f"{label}, round {r}"
+        results.setdefault((name, k, lab), []).append((seed, ap50, n_eval, miou, time.perf_counter() - t0))
+        check = rinfo.get("painted_check") or {}
+        print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, scored {n_eval}, "
+              f"{rinfo['iterations']} steps, painted cells found again {check.get('recovered')}/"
+              f"{check.get('painted')}{_errors(labels, objects, region, final, skip)}", flush=True)
 
 
 def _overrides(items: list[str], ap: argparse.ArgumentParser) -> dict:
@@ -378,7 +446,9 @@ def summarise(results: dict, images: list[str], ks: list[int]) -> str:
             for m in methods:
                 v = np.array([r[1] for r in results.get((name, k, m), [])])
                 cells.append(f"{v.mean():.3f} ± {v.std():.3f} (min {v.min():.2f})" if len(v) else "-")
-            n_eval = results.get((name, k, methods[0]), [(0, 0, 0)])[0][2] if methods else 0
+            # Correction rounds are scored on fewer objects (those no round painted).
+            n_eval = "/".join(str(n) for n in dict.fromkeys(results[(name, k, m)][0][2] for m in methods
+                                                              if (name, k, m) in results))
             lines.append(f"| {name} | {k} | {n_eval} | " + " | ".join(cells) + " |")
     lines += ["", "| K | method | mean AP@0.5 over images | sd over images | worst image | mean sd over seeds "
               "| image-seeds below Otsu - 0.05 | vs random forest |", "|---|---|---|---|---|---|---|---|"]
@@ -433,6 +503,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TrainConfig field, e.g. --set ema=0 --set min_val_objects=3 (repeatable)")
     ap.add_argument("--flips", action="store_true", help="also score the same networks with test-time flips")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="simulated correction rounds after each U-Net run: paint the --round-k objects the result "
+                         "gets most wrong, Continue for --round-time s; all rounds scored on the objects never painted")
+    ap.add_argument("--round-k", type=int, default=5, help="objects painted per correction round (default 5)")
+    ap.add_argument("--round-time", type=float, default=30.0, help="seconds of Continue per round (default 30)")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) to this file")
@@ -450,6 +525,8 @@ def main(argv=None) -> int:
         ap.error("--unet describes a new network: use it with --init new (a fine-tuned model keeps its architecture)")
     overrides = _overrides(args.set, ap)
     ks = sorted({int(k) for k in args.k.split(",")})
+    if args.rounds and len(ks) > 1:
+        ap.error("--rounds starts from one painting: give one --k")
 
     import tifffile
     import torch
@@ -513,14 +590,16 @@ def main(argv=None) -> int:
                         check = (info or {}).get("painted_check")
                         if check:
                             steps += f", painted cells found again {check['recovered']}/{check['painted']}"
-                        kinds = error_kinds(p, objects, region, train_ids, ignore, drop_border=True)
-                        steps += ", " + " ".join(f"{n} {v}" for n, v in kinds.items() if n != "matched" and v)
+                        steps += _errors(p, objects, region, train_ids, ignore)
                         if args.save:
                             args.save.mkdir(parents=True, exist_ok=True)
                             tag = f"{name.replace('/', '_')}_K{k}_seed{seed}_{lab.replace(' ', '_').replace(',', '')}"
                             tifffile.imwrite(args.save / f"{tag}.tif", p.astype(np.uint32), compression="zlib")
                         print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
                               f"{t:.0f} s{steps}, load {os.getloadavg()[0]:.1f}", flush=True)
+                    if args.rounds and info is not None:
+                        _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, big, skip,
+                                pred, info)
     table = summarise(results, names, ks)
     print()
     print(table)

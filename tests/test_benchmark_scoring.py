@@ -57,3 +57,28 @@ def test_paint_marks_the_chosen_objects_and_background_near_them(fewshot):
     assert set(np.unique(painted[objects == 2])) == {2} and set(np.unique(painted[objects == 4])) == {3}
     assert (painted[np.isin(objects, [1, 3, 5, 6])] == 0).all()   # other objects stay unlabelled
     assert (painted[(objects == 0)] <= 1).all() and (painted == 1).any()
+
+
+def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
+    from napari_unet.synthetic import make_nuclei
+
+    image, objects = make_nuclei((96, 96), radius=(5, 9), seed=4)
+    objects = objects.astype(np.int32)
+    region = np.ones(objects.shape, bool)
+    ids = np.setdiff1d(np.unique(objects), np.concatenate([[0], fewshot.border_ids(objects)]))
+    first_ids = ids[:3]
+    painted = fewshot.paint(objects, region, first_ids)
+    pred, _, info = fewshot.unet(image, painted, seed=0, max_time=None, spec="4/2/32/2/3e-3", threads=1,
+                                 iterations=2, init="new")
+    # The result misses every object but the first two remaining: those two are painted last.
+    fake = np.where(np.isin(objects, ids[3:5]), objects, 0)
+    rounds = fewshot.simulated_rounds(image, objects, region, first_ids, ids, (fake, info), rounds=2,
+                                      per_round=2, seconds=0.5, seed=0)
+    assert len(rounds) == 2
+    first_round = rounds[0][2]
+    assert first_round[:3].tolist() == first_ids.tolist() and len(first_round) == 5
+    assert not np.isin(ids[3:5], first_round).any()       # found objects are not painted first
+    assert len(rounds[1][2]) == 7 and rounds[1][2][:5].tolist() == first_round.tolist()
+    # Continue trains the same network on: the result object is the first run's model.
+    assert rounds[1][1]["result"].model is info["result"].model
+    assert rounds[1][0].shape == objects.shape
