@@ -62,7 +62,7 @@ def test_paint_marks_the_chosen_objects_and_background_near_them(fewshot):
 def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
     from napari_unet.synthetic import make_nuclei
 
-    image, objects = make_nuclei((96, 96), radius=(5, 9), seed=4)
+    image, objects = make_nuclei((128, 128), radius=(5, 8), seed=4)  # 14 objects off the border
     objects = objects.astype(np.int32)
     region = np.ones(objects.shape, bool)
     ids = np.setdiff1d(np.unique(objects), np.concatenate([[0], fewshot.border_ids(objects)]))
