@@ -72,7 +72,7 @@ def test_train_refuses_bad_layers_and_files(make_napari_viewer, qtbot, small_cel
     hostile = tmp_path / "hostile.safetensors"
     hostile.write_bytes(pickle.dumps({"weights": [], "hook": _RunsCode(marker)}))
     cases = [("flat", START_NEW, None, "same value"),
-             ("rgb", START_FILE, tiny_model_file(1), "takes 1 channel(s) but the image has 3"),
+             ("rgb", START_FILE, tiny_model_file(2), "takes 2 channel(s) but the image has 3"),
              ("cells", START_FILE, hostile, "never unpickled")]
     threads = _python_threads()
     for image_name, start, model_file, expected in cases:
