@@ -314,6 +314,15 @@ def forest_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray,
 
 # ---- the U-Net --------------------------------------------------------------------------------
 
+def _drained(gen):
+    """Run a training generator to its end; its result."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
 def unet(image, painted, seed: int, max_time: float | None, spec: str | None, threads: int | None,
          iterations: int | None = None, init: str | None = None, overrides: dict | None = None,
          flips: bool = False):
@@ -346,13 +355,7 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
         init_from = SAMPLE_MODEL_PATH
     elif init not in (None, "new"):  # or a model file
         init_from = init
-    gen = train(image, painted, cfg, model_config=mc, init_from=init_from)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            res = stop.value
-            break
+    res = _drained(train(image, painted, cfg, model_config=mc, init_from=init_from))
     pred = predict_all(res.model, image, PredictConfig(), res.metadata).labels
     flipped = predict_all(res.model, image, PredictConfig(flips=True), res.metadata).labels if flips else None
     return pred, flipped, {**res.metadata["training"], "result": res, "config": cfg}
@@ -390,13 +393,7 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
         painted_ids = np.concatenate([painted_ids, left[order[:per_round]]])
         painted = paint(objects, region, painted_ids)
         budget = dataclasses.replace(cfg, max_time=seconds, iterations=None)
-        gen = train(image, painted, budget, model=res.model, metadata=res.metadata)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                res = stop.value
-                break
+        res = _drained(train(image, painted, budget, model=res.model, metadata=res.metadata))
         labels = predict_all(res.model, image, PredictConfig(), res.metadata).labels
         out.append((labels, {**res.metadata["training"], "result": res, "config": cfg}, painted_ids))
     return out
