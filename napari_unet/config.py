@@ -76,6 +76,10 @@ class ModelConfig(_DictMixin):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
+#: The training budget when neither iterations nor a time is given (seconds).
+DEFAULT_MAX_TIME = 60.0
+
+
 @dataclass(frozen=True)
 class TrainConfig(_DictMixin):
     """How to train (owned by :mod:`napari_unet.training`; see its docstring for details).
@@ -86,9 +90,11 @@ class TrainConfig(_DictMixin):
         ``"instances"`` (each label >= 2 is one cell; targets background / interior /
         boundary) or ``"semantic"`` (label k >= 2 is class k - 1).
     iterations : int or None
-        Number of optimiser steps; ``None`` for no limit (then ``max_time`` must be set).
+        Number of optimiser steps; ``None`` for no limit (then ``max_time`` is the budget).
     max_time : float or None
-        Time budget in seconds; training stops at the first iteration past it.
+        Time budget in seconds; training stops at the first iteration past it. Not given:
+        60 s when ``iterations`` is not given either, else no time limit (``iterations=N``
+        makes N steps however long they take).
     patch_size : int
         Side of the square training patches (adjusted to a valid size of the model).
     batch_size : int
@@ -154,6 +160,11 @@ class TrainConfig(_DictMixin):
         the painted cells found again (IoU > 0.5); the last progress event says so, and
         warns when fewer than half are (:mod:`napari_unet.quality`). Costs one prediction
         per plane.
+    rescale : bool
+        Instance mode, starting from existing weights: resize the images so that the
+        painted cells have the size of the cells the starting model knows (its file's
+        ``object_area``); the trained model's file records the factor (``scale``) and
+        prediction resizes images by it. Off: images are used as they are.
     keep_pretrained : float
         When training starts from existing weights (``init_from``, or ``model`` to train
         on), the result keeps this fraction of the starting weights: it is
@@ -167,7 +178,7 @@ class TrainConfig(_DictMixin):
 
     mode: str = "instances"
     iterations: int | None = None
-    max_time: float | None = 60.0
+    max_time: float | None = None
     patch_size: int = 128
     batch_size: int = 8
     learning_rate: float = 3e-3
@@ -192,6 +203,7 @@ class TrainConfig(_DictMixin):
     ema: float = 0.99
     keep_pretrained: float = 0.3
     check_painted: bool = True
+    rescale: bool = True
 
     def __post_init__(self):
         if self.threads is not None and self.threads < 1:
@@ -199,7 +211,7 @@ class TrainConfig(_DictMixin):
         if self.mode not in ("instances", "semantic"):
             raise ConfigError(f"mode must be 'instances' or 'semantic', got {self.mode!r}")
         if self.iterations is None and self.max_time is None:
-            raise ConfigError("give an iteration count, a time budget (max_time), or both")
+            object.__setattr__(self, "max_time", DEFAULT_MAX_TIME)  # the minute users expect
         if self.iterations is not None and self.iterations < 1:
             raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
         if self.max_time is not None and self.max_time <= 0:
@@ -275,6 +287,10 @@ class PredictConfig(_DictMixin):
         up-down and both, and the four probability maps (mirrored back) are averaged. Four
         times the compute; smoother cell outlines. Whether it helps depends on the network
         (see docs/design.md); ``benchmarks/fewshot.py --flips`` measures it.
+    scale : float or None
+        Resize each plane by this factor before the network (the probabilities are resized
+        back, so labels have the image's shape). ``None``: the model file's ``scale`` (what
+        training chose so that the painted cells had the size the model knew), else 1.
     """
 
     output: str | None = None
@@ -288,8 +304,11 @@ class PredictConfig(_DictMixin):
     channel_axis: int | None = None
     min_size: int | None = None
     flips: bool = False
+    scale: float | None = None
 
     def __post_init__(self):
+        if self.scale is not None and not (isinstance(self.scale, (int, float)) and 0.05 <= self.scale <= 20):
+            raise ConfigError(f"scale must be between 0.05 and 20, or None (the model's), got {self.scale!r}")
         if self.output not in (None, "instances", "semantic"):
             raise ConfigError(f"output must be 'instances' or 'semantic', got {self.output!r}")
         if self.tile_size is not None and self.tile_size < 8:

@@ -12,7 +12,8 @@ import numpy as np
 
 __all__ = ["normalize", "normalize_like", "LUMINANCE", "to_grey",
            "IGNORE", "TrainingDataError", "as_list", "check_labels", "split_channels",
-           "apply_roi", "instance_targets", "semantic_targets", "class_balance", "border_weight_map"]
+           "apply_roi", "instance_targets", "semantic_targets", "class_balance", "border_weight_map",
+           "SCALE_LIMITS", "SCALE_TOLERANCE", "painted_area", "rescale_factor", "resize_plane"]
 
 
 def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, channel_axis: int | None = None,
@@ -63,6 +64,74 @@ def to_grey(image: np.ndarray) -> np.ndarray:
 
 #: Target value of pixels the loss ignores (unlabelled, or held out for validation).
 IGNORE = 255
+
+# ---- object size: images resized so that cells have the size the model knows ------------------
+
+#: The smallest and largest factor an image is resized by to match the model's cell size.
+SCALE_LIMITS = (0.25, 4.0)
+#: Factors within this ratio of 1 are not applied (resampling costs time and sharpness for
+#: a size difference the network handles anyway).
+SCALE_TOLERANCE = 1.25
+
+
+def painted_area(labels: list[np.ndarray]) -> float | None:
+    """Median area (px) of the painted objects (values >= 2, each value one object per plane)."""
+    areas = []
+    for lab in labels:
+        counts = np.bincount(np.asarray(lab).ravel())[2:]
+        areas.append(counts[counts > 0])
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    return float(np.median(areas)) if len(areas) else None
+
+
+def rescale_factor(area: float | None, target_area: float | None, min_side: int | None = None) -> float:
+    """The factor by which to resize an image whose cells have median ``area`` so that they get
+    ``target_area`` (cellpose's diameter idea, measured on the painted cells).
+
+    1.0 when either is unknown or the factor is within :data:`SCALE_TOLERANCE` of 1; clipped to
+    :data:`SCALE_LIMITS`, and never so small that a side of ``min_side`` px drops below
+    :data:`MIN_IMAGE_SIZE`.
+    """
+    if not area or not target_area or area <= 0 or target_area <= 0:
+        return 1.0
+    s = float(np.sqrt(target_area / area))
+    if 1 / SCALE_TOLERANCE <= s <= SCALE_TOLERANCE:
+        return 1.0
+    s = float(np.clip(s, *SCALE_LIMITS))
+    if min_side:
+        s = max(s, MIN_IMAGE_SIZE / min_side)
+    return round(s, 4)
+
+
+def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    """``(Y, X)`` resized by ``factor`` (at least 1 px a side)."""
+    return tuple(max(1, int(round(n * factor))) for n in shape)  # type: ignore[return-value]
+
+
+def resize_plane(plane: np.ndarray, shape: tuple[int, int], labels: bool = False, channel_axis: int | None = None
+                 ) -> np.ndarray:
+    """A 2D plane (channels on ``channel_axis``) resized to ``shape`` (its ``(Y, X)``).
+
+    Images: linear interpolation, smoothed first when shrinking (scikit-image's
+    anti-aliasing), float32 kept. Labels: nearest value (ids are not blended).
+    """
+    from skimage.transform import resize
+
+    plane = np.asarray(plane)
+    if tuple(plane.shape[-2:] if channel_axis == 0 else plane.shape[:2]) == tuple(shape):
+        return plane
+    if channel_axis is None:
+        out_shape = tuple(shape)
+    elif channel_axis in (-1, plane.ndim - 1):
+        out_shape = (*shape, plane.shape[-1])
+    else:
+        out_shape = (plane.shape[0], *shape)
+    if labels:
+        return resize(plane, out_shape, order=0, mode="edge", anti_aliasing=False, preserve_range=True
+                      ).astype(plane.dtype)
+    shrink = np.prod(out_shape) < np.prod(plane.shape)
+    return resize(plane.astype(np.float32, copy=False), out_shape, order=1, mode="reflect",
+                  anti_aliasing=bool(shrink), preserve_range=True).astype(np.float32)
 
 #: Smallest image side (in pixels) training accepts.
 MIN_IMAGE_SIZE = 16

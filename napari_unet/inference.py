@@ -712,7 +712,7 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     """
     import torch
 
-    from .data import normalize_like
+    from .data import normalize_like, resize_plane, scaled_shape
     from .device import resolve_device, select_precision
     from .postprocess import BOUNDARY, INTERIOR, StackLabels, instance_labels, label_dtype
 
@@ -758,13 +758,18 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         return 0 if valid else max(min(int(config.overlap), t - 2 * margin - multiple), 0)
     blending = "constant" if valid else config.blending
 
-    min_size, min_seed_size = instance_size_limits(config.min_size, meta.get("object_area"))
+    # Each plane is resized by `scale` before the network and its probabilities back: the
+    # cells then have the size the model was trained on; the size limits are in image pixels.
+    scale = float(config.scale if config.scale is not None else (meta.get("scale") or 1.0))
+    area = meta.get("object_area")
+    min_size, min_seed_size = instance_size_limits(config.min_size, area / scale ** 2 if area else None)
     want_probs = bool(config.probabilities)
     n_out = mcfg.n_classes if (want_probs or output == "semantic") else 2
     fg_pair = output == "instances" and not want_probs
     predictors = [_make_predictor(r, d, precision, fg_pair, config.flips) for r, d in zip(replicas, devices)]
 
     plane_shape = prep.plane_shape
+    net_shape = scaled_shape(plane_shape, scale) if scale != 1.0 else plane_shape
     probs = np.zeros((mcfg.n_classes, *lead, *plane_shape), np.float32) if want_probs else None
     if output == "instances":
         stack = StackLabels((*lead, *plane_shape))
@@ -773,10 +778,10 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         sem = np.zeros((*lead, *plane_shape), label_dtype(mcfg.n_classes - 1, "semantic"))
 
     def n_tiles(t):
-        pt = _plane_tile(model, t, plane_shape, overlap_for(t), multiple)
+        pt = _plane_tile(model, t, net_shape, overlap_for(t), multiple)
         oh, ow = pt[0] - 2 * margin, pt[1] - 2 * margin
-        return len(_positions(plane_shape[0], oh, overlap_for(t), multiple)) * len(
-            _positions(plane_shape[1], ow, overlap_for(t), multiple))
+        return len(_positions(net_shape[0], oh, overlap_for(t), multiple)) * len(
+            _positions(net_shape[1], ow, overlap_for(t), multiple))
 
     done = 0
     total = n_tiles(tile) * n_planes
@@ -784,10 +789,14 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         yield PredictProgress(done, total, k, n_planes, dev_name, precision,
                               f"plane {k + 1}/{n_planes}" if n_planes > 1 else "segmenting")
         x = normalize_like(prep.plane(idx), meta.get("normalization"), channel_axis=0)
-        acc = probs[(slice(None), *idx)] if want_probs else None
+        if net_shape != plane_shape:
+            x = resize_plane(x, net_shape, channel_axis=0)
+        # Accumulated in place in the returned probabilities, unless they are resized afterwards.
+        direct = want_probs and net_shape == plane_shape
+        acc = probs[(slice(None), *idx)] if direct else None
         while True:
             plane_done = 0
-            gen = tiled_predict_iter(predictors, x, _plane_tile(model, tile, plane_shape, overlap_for(tile), multiple),
+            gen = tiled_predict_iter(predictors, x, _plane_tile(model, tile, net_shape, overlap_for(tile), multiple),
                                      overlap_for(tile), batch,
                                      blending, margin, n_out, multiple=multiple, out=acc)
             try:
@@ -817,13 +826,16 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
                     tile = smaller
                     msg = f"out of memory: retrying with {tile}x{tile} tiles"
                     total = done + n_tiles(tile) * (n_planes - k)
-                if want_probs:
-                    acc = probs[(slice(None), *idx)]
+                acc = probs[(slice(None), *idx)] if direct else None
                 yield PredictProgress(done, total, k, n_planes, dev_name, precision, msg)
             finally:
                 gen.close()
         done += plane_done
         del x
+        if net_shape != plane_shape:  # back to the image's pixels (linear: probabilities stay in [0, 1])
+            acc = resize_plane(acc, plane_shape, channel_axis=0)
+            if want_probs:
+                probs[(slice(None), *idx)] = acc
         if output == "instances":
             if want_probs:
                 interior, fg = acc[INTERIOR], acc[INTERIOR] + acc[BOUNDARY]

@@ -157,7 +157,8 @@ def save_model(path: str | os.PathLike, model, metadata: dict[str, Any] | None =
     metadata : dict, optional
         JSON-serialisable information: ``normalization`` (how images were normalised in
         training), ``mode`` (``"instances"`` or ``"semantic"``), ``class_names``,
-        ``object_area`` (median area of the painted cells, px), ``output_bias_shift`` (what
+        ``object_area`` (median area of the painted cells, px, after resizing by ``scale``),
+        ``scale`` (the factor training resized images by, and prediction does), ``output_bias_shift`` (what
         training added to the output bias, undone before training on) and ``training``
         (provenance: date, iterations, data shapes, ...). Missing keys get
         :func:`default_metadata`'s values; ``napari_unet_version`` and ``saved`` are added.
@@ -252,6 +253,10 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
                                  and np.isfinite(area) and area > 0):
         raise ModelFileError(f"{path}: object_area in the file must be a positive number of pixels, "
                              f"got {str(area)[:40]}")
+    scale = meta.get("scale")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and np.isfinite(scale) and 0.05 <= scale <= 20):
+        raise ModelFileError(f"{path}: scale in the file must be a factor between 0.05 and 20, got {str(scale)[:40]}")
     shift = meta.get("output_bias_shift")
     if shift is not None and not (
             isinstance(shift, list) and len(shift) == meta["model"].get("n_classes")

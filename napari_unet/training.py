@@ -53,6 +53,10 @@ from .data import (
     class_balance,
     instance_targets,
     normalize,
+    painted_area,
+    rescale_factor,
+    resize_plane,
+    scaled_shape,
     semantic_targets,
     split_channels,
     to_grey,
@@ -182,8 +186,11 @@ class TrainingData:
     n_objects, n_val_objects : int
         Painted objects, and how many of them are held out for validation.
     object_area : float or None
-        Median area in pixels of the painted objects (instance mode): prediction derives
-        the smallest cell and seed it keeps from it.
+        Median area in pixels of the painted objects (instance mode), after resizing by
+        ``scale``: prediction derives the smallest cell and seed it keeps from it.
+    scale : float
+        The factor the planes were resized by (1.0: not resized; see ``target_area`` of
+        :func:`prepare_training_data`).
     shapes : list of tuple
         The input images' shapes (provenance).
     class_weights : numpy.ndarray
@@ -203,6 +210,7 @@ class TrainingData:
     class_weights: np.ndarray
     messages: list[str] = field(default_factory=list)
     object_area: float | None = None
+    scale: float = 1.0
 
 
 def _planes_2d(arr: np.ndarray, spatial_ndim: int) -> np.ndarray:
@@ -216,7 +224,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
                           min_val_objects: int = 8, border_weights: bool | None = None, w0: float = 10.0,
                           sigma: float = 5.0, class_balance_power: float = 1.0, n_classes: int | None = None,
                           boundary_width: int = 3, seed: int | None = 0,
-                          model_channels: int | None = None) -> TrainingData:
+                          model_channels: int | None = None, target_area: float | None = None) -> TrainingData:
     """Check images and painted labels and turn them into training planes; raise :class:`TrainingDataError`.
 
     Parameters
@@ -249,6 +257,11 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         The channels of the network that will train (fine-tuning): for a one-channel network
         an RGB(A) image (channels on the last axis, or on ``channel_axis``) is converted to
         grey (:func:`napari_unet.data.to_grey`), as prediction does; a message says so.
+    target_area : float, optional
+        Instance mode: the cell area (px) the network knows (the starting model's
+        ``object_area``). The planes are resized so that the painted cells' median area
+        matches it (:func:`napari_unet.data.rescale_factor`; ``TrainingData.scale``), and
+        prediction resizes images by the same factor (the model file's ``scale``).
 
     This is cheap enough to call on the GUI thread to check the input before training.
     """
@@ -327,6 +340,17 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         class_names = ["background"] + [f"class {k}" for k in range(1, n_cls)]
     else:
         raise TrainingDataError(f"mode must be 'instances' or 'semantic', got {mode!r}")
+    scale = 1.0
+    if mode == "instances" and target_area:
+        lab_planes = [lab for _, lab, _ in raw]
+        area = painted_area(lab_planes)
+        scale = rescale_factor(area, target_area, min_side=min(min(lab.shape) for lab in lab_planes))
+        if scale != 1.0:
+            raw = [(resize_plane(im, scaled_shape(lab.shape, scale), channel_axis=-1),
+                    resize_plane(lab, scaled_shape(lab.shape, scale), labels=True), src) for im, lab, src in raw]
+            messages.append(f"the painted cells ({area:.0f} px) are {'smaller' if scale > 1 else 'larger'} than "
+                            f"those the model knows ({target_area:.0f} px): images are resized by {scale:.2f} "
+                            "for training and prediction")
     if constant:
         i, value = constant[0]
         raise TrainingDataError(f"image{suffix(i)} has the same value ({value:g}) everywhere: nothing to learn from; "
@@ -394,7 +418,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         object_area = float(np.median(areas[areas > 0]))
     return TrainingData(planes=planes, in_channels=int(in_channels), n_classes=n_cls, mode=mode,
                         class_names=class_names, n_objects=len(objects), n_val_objects=n_val, shapes=shapes,
-                        class_weights=cw, messages=messages, object_area=object_area)
+                        class_weights=cw, messages=messages, object_area=object_area, scale=scale)
 
 
 # ---- patches ----------------------------------------------------------------------------------
@@ -793,7 +817,8 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
             val_margin=config.val_margin, min_val_objects=config.min_val_objects,
             border_weights=config.border_weights, w0=config.w0, sigma=config.sigma,
             class_balance_power=config.class_balance, boundary_width=config.boundary_width, seed=config.seed,
-            n_classes=target_classes, model_channels=None if model is None else model.config.in_channels)
+            n_classes=target_classes, model_channels=None if model is None else model.config.in_channels,
+            target_area=prior_meta.get("object_area") if (config.rescale and model is not None) else None)
         st["data"] = data
         st["messages"].extend(data.messages)
         if config.seed is not None:
@@ -1001,7 +1026,9 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
 
             _finish(result, config, st)
             try:
-                check = painted_check(model, result.metadata, [(p.image, p.painted) for p in data.planes],
+                # The planes are already at the network's scale.
+                check = painted_check(model, {**result.metadata, "scale": 1.0},
+                                      [(p.image, p.painted) for p in data.planes],
                                       device=st["device"])
             except Exception as e:  # noqa: BLE001 - an advisory check must never cost the run its result
                 message, warning = f"painted-cell check skipped: {first_line(e)}", True
@@ -1078,6 +1105,8 @@ def _complete_metadata(result: TrainResult, config: TrainConfig, st: dict[str, A
         meta["object_area"] = data.object_area
     elif config.mode != "instances":
         meta.pop("object_area", None)
+    if data is not None:
+        meta["scale"] = data.scale  # prediction resizes images by it (1.0: as they are)
     meta.pop(BIAS_SHIFT_KEY, None)
     if st.get("shift_applied"):
         meta[BIAS_SHIFT_KEY] = [float(v) for v in st["bias_shift"]]
