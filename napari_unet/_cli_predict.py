@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--min-size", type=int, default=None, metavar="PX",
                    help="remove cells smaller than this (default: 15 %% of the median area of the cells the "
                         "model was trained on, or 15 px)")
+    p.add_argument("--scale", type=float, default=None, metavar="FACTOR",
+                   help="resize images by this factor before the network, so that cells have the size the model "
+                        "was trained on (default: the factor recorded in the model file at training, else 1)")
     p.add_argument("--probabilities", action="store_true", help="also write the class probabilities (float32)")
     p.add_argument("--flips", action="store_true",
                    help="test-time augmentation: average the image's and its 3 mirror images' predictions "
@@ -60,11 +63,13 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Hidden files (macOS "._x.tif" resource forks, editors' ".x.tif~") are not images.
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
             if not found:
                 raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         elif any(ch in spec for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())  # glob skips hidden files
             if not found:
                 raise FileNotFoundError(f"{spec}: no file matches this pattern")
         else:
@@ -162,8 +167,8 @@ def run(args) -> int:
 def _run(args, ctx) -> int:
     from .config import PredictConfig
     from .distributed import shard
-    from .inference import predict, tune_malloc
-    from .io import OutputPathError, check_output_path, first_line, load_model, read_image, write_labels_tiff
+    from .inference import tune_malloc
+    from .io import OutputPathError, check_output_path, first_line, load_model
 
     # All ranks check all outputs before any of them writes one (else a slow rank would find a fast
     # one's fresh output "already existing"); a failure on any rank stops all.
@@ -192,44 +197,70 @@ def _run(args, ctx) -> int:
         device = ctx.device_name(args.device)  # under NCCL: this rank's own GPU
     tune_malloc()  # a short-lived process: keeping freed tensors in the heap saves page faults
     kw = {k: v for k, v in {"tile_size": args.tile, "batch_size": args.batch, "overlap": args.overlap,
-                            "min_size": args.min_size}.items() if v is not None}
+                            "min_size": args.min_size, "scale": args.scale}.items() if v is not None}
+    PredictConfig(output=args.output, probabilities=args.probabilities, precision=args.precision,
+                  flips=args.flips, **kw)  # a bad option fails now, once, not for every image
     show = not args.quiet and ctx.is_main  # one progress bar, not one per rank on the same terminal
+    failed = 0
     for src, dst in mine:
-        image, info = read_image(src)
-        cax = _channel_axis(args, info, image.ndim)
-        config = PredictConfig(output=args.output, probabilities=args.probabilities, device=device,
-                               precision=args.precision, channel_axis=cax, flips=args.flips, **kw)
-        gen = predict(model, image, config, meta)
-        bar = None
         try:
-            while True:
-                try:
-                    ev = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                if show:
-                    if bar is None:
-                        from tqdm import tqdm
-
-                        bar = tqdm(total=ev.total, desc=src.name, unit="tile", file=sys.stderr, leave=False)
-                    bar.total = ev.total
-                    bar.n = ev.done
-                    bar.set_postfix_str(f"{ev.device} {ev.precision}", refresh=False)
-                    bar.refresh()
-        except (ValueError, MemoryError) as e:
-            raise type(e)(f"{src}: {first_line(e)}") from None
-        finally:
-            gen.close()
-            if bar is not None:
-                bar.close()
-        axes = _label_axes(info, image.ndim, cax, result.labels.ndim)
-        write_labels_tiff(dst, result.labels, axes=axes, scale=info.scale, unit=info.unit or "um",
-                          overwrite=args.overwrite)
-        if args.probabilities and result.probabilities is not None:
-            _write_probabilities(probability_path(dst), result.probabilities, axes, info.scale, info.unit or "um",
-                                 args.overwrite)
-        n = int(result.labels.max()) if result.labels.size else 0
-        what = f"{n} cells" if result.output == "instances" else f"classes up to {n}"
-        print(f"{dst}: {what} ({result.device}, {result.precision})", file=sys.stderr)
+            _predict_one(args, src, dst, model, meta, device, kw, show)
+        except (ValueError, OSError, MemoryError) as e:
+            if len(inputs) == 1:
+                raise
+            # One bad file of a batch: say which and go on with the others (nothing is written for it).
+            failed += 1
+            print(f"napari-unet predict: error: {first_line(e)}", file=sys.stderr)
+    if failed:
+        raise ValueError(f"{failed} of {len(mine)} images failed (see above); the others were written")
     return 0
+
+
+def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show: bool) -> None:
+    from .config import PredictConfig
+    from .inference import predict
+    from .io import first_line, read_image, write_labels_tiff
+
+    try:
+        image, info = read_image(src)
+    except (ValueError, OSError) as e:
+        message = first_line(e)
+        raise ValueError(message if str(src) in message else f"{src}: {message}") from None
+    cax = _channel_axis(args, info, image.ndim)
+    config = PredictConfig(output=args.output, probabilities=args.probabilities, device=device,
+                           precision=args.precision, channel_axis=cax, flips=args.flips, **kw)
+    gen = predict(model, image, config, meta)
+    bar = None
+    try:
+        while True:
+            try:
+                ev = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if show:
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=ev.total, desc=src.name, unit="tile", file=sys.stderr, leave=False)
+                bar.total = ev.total
+                bar.n = ev.done
+                bar.set_postfix_str(f"{ev.device} {ev.precision}", refresh=False)
+                bar.refresh()
+    except MemoryError as e:
+        raise MemoryError(f"{src}: {first_line(e)}") from None
+    except ValueError as e:
+        raise ValueError(f"{src}: {first_line(e)}") from None
+    finally:
+        gen.close()
+        if bar is not None:
+            bar.close()
+    axes = _label_axes(info, image.ndim, cax, result.labels.ndim)
+    write_labels_tiff(dst, result.labels, axes=axes, scale=info.scale, unit=info.unit or "um",
+                      overwrite=args.overwrite)
+    if args.probabilities and result.probabilities is not None:
+        _write_probabilities(probability_path(dst), result.probabilities, axes, info.scale, info.unit or "um",
+                             args.overwrite)
+    n = int(result.labels.max()) if result.labels.size else 0
+    what = f"{n} cells" if result.output == "instances" else f"classes up to {n}"
+    print(f"{dst}: {what} ({result.device}, {result.precision})", file=sys.stderr)

@@ -94,6 +94,9 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-pretrained", type=float, default=None, metavar="FRACTION",
                    help=f"with --from: the result blends this fraction of the starting weights into the "
                         f"trained ones (0: the trained weights only; default: {dflt.keep_pretrained:g})")
+    p.add_argument("--no-rescale", action="store_true",
+                   help="with --from: train on the images as they are (default: resize them so that the painted "
+                        "cells have the size of those the starting model knows; prediction does the same)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -104,9 +107,7 @@ def _config(args):
 
     kw = {"mode": args.mode, "seed": args.seed, "device": args.device, "precision": args.precision,
           "iterations": args.iterations, "max_time": args.max_time, "augment": not args.no_augment,
-          "threads": args.threads}
-    if args.iterations is None and args.max_time is None:
-        kw["max_time"] = 60.0
+          "threads": args.threads, "rescale": not args.no_rescale}
     if args.optimizer == "sgd" and args.lr is None:
         kw["learning_rate"] = 0.01  # as the widget's SGD preset: Adam's rate is far too small for SGD
     for name, value in (("patch_size", args.patch_size), ("batch_size", args.batch_size),
@@ -205,6 +206,11 @@ def _run(args, ctx) -> int:
             if given:
                 raise ValueError(f"{', '.join(given)} describe a new network; a model fine-tuned with --from keeps "
                                  "its own architecture")
+        else:
+            given = [flag for flag, v in (("--keep-pretrained", args.keep_pretrained),
+                                          ("--no-rescale", args.no_rescale or None)) if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply when fine-tuning: give the starting model with --from")
         if args.init_from == "sample":
             from ._sample_data import sample_model_path
 

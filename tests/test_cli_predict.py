@@ -122,3 +122,31 @@ def test_bad_input_gives_one_line_and_no_file(files, tmp_path, capsys, case, mes
     assert rc == 2
     assert message in err and len(err.splitlines()) == 1 and err.startswith("napari-unet predict: error:")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_skips_hidden_files_and_goes_on_past_a_bad_one(files, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.tif", "c.tif"):
+        shutil.copy(files / "images" / "a.tif", folder / name)
+    (folder / "._a.tif").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an image
+    (folder / "b.tif").write_bytes(b"not a tiff at all")  # a broken file among good ones
+    out = tmp_path / "out"
+    rc = main(["predict", "--model", str(files / "inst.safetensors"), "--image", str(folder), "--out", str(out),
+               "--precision", "fp32", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "c_labels.tif"]
+    bad = [line for line in err if "error" in line]
+    assert len(bad) == 2 and "b.tif" in bad[0] and "._a" not in "\n".join(err)
+    assert bad[1].endswith("1 of 3 images failed (see above); the others were written")
+
+
+def test_a_bad_option_fails_before_any_image(files, tmp_path, capsys):
+    rc = main(["predict", "--model", str(files / "inst.safetensors"), "--image", str(files / "images"),
+               "--out", str(tmp_path / "o"), "--scale", "0", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "scale must be" in err[0]
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []

@@ -100,6 +100,26 @@ def test_from_refuses_new_network_options(files, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_fine_tuning_options_without_from_are_refused(files, tmp_path, capsys):
+    d, _, _ = files
+    out = tmp_path / "m.safetensors"
+    base = ["train", "--image", str(d / "img.tif"), "--labels", str(d / "lab.tif"), "--out", str(out), *FAST]
+    assert main([*base, "--keep-pretrained", "0.5"]) == 2
+    assert _err_line(capsys).endswith("--keep-pretrained only apply when fine-tuning: give the starting model "
+                                      "with --from")
+    assert main([*base, "--no-rescale", "--keep-pretrained", "0"]) == 2
+    assert "--keep-pretrained, --no-rescale only apply" in _err_line(capsys)
+    assert not out.exists()
+
+
+def test_an_iteration_count_alone_is_not_cut_at_a_minute():
+    from napari_unet.config import DEFAULT_MAX_TIME, TrainConfig
+
+    assert TrainConfig(iterations=5000).max_time is None
+    assert TrainConfig().max_time == DEFAULT_MAX_TIME == 60.0
+    assert TrainConfig(iterations=10, max_time=5.0).max_time == 5.0
+
+
 def test_several_images(files, capsys):
     d, img, lab = files
     tifffile.imwrite(d / "img2.tif", img[::-1])
