@@ -250,6 +250,43 @@ def error_kinds(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train
     return kinds
 
 
+def error_mask(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_ids, ignore_ids) -> np.ndarray:
+    """Pixels a user would correct: scored reference objects no predicted object matches (IoU
+    >= 0.5: missed, merged, split, misshapen) and predicted objects in the region matching no
+    reference object (extra)."""
+    from napari_unet.quality import match_objects
+
+    skipped = np.isin(objects, np.concatenate([train_ids, ignore_ids]))
+    scored = np.where(skipped, 0, objects)
+    ids = np.unique(scored[scored > 0])
+    bad_gt = ids[match_objects(scored, pred) < 0.5]
+    p_ids = np.unique(pred[pred > 0])
+    p_best = match_objects(pred, objects)  # each predicted object's best IoU with any reference object
+    area = np.bincount(pred.ravel())
+    inside = np.bincount(pred.ravel(), weights=region.ravel(), minlength=len(area))
+    on_skip = np.bincount(pred.ravel(), weights=skipped.ravel(), minlength=len(area))
+    counted = (inside[p_ids] > 0.5 * area[p_ids]) & (on_skip[p_ids] <= 0.5 * area[p_ids])
+    bad_pred = p_ids[(p_best < 0.5) & counted]
+    return np.isin(scored, bad_gt) | np.isin(pred, bad_pred)
+
+
+def suggestion_hits(probabilities, pred, objects, region, train_ids, ignore_ids, painted, cell_area: float,
+                    n: int = 5) -> tuple[int, int, float]:
+    """``(hits, suggestions, chance)``: how many of :func:`napari_unet.quality.where_to_paint`'s
+    top ``n`` places lie on (within a quarter cell of) an error a user would correct, and the
+    fraction of unpainted places in the region that do (what random places would score)."""
+    from napari_unet.quality import uncertainty, where_to_paint
+
+    errors = error_mask(pred, objects, region, train_ids, ignore_ids)
+    reach = 0.5 * np.sqrt(cell_area / np.pi)
+    near = ndi.distance_transform_edt(~errors) <= reach if errors.any() else np.zeros_like(errors)
+    places = where_to_paint(uncertainty(probabilities), cell_area, n, painted=painted)
+    hits = sum(bool(near[y, x]) for (y, x) in (p.centre for p in places))
+    free = region.astype(bool) & (painted == 0)
+    chance = float(near[free].mean()) if free.any() else 0.0
+    return hits, len(places), chance
+
+
 # ---- baselines --------------------------------------------------------------------------------
 
 def distance_watershed(foreground: np.ndarray, min_distance: int, min_size: int = 15) -> np.ndarray:
@@ -399,6 +436,17 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
     return out
 
 
+def _suggestions(image, painted, objects, region, train_ids, ignore, pred, info) -> tuple[int, int, float]:
+    from napari_unet.config import PredictConfig
+    from napari_unet.inference import predict_all
+
+    res = info["result"]
+    meta = res.metadata
+    probs = predict_all(res.model, image, PredictConfig(probabilities=True), meta).probabilities
+    area = float(meta.get("object_area") or 300.0) / float(meta.get("scale") or 1.0) ** 2
+    return suggestion_hits(probs, pred, objects, region, train_ids, ignore, painted, area)
+
+
 def _errors(pred, objects, region, train_ids, ignore) -> str:
     kinds = error_kinds(pred, objects, region, train_ids, ignore, drop_border=True)
     named = [f"{n} {v}" for n, v in kinds.items() if n != "matched" and v]
@@ -516,6 +564,9 @@ def main(argv=None) -> int:
                          "gets most wrong, Continue for --round-time s; all rounds scored on the objects never painted")
     ap.add_argument("--round-k", type=int, default=5, help="objects painted per correction round (default 5)")
     ap.add_argument("--round-time", type=float, default=30.0, help="seconds of Continue per round (default 30)")
+    ap.add_argument("--suggest", action="store_true",
+                    help="after each U-Net run, score the top 5 'where to paint next' places: how many lie on "
+                         "errors a user would correct, against random places")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) to this file")
@@ -555,6 +606,7 @@ def main(argv=None) -> int:
               f"load average at start {os.getloadavg()[0]:.1f}")
     print(header, flush=True)
     results: dict[tuple[str, int, str], list] = {}
+    suggested: dict[str, list] = {}
     for name in names:
         image, objects, region = data[name]
         ids = np.unique(objects[objects > 0])
@@ -605,10 +657,20 @@ def main(argv=None) -> int:
                             tifffile.imwrite(args.save / f"{tag}.tif", p.astype(np.uint32), compression="zlib")
                         print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
                               f"{t:.0f} s{steps}, load {os.getloadavg()[0]:.1f}", flush=True)
+                    if args.suggest and info is not None:
+                        hits = _suggestions(image, painted, objects, region, train_ids,
+                                            np.concatenate([skip, unpainted]), pred, info)
+                        suggested.setdefault(label, []).append(hits)
+                        print(f"  {name} K={k} seed {seed} {label}: where to paint next, {hits[0]} of {hits[1]} "
+                              f"places on errors (random places: {hits[2]:.2f})", flush=True)
                     if args.rounds and info is not None:
                         _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, big, skip,
                                 pred, info)
     table = summarise(results, names, ks)
+    for label, rows in suggested.items():
+        hit, n = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        table += (f"\n\nWhere to paint next ({label}): {hit} of {n} suggested places lie on errors a user would "
+                  f"correct ({hit / max(n, 1):.0%}); random unpainted places: {np.mean([r[2] for r in rows]):.0%}")
     print()
     print(table)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")

@@ -6,15 +6,21 @@ painted planes are segmented as prediction would segment them, and each painted 
 looked for in the result (matched at IoU > 0.5). A network that recovers fewer than half
 of the cells that were painted (those held out for validation included) will not do better
 on the cells nobody painted: that is reported (:func:`painted_check`).
+
+Where to paint next: :func:`uncertainty` turns class probabilities into a map of how unsure
+the network is, and :func:`where_to_paint` picks the places where a minute of painting
+should help most (the most unsure cell-sized neighbourhoods not painted yet).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["match_objects", "PaintedCheck", "painted_check"]
+__all__ = ["match_objects", "PaintedCheck", "painted_check", "uncertainty", "where_to_paint", "Suggestion",
+           "PaintNext", "paint_next"]
 
 #: Below this fraction of painted cells recovered, the check warns.
 MIN_RECOVERED = 0.5
@@ -114,3 +120,98 @@ def painted_check(model, metadata: dict, planes, max_planes: int = 4, device: st
         on_bg = np.bincount(pred[lab == 1].ravel(), minlength=int(pred.max()) + 1)[ids]
         on_background += int((on_bg > 0.5 * area).sum())
     return PaintedCheck(painted=painted, recovered=recovered, on_background=on_background)
+
+
+# ---- where to paint next ------------------------------------------------------------------------
+
+def uncertainty(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
+    """How unsure the network is at each pixel: the entropy of its class probabilities,
+    divided by its largest value (``log`` of the class count), so 0 = certain, 1 = all
+    classes equally likely. ``probabilities`` has the classes on ``axis``."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float32), 1e-7, 1.0)
+    n = p.shape[axis]
+    if n < 2:
+        return np.zeros(np.delete(p.shape, axis), np.float32)
+    h = -(p * np.log(p)).sum(axis=axis) / np.log(n)
+    return np.clip(h, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class Suggestion:
+    """A place to paint next: ``centre`` ``(y, x)`` in the plane's pixels, ``score`` the mean
+    uncertainty of the cell-sized window around it."""
+
+    centre: tuple[int, int]
+    score: float
+
+
+def where_to_paint(uncertain: np.ndarray, cell_area: float | None = None, n: int = 5,
+                   painted: np.ndarray | None = None) -> list[Suggestion]:
+    """The ``n`` places most worth painting next, most unsure first.
+
+    Every cell outline is a little unsure (the classes change there), so single pixels say
+    little; a window of about one cell (``cell_area``, px; 300 if unknown) averages the map,
+    and the highest local means at least a cell apart are the suggestions: cells the network
+    hesitates to split, merge, find or shape. Places already painted (``painted`` > 0 over
+    most of the window) are left out: the user has said what is there.
+    """
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+
+    u = np.asarray(uncertain, dtype=np.float32)
+    diameter = 2.0 * np.sqrt(float(cell_area or 300.0) / np.pi)
+    size = max(3, int(round(diameter)))
+    mean = ndi.uniform_filter(u, size=size, mode="reflect")
+    if painted is not None:
+        on = np.asarray(painted) > 0
+        covered = ndi.uniform_filter(on.astype(np.float32), size=size, mode="reflect")
+        mean = np.where((covered > 0.5) | on, 0.0, mean)
+    peaks = peak_local_max(mean, min_distance=max(1, size // 2), threshold_abs=1e-3, exclude_border=False,
+                           num_peaks=n)
+    found = [Suggestion(centre=(int(y), int(x)), score=float(mean[y, x])) for y, x in peaks]
+    return sorted(found, key=lambda s: -s.score)
+
+
+@dataclass
+class PaintNext:
+    """What :func:`paint_next` found: the uncertainty map ``(Y, X)`` (0 certain .. 1), the
+    places to paint next (most unsure first) and the segmentation they were judged on."""
+
+    uncertainty: np.ndarray
+    places: list[Suggestion]
+    labels: np.ndarray
+
+
+def paint_next(model, image: np.ndarray, metadata: dict | None, painted: np.ndarray | None = None, n: int = 5,
+               config=None):
+    """Segment one plane and say where painting would help most: a generator of
+    :class:`napari_unet.inference.PredictProgress` (stoppable at every tile) returning a
+    :class:`PaintNext`.
+
+    ``image`` is one plane (``(Y, X)``, or with channels as :func:`napari_unet.inference.predict`
+    takes them); ``painted`` the plane's painted labels (places already painted are not
+    suggested); ``config`` a :class:`~napari_unet.config.PredictConfig` for the device,
+    precision and channel axis (probabilities are always computed).
+    """
+    import dataclasses
+
+    from .config import PredictConfig
+    from .inference import predict
+
+    if isinstance(model, (str, os.PathLike)):
+        from .io import load_model
+
+        model, file_meta = load_model(model)
+        metadata = file_meta if metadata is None else metadata
+    cfg = dataclasses.replace(config or PredictConfig(), probabilities=True)
+    pred = yield from predict(model, image, cfg, metadata)
+    if pred.probabilities.ndim != 3:
+        raise ValueError(f"where to paint next works on one plane; the image has {pred.labels.ndim} dimensions")
+    meta = metadata or {}
+    area = meta.get("object_area")
+    scale = float(cfg.scale if cfg.scale is not None else (meta.get("scale") or 1.0))
+    cell_area = float(area) / scale ** 2 if area else None
+    u = uncertainty(pred.probabilities)
+    if painted is not None and np.shape(painted) != u.shape:
+        painted = None
+    return PaintNext(uncertainty=u, places=where_to_paint(u, cell_area, n, painted), labels=pred.labels)

@@ -82,3 +82,26 @@ def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
     # Continue trains the same network on: the result object is the first run's model.
     assert rounds[1][1]["result"].model is info["result"].model
     assert rounds[1][0].shape == objects.shape
+
+
+def test_suggestions_are_scored_on_the_errors_a_user_would_correct(fewshot):
+    objects = _scene()
+    region = np.ones_like(objects, bool)
+    pred = np.where(objects == 2, 0, objects)  # object 2 missed
+    pred[6:14, 30:38] = 0
+    pred[6:14, 30:33] = 8  # object 3 split in three
+    pred[6:14, 33:36] = 9
+    pred[6:14, 36:38] = 11
+    pred[0:3, 60:63] = 10  # an extra object
+    errors = fewshot.error_mask(pred, objects, region, np.array([1]), np.array([6]))
+    assert errors[objects == 2].all() and errors[objects == 3].all() and errors[pred == 10].all()
+    assert not errors[(objects == 1) | (objects == 4) | (objects == 5) | (objects == 6)].any()
+    # The network is unsure exactly over the missed object: the one suggestion lands there.
+    probs = np.zeros((3,) + objects.shape, np.float32)
+    probs[0] = 1.0
+    probs[:, objects == 2] = 1 / 3
+    painted = np.where(objects == 1, 2, 0)
+    hits, n, chance = fewshot.suggestion_hits(probs, pred, objects, region, np.array([1]), np.array([6]),
+                                              painted, cell_area=64.0, n=1)
+    assert (hits, n) == (1, 1)
+    assert 0 < chance < 1

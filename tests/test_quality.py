@@ -169,3 +169,33 @@ def test_a_stopped_run_is_not_checked(small_cells):
     events, result = _drain(train(image, labels, _fine_tune_config(iterations=50), stop=lambda: True))
     assert result.metadata["training"]["status"] == "stopped" and events[-1].iteration == 1
     assert result.metadata["training"]["painted_check"] is None and not any(e.warning for e in events)
+
+
+def test_uncertainty_is_the_normalised_entropy():
+    p = np.zeros((3, 2, 2), np.float32)
+    p[0, 0, 0] = 1.0  # certain
+    p[:, 0, 1] = 1 / 3  # all equal
+    p[1:, 1, 0] = 0.5  # two classes tie
+    p[0, 1, 1], p[1, 1, 1] = 0.9, 0.1
+    u = quality.uncertainty(p)
+    assert u.shape == (2, 2) and u.dtype == np.float32
+    np.testing.assert_allclose(u, [[0.0, 1.0], [np.log(2) / np.log(3), 0.325 / np.log(3)]], atol=1e-3)
+
+
+def test_where_to_paint_prefers_broad_doubt_over_outlines_and_skips_painted_places():
+    u = np.zeros((120, 160), np.float32)
+    yy, xx = np.mgrid[:120, :160]
+    for cy, cx in [(20, 20), (20, 60), (90, 130)]:  # confident cells: only their outlines are unsure
+        ring = np.abs(np.hypot(yy - cy, xx - cx) - 10) < 1
+        u[ring] = 0.7
+    u[50:70, 80:100] = 0.6  # a cell-sized patch the network hesitates over
+    u[90:110, 20:40] = 0.8  # as unsure, but already painted there
+    painted = np.zeros(u.shape, np.uint8)
+    painted[85:115, 15:45] = 1
+    places = quality.where_to_paint(u, cell_area=300.0, n=3, painted=painted)
+    assert 1 <= len(places) <= 3
+    y, x = places[0].centre
+    assert 50 <= y < 70 and 80 <= x < 100
+    assert all(not painted[p.centre] for p in places)
+    assert [p.score for p in places] == sorted((p.score for p in places), reverse=True)
+    assert quality.where_to_paint(np.zeros((30, 30), np.float32), n=5) == []
