@@ -7,7 +7,8 @@ Run under Xvfb from the repository root::
 It opens napari as ``napari-unet gui --sample`` does, then: paints one more cell, fine-tunes
 the packaged cell model for ``--seconds`` (screenshot during training, with the live preview), segments with the
 trained model, corrects a cell and turns the result into training labels, and exports the
-masks to a temporary folder. The images go to ``docs/``.
+masks to a temporary folder. With ``--data ../shared/data`` it takes instead the "Where to
+paint next" picture on a real image (``07_paint_next.png``). The images go to ``docs/``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def _wait_until(app, cond, timeout: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=60, help="training time budget")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="instead, take 07_paint_next.png on a real image of this folder (laid out like "
+                             "../shared/data): 5 cells painted as the few-shot benchmark paints them, --seconds "
+                             "of fine-tuning, then Where to paint next")
+    parser.add_argument("--real-image", default="dsb2018_stage1/aa58ba4512955771",
+                        help="with --data: which image (a name as benchmarks/fewshot.py prints it)")
     args = parser.parse_args(argv)
 
     import napari
@@ -50,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         settings.gui_notification_level = level
     viewer.window.resize(1560, 960)
+    if args.data is not None:
+        _paint_next_shot(viewer, args)
+        viewer.close()
+        return 0
     viewer.open_sample("napari-unet", "cells")
     names = ["Train U-Net", "Segment with U-Net", "Export masks"]
     docks, widgets = zip(*[viewer.window.add_plugin_dock_widget("napari-unet", n, tabify=True) for n in names])
@@ -120,6 +131,37 @@ def main(argv: list[str] | None = None) -> int:
     shot("06_exported.png")
     viewer.close()
     return 0
+
+
+def _paint_next_shot(viewer, args) -> None:
+    """A real image painted as the few-shot benchmark paints it, fine-tuned, then Where to paint next."""
+    from qtpy.QtWidgets import QApplication
+
+    sys.path.insert(0, str(DOCS.parent / "benchmarks"))
+    from fewshot import border_ids, load_folder, paint
+    from scipy import ndimage as ndi
+
+    app = QApplication.instance()
+    image, objects, region = load_folder(args.data)[args.real_image]
+    ids = np.unique(objects[objects > 0])
+    areas = ndi.sum_labels(np.ones_like(objects), objects, ids)
+    big = ids[(areas >= 50) & ~np.isin(ids, border_ids(objects))]
+    painted = paint(objects, region, np.random.default_rng(0).permutation(big)[:5])
+    name = args.real_image.split("/")[-1][:8]
+    viewer.add_image(image, name=name, rgb=image.ndim == 3)
+    viewer.add_labels(painted, name="painted", opacity=0.5)
+    train = viewer.window.add_plugin_dock_widget("napari-unet", "Train U-Net")[1]
+    train.live_preview.value = False
+    train.budget_kind.value, train.budget.value = "seconds", args.seconds
+    train.start_button.click()
+    _wait_until(app, lambda: not train.runner.running, args.seconds * 3 + 60)
+    train.suggest_button.click()
+    _wait_until(app, lambda: not train.runner.running, 300)
+    viewer.layers["painted"].visible = True
+    viewer.reset_view()
+    _wait_until(app, lambda: False, 0.5)
+    viewer.screenshot(str(DOCS / "07_paint_next.png"), canvas_only=False)
+    print("wrote", DOCS / "07_paint_next.png", "-", train.state.text())
 
 
 if __name__ == "__main__":

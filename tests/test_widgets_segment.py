@@ -156,6 +156,28 @@ def test_corrected_output_becomes_training_labels(make_napari_viewer, qtbot, sma
     assert len([layer for layer in viewer.layers if "training" in layer.name]) == 1
 
 
+def test_corrections_join_the_painting_the_train_widget_uses(make_napari_viewer, qtbot, small_cells, notes, dock,
+                                                             no_threads_left):
+    image, painted = small_cells
+    viewer, seg = _setup(make_napari_viewer, image, dock=dock)
+    viewer.add_labels(painted, name="painted")
+    train = dock(viewer, "Train U-Net")
+    assert train.image.value == viewer.layers["cells"] and train.labels.value == viewer.layers["painted"]
+    seg.min_size.value = 1
+    _run(qtbot, seg)
+    out = viewer.layers["cells [U-Net]"]
+    free = np.argwhere((out.data == 0) & (painted == 0))
+    y, x = free[len(free) // 2]
+    out.data_setitem((np.array([y]), np.array([x])), 500)  # the user adds a cell
+    seg.only_edited.value = True
+    seg.to_training_button.click()
+    labels = viewer.layers["cells [training labels]"].data
+    cells = painted >= 2
+    np.testing.assert_array_equal(labels[cells], painted[cells])  # the painting is there
+    assert labels[y, x] > painted.max()  # and the new cell, with an id of its own
+    np.testing.assert_array_equal(viewer.layers["painted"].data, painted)  # the user's layer is untouched
+
+
 def test_training_labels_conversion():
     predicted = np.array([[0, 0, 3], [0, 2, 2]])
     current = predicted.copy()
@@ -163,11 +185,38 @@ def test_training_labels_conversion():
     current[0, 2] = 0  # erased a false positive
     edited = training_labels_from_corrected(current, predicted, only_edited=True)
     np.testing.assert_array_equal(edited, [[0, 0, 1], [0, 0, 0]])  # erased -> background, the rest unlabelled
-    current[1, 1] = 5  # split a cell: the new cell and a background ring around it are labelled
+    current[1, 1] = 5  # split a cell: both halves (the new one and the trimmed one) are labelled
     edited = training_labels_from_corrected(current, predicted, only_edited=True)
-    np.testing.assert_array_equal(edited, [[1, 1, 1], [1, 6, 0]])
+    np.testing.assert_array_equal(edited, [[1, 1, 1], [1, 6, 3]])
     with pytest.raises(ValueError, match="no cell was edited"):
         training_labels_from_corrected(predicted, predicted, only_edited=True)
+
+
+def test_corrected_cells_join_the_painted_ones():
+    painted = np.zeros((6, 8), np.uint16)
+    painted[0:2, 0:2] = 2  # a painted cell
+    painted[5, :] = 1  # painted background
+    predicted = np.zeros((6, 8), np.int64)
+    predicted[2:4, 4:7] = 1
+    current = predicted.copy()
+    current[2:4, 6] = 0  # the user trims the cell
+    out = training_labels_from_corrected(current, predicted, only_edited=True, painted=painted)
+    assert out[0, 0] == 2 and (out[5] == 1).all()  # the painting is kept
+    corrected = np.unique(out[2:4, 4:6])
+    assert len(corrected) == 1 and corrected[0] > 2  # a new object, after the painted ids
+    assert (out[2:4, 6] == 1).all()  # what was erased is background
+    assert out[1, 1] == 2  # the correction's background ring never covers a painted cell
+
+
+def test_only_edited_in_semantic_mode_takes_the_edited_region_not_the_whole_class():
+    predicted = np.zeros((5, 9), np.int64)
+    predicted[1:4, 1:3] = 1  # two regions of class 1
+    predicted[1:4, 6:8] = 1
+    current = predicted.copy()
+    current[2, 3] = 1  # the user grows the left region
+    out = training_labels_from_corrected(current, predicted, only_edited=True, semantic=True)
+    assert (out[1:4, 1:3] == 2).all() and out[2, 3] == 2
+    assert (out[1:4, 6:8] != 2).all()  # the untouched region of the same class stays unlabelled
 
 
 def test_packaged_sample_model_is_listed(make_napari_viewer):
@@ -202,3 +251,18 @@ def test_removing_the_image_during_a_run_stops_it(make_napari_viewer, qtbot, sma
     assert seg.state.state == "idle" and seg.run_button.isEnabled()
     assert any("removed" in w for w in notes["warning"])
     assert len(viewer.layers) == 0
+
+
+def test_the_models_description_goes_to_the_entry_that_ran(make_napari_viewer, qtbot, small_cells, notes,
+                                                           no_threads_left):
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, image)
+    sample = seg.model.value
+    assert sample.metadata == {}  # a file not read yet
+    with qtbot.waitSignal(seg.runner.finished, timeout=120_000):
+        seg.run_button.click()
+        seg.model.value = seg.model.choices[-1]  # the user picks "model file..." while it runs
+    assert sample.metadata["mode"] == "instances" and sample.metadata["object_area"] > 0
+    assert seg.model.value is not sample and seg.model_info.text() == ""  # the shown entry is not described
+    seg.model.value = sample
+    assert seg.model_info.text().startswith("instances model")

@@ -317,3 +317,71 @@ def test_validation_plot_says_when_nothing_is_held_out(make_napari_viewer, qtbot
     _run(qtbot, train, train.start_button)
     assert train.state.state == "done", train.state.text()
     assert train._iou_plot.titleLabel.text == IOU_TITLE and len(train._iou_xy[0]) >= 1
+
+
+def test_where_to_paint_next_shows_uncertainty_and_places_on_the_current_plane(make_napari_viewer, qtbot,
+                                                                               small_cells, notes,
+                                                                               no_threads_left):
+    image, labels = small_cells
+    stack, painted = np.stack([image, image[::-1]]), np.stack([labels, np.zeros_like(labels)])
+    viewer, train = _setup(make_napari_viewer, stack, painted, iterations=2)
+    viewer.layers["cells"].scale = (1.0, 0.5, 0.5)
+    viewer.layers["cells"].translate = (0, 10, 20)
+    assert not train.suggest_button.isEnabled()  # nothing trained yet
+    _run(qtbot, train, train.start_button)
+    assert train.suggest_button.isEnabled()
+    viewer.dims.set_current_step(0, 1)
+    viewer.layers.selection.active = viewer.layers["painted"]
+    _run(qtbot, train, train.suggest_button)
+    assert train.state.state == "done", train.state.text()
+    u = viewer.layers["cells (plane 1) [uncertainty]"]
+    points = viewer.layers["cells (plane 1) [paint next]"]
+    assert u.data.shape == (96, 96) and 0.0 <= u.data.min() and u.data.max() <= 1.0
+    assert np.allclose(u.scale, (0.5, 0.5)) and np.allclose(u.translate, (10, 20))
+    assert 1 <= len(points.data) <= 5 and points.features["rank"].tolist() == list(range(1, len(points.data) + 1))
+    assert "places to paint next marked on plane 1" in train.state.text()
+    # The map is the one of the plane shown, not of the painted plane.
+    from napari_unet.quality import paint_next
+
+    def direct(plane):
+        gen = paint_next(train.current.model, stack[plane], train.current.metadata)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value.uncertainty
+
+    d1, d0 = np.abs(u.data - direct(1)).mean(), np.abs(u.data - direct(0)).mean()
+    assert d1 < 0.2 * d0, (d1, d0)
+    assert viewer.layers.selection.active == viewer.layers["painted"]  # the user goes on painting
+    assert notes["error"] == []
+    # Again: the same layers are updated, not new ones added.
+    n_layers = len(viewer.layers)
+    _run(qtbot, train, train.suggest_button)
+    assert len(viewer.layers) == n_layers
+
+
+def test_where_to_paint_next_needs_a_model(make_napari_viewer, small_cells, notes):
+    image, labels = small_cells
+    viewer, train = _setup(make_napari_viewer, image, labels)
+    train.suggest()
+    assert notes["error"] and "train a model first" in notes["error"][0]
+    assert train.runner.worker is None
+
+
+def test_a_multichannel_stack_trains_with_its_live_preview(make_napari_viewer, qtbot, small_cells, notes,
+                                                           no_threads_left):
+    image, labels = small_cells
+    two = np.stack([image, image[::-1]])  # (C, Y, X), not RGB: napari shows the channels as planes
+    viewer, train = _setup(make_napari_viewer, two, labels, iterations=2)
+    viewer.layers["cells"].scale = (1.0, 0.5, 0.5)
+    viewer.layers["cells"].translate = (0, 10, 20)
+    assert train.live_preview.value
+    _run(qtbot, train, train.start_button)
+    assert train.state.state == "done", train.state.text()
+    assert notes["error"] == []
+    assert train.current.model.config.in_channels == 2
+    preview = viewer.layers["cells [U-Net preview]"]
+    # The visible part of the image (both channels went into the network), on the image's grid.
+    assert preview.data.ndim == 2 and 32 <= min(preview.data.shape) and max(preview.data.shape) <= 96
+    assert np.allclose(preview.scale, (0.5, 0.5))

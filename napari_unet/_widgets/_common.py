@@ -61,8 +61,12 @@ class ModelEntry:
         arch = meta.get("model") or (self.model.config.to_dict() if self.model is not None else {})
         if not arch:
             return self.name
-        return (f"{meta.get('mode', '?')} model, {arch.get('in_channels', '?')} channel(s) in, "
+        text = (f"{meta.get('mode', '?')} model, {arch.get('in_channels', '?')} channel(s) in, "
                 f"depth {arch.get('depth')}, width {arch.get('base_filters')}, {arch.get('padding')} padding")
+        scale = meta.get("scale")
+        if isinstance(scale, (int, float)) and scale != 1:
+            text += f"; images resized by {scale:.2f} (the size of the cells it was trained on)"
+        return text
 
 
 # ---- notifications ------------------------------------------------------------------------------

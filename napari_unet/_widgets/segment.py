@@ -23,7 +23,8 @@ _RING = 4  # px of background painted around corrected cells, as paint_sparse_la
 
 
 def training_labels_from_corrected(current: np.ndarray, predicted: np.ndarray | None = None,
-                                   only_edited: bool = False) -> np.ndarray:
+                                   only_edited: bool = False, *, painted: np.ndarray | None = None,
+                                   semantic: bool = False) -> np.ndarray:
     """Turn a (corrected) U-Net output into painted training labels (0 unlabelled, 1 background, 2.. objects).
 
     Parameters
@@ -39,25 +40,54 @@ def training_labels_from_corrected(current: np.ndarray, predicted: np.ndarray | 
         edited (any pixel changed) become objects, with a ring of background around them,
         and pixels the user erased become background; everything else stays 0 (unlabelled),
         so errors the user did not look at are not learnt.
+    painted : numpy.ndarray, optional
+        With ``only_edited``: labels painted before (the first painting, or the previous
+        round's training labels), kept: the corrected cells are added to them as painted
+        cells (new ids after the painted ones), and their background ring never covers a
+        painted pixel.
+    semantic : bool
+        ``current`` holds classes, not objects: an edited object is the connected region of
+        one class that holds a changed pixel (not every pixel of that class in the image).
     """
+    from scipy import ndimage as ndi
+
     current = np.asarray(current)
-    dtype = np.uint32 if int(current.max(initial=0)) >= np.iinfo(np.uint16).max - 1 else np.uint16
     if not only_edited:
+        dtype = np.uint32 if int(current.max(initial=0)) >= np.iinfo(np.uint16).max - 1 else np.uint16
         return (current.astype(np.int64) + 1).astype(dtype)
     if predicted is None or predicted.shape != current.shape:
         raise ValueError("the U-Net output has changed shape since it was predicted; segment again")
-    from scipy import ndimage as ndi
-
+    if painted is not None and np.shape(painted) != current.shape:
+        painted = None
     changed = current != predicted
     if not changed.any():
         raise ValueError("no cell was edited: correct some cells with the paint tools first (or untick 'only edited')")
-    ids = np.unique(current[changed])
-    ids = ids[ids > 0]
-    edited = np.isin(current, ids)
-    out = np.zeros(current.shape, dtype)
+    # An edited object: one that gained pixels, or one that lost some (trimmed) and is still there.
+    if semantic:
+        edited = np.zeros(current.shape, bool)
+        touched = np.union1d(np.unique(current[changed]), np.unique(predicted[changed]))
+        for k in touched[touched > 0]:
+            regions, _ = ndi.label(current == k)
+            near = ndi.binary_dilation(changed & ((current == k) | (predicted == k)))
+            hit = np.unique(regions[near & (current == k)])
+            edited |= np.isin(regions, hit[hit > 0])
+        values = current.astype(np.int64) + 1  # class k -> k + 1, as the whole-image conversion
+    else:
+        ids = np.union1d(np.unique(current[changed]), np.intersect1d(np.unique(predicted[changed]), current))
+        edited = np.isin(current, ids[ids > 0])
+        offset = int(np.asarray(painted).max(initial=1)) - 1 if painted is not None else 0
+        values = current.astype(np.int64) + 1 + max(offset, 0)  # after the painted ids
+    top = int(values[edited].max(initial=1))
+    if painted is not None:
+        top = max(top, int(np.asarray(painted).max(initial=0)))
+    dtype = np.uint32 if top >= np.iinfo(np.uint16).max - 1 else np.uint16
+    out = np.zeros(current.shape, dtype) if painted is None else np.asarray(painted).astype(dtype)
     ring = ndi.binary_dilation(edited, iterations=_RING) & (current == 0)
-    out[ring | (changed & (current == 0))] = 1
-    out[edited] = current[edited].astype(np.int64) + 1
+    background = ring | (changed & (current == 0))
+    if painted is not None:
+        background &= np.asarray(painted) == 0
+    out[background] = 1
+    out[edited] = values[edited]
     return out
 
 
@@ -143,6 +173,7 @@ class SegmentWidget(QWidget):
             self._models.append(ModelEntry(name="sample model: cells (packaged)", path=str(sample)))
         self._outputs: list[_Output] = []
         self._job_image = None
+        self._job_entry = None
         self._job_layers: tuple = ()
         self._pbar = None
 
@@ -320,6 +351,7 @@ class SegmentWidget(QWidget):
         self._job_meta = {"scale": np.asarray(layer.scale), "translate": np.asarray(layer.translate),
                           "name": layer.name, "rgb": bool(layer.rgb), "data_ndim": image.ndim}
         self._job_result = None
+        self._job_entry = self.model.value  # the entry that runs (the user may pick another meanwhile)
         self._set_running(True)
         self.state.set_state("segmenting", layer.name)
         self._pbar = progress(total=100, desc=f"U-Net: {layer.name}")
@@ -362,6 +394,7 @@ class SegmentWidget(QWidget):
         result, self._job_result = self._job_result, None
         self._job_layers = ()
         image_layer, self._job_image = self._job_image, None
+        entry, self._job_entry = self._job_entry, None
         if result is None:
             if self.runner.stop_reason and self.state.state == "cancelling":
                 self.state.set_state("idle", self.runner.stop_reason)
@@ -369,12 +402,13 @@ class SegmentWidget(QWidget):
                     _common.notify_warning(f"Segmentation stopped: {self.runner.stop_reason}")
             return
         pred, plane, meta = result
-        entry = self.model.value
         if entry is not None and entry.model is None and meta:
-            # A model read from a file: now that the worker has loaded it, show what it is.
+            # A model read from a file: now that the worker has loaded it, say what it is, on the
+            # entry that ran (and in the info line only if that entry is still the one shown).
             if entry is not _FILE_ENTRY:
                 entry.metadata = dict(meta)
-            self.model_info.setText(ModelEntry(name="", metadata=dict(meta)).describe())
+            if self.model.value is entry:
+                self.model_info.setText(ModelEntry(name="", metadata=dict(meta)).describe())
         try:
             layer = self._show(pred, plane, image_layer)
         except ValueError as e:
@@ -414,6 +448,7 @@ class SegmentWidget(QWidget):
             if image_layer is not None:
                 self._outputs.append(rec)
         rec.predicted = np.array(rec.labels.data, copy=True)
+        rec.semantic = pred.output == "semantic"
         if pred.probabilities is not None:
             probs = pred.probabilities if plane is None else pred.probabilities[(slice(None), *plane)]
             self._show_probabilities(rec, probs, meta, scale if plane is None else scale[-2:],
@@ -431,12 +466,27 @@ class SegmentWidget(QWidget):
 
     # ---- human in the loop ----------------------------------------------------------------------
 
+    def _painted_before(self, rec: _Output) -> np.ndarray | None:
+        """The labels painted for this image so far: this widget's training-labels layer, else the
+        labels layer a Train widget of this viewer trains on with this image."""
+        if rec.training is not None and rec.training in self.viewer.layers:
+            return np.asarray(rec.training.data)
+        from .train import TrainWidget
+
+        for trainer in _common.find_docked(self.viewer, TrainWidget):
+            layer = trainer.labels.value
+            if trainer.image.value == rec.image and layer is not None and layer in self.viewer.layers:
+                return np.asarray(layer.data)
+        return None
+
     def make_training_labels(self) -> napari.layers.Labels | None:
         """Turn the (corrected) output of the selected image into a training Labels layer.
 
         A new layer ``"<image> [training labels]"`` in the painted convention (see
         :func:`training_labels_from_corrected`); pressing again updates that layer. The
-        output layer itself is left as it is.
+        output layer itself is left as it is. With "Only cells I edited", the corrected
+        cells are added to what was painted before (that layer, or else the labels the
+        Train widget trains on for this image), so that Continue trains on both.
         """
         image_layer = self.image.value
         rec = self._record(image_layer) if image_layer is not None else None
@@ -444,7 +494,8 @@ class SegmentWidget(QWidget):
             _common.notify_error("segment the image first: there is no U-Net output to turn into training labels")
             return None
         try:
-            labels = training_labels_from_corrected(rec.labels.data, rec.predicted, bool(self.only_edited.value))
+            labels = training_labels_from_corrected(rec.labels.data, rec.predicted, bool(self.only_edited.value),
+                                                    painted=self._painted_before(rec), semantic=rec.semantic)
         except ValueError as e:
             _common.notify_error(e)
             return None
@@ -467,6 +518,7 @@ class _Output:
     image: Any
     labels: Any
     predicted: np.ndarray | None = None  # the output as predicted, to find the user's edits
+    semantic: bool = False  # the output holds classes, not objects
     probabilities: Any = None
     training: Any = None
 

@@ -57,6 +57,16 @@ def gui_threads(torch_threads: int) -> int:
     return max(min(torch_threads, usable) - 1, 1)
 
 
+def _extra_axis(image_shape: tuple, labels_shape: tuple) -> int | None:
+    """The axis of a non-RGB image that its labels do not have (its channels), if there is one."""
+    if len(image_shape) != len(labels_shape) + 1:
+        return None
+    for axis in range(len(image_shape)):
+        if tuple(image_shape[:axis] + image_shape[axis + 1:]) == tuple(labels_shape):
+            return axis
+    return None
+
+
 def train_config_from(s: dict[str, Any]):
     """The :class:`~napari_unet.config.TrainConfig` a widget state (a plain dict) describes."""
     from ..config import TrainConfig
@@ -66,7 +76,7 @@ def train_config_from(s: dict[str, Any]):
     return TrainConfig(mode=s["mode"], iterations=None if seconds else int(s["budget"]),
                        max_time=float(s["budget"]) if seconds else None, patch_size=int(s["patch_size"]),
                        batch_size=int(s["batch_size"]), learning_rate=float(s["learning_rate"]), optimizer=optimizer,
-                       augment=bool(s["augment"]), device=s["device"],
+                       augment=bool(s["augment"]), device=s["device"], rescale=bool(s.get("rescale", True)),
                        threads=int(s.get("threads") or 0) or None)  # None: the job picks, see gui_threads
 
 
@@ -165,6 +175,8 @@ class TrainWidget(QWidget):
         self._job_layers: tuple = ()
         # Strong references, compared with ==: napari hands plugins proxies of its layers.
         self._preview_layer = None
+        self._suggest_target: tuple = (None, ())
+        self._suggested = None
         self._image_layer = None
         self._runs = 0
         self._error: BaseException | None = None
@@ -196,6 +208,9 @@ class TrainWidget(QWidget):
                                           step=1e-4)
         self.optimizer = ComboBox(label="Optimiser", choices=list(OPTIMIZERS), value="Adam (fine-tuning)")
         self.augment = CheckBox(label="Augmentation", value=True)
+        self.rescale = CheckBox(label="Match cell size to the model", value=DEFAULTS.rescale,
+                                tooltip="Fine-tuning: resize the images so that your painted cells have the size "
+                                        "of the cells the starting model knows; Segment then resizes the same way.")
         self.patch_size = SpinBox(label="Patch size", value=DEFAULTS.patch_size, min=32, max=1024, step=16)
         self.batch_size = SpinBox(label="Batch size", value=DEFAULTS.batch_size, min=1, max=64)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
@@ -206,6 +221,10 @@ class TrainWidget(QWidget):
         self.start_button = QPushButton("Start")
         self.stop_button = QPushButton("Stop")
         self.save_button = QPushButton("Save model...")
+        self.suggest_button = QPushButton("Where to paint next")
+        self.suggest_button.setToolTip(
+            "Segment the current plane with the trained model and show where it is least sure: an uncertainty "
+            "layer, and the places where painting a few more cells (or background) should help most.")
         self.state = StateLabel()
 
         self.plot = pg.GraphicsLayoutWidget()
@@ -224,7 +243,8 @@ class TrainWidget(QWidget):
                                             self.width, self.padding, self.batch_norm, self.model_file,
                                             self.budget_kind, self.budget], labels=True).native)
         advanced = QCollapsible("Advanced options")
-        advanced.addWidget(Container(widgets=[self.optimizer, self.learning_rate, self.augment, self.patch_size,
+        advanced.addWidget(Container(widgets=[self.optimizer, self.learning_rate, self.augment, self.rescale,
+                                              self.patch_size,
                                               self.batch_size, self.device, self.threads, self.live_preview],
                                      labels=True).native)
         layout.addWidget(advanced)
@@ -232,6 +252,7 @@ class TrainWidget(QWidget):
         for b in (self.start_button, self.stop_button, self.save_button):
             buttons.addWidget(b)
         layout.addLayout(buttons)
+        layout.addWidget(self.suggest_button)
         layout.addWidget(self.state)
         layout.addWidget(self.plot)
         layout.addStretch(1)
@@ -244,6 +265,7 @@ class TrainWidget(QWidget):
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.save_button.clicked.connect(lambda *_: self.save_model())
+        self.suggest_button.clicked.connect(lambda *_: self.suggest())
         follow_layers(napari_viewer, self.reset_choices, self)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         # napari 0.9 moved the camera to viewer.scene.camera (the old attribute warns).
@@ -301,7 +323,8 @@ class TrainWidget(QWidget):
         return {"mode": self.mode.value, "budget_kind": self.budget_kind.value, "budget": self.budget.value,
                 "patch_size": self.patch_size.value, "batch_size": self.batch_size.value,
                 "learning_rate": self.learning_rate.value, "optimizer": self.optimizer.value,
-                "augment": self.augment.value, "device": self.device.value, "depth": self.depth.value,
+                "augment": self.augment.value, "rescale": self.rescale.value, "device": self.device.value,
+                "depth": self.depth.value,
                 "width": self.width.value, "padding": self.padding.value, "batch_norm": self.batch_norm.value,
                 "threads": self.threads.value}
 
@@ -312,10 +335,11 @@ class TrainWidget(QWidget):
     # ---- state ----------------------------------------------------------------------------------
 
     def _set_buttons(self, state: str, detail: str = "") -> None:
-        running = state in ("training", "stopping")
+        running = state in ("training", "stopping", "looking")
         self.start_button.setEnabled(not running)
-        self.stop_button.setEnabled(state == "training")
+        self.stop_button.setEnabled(state in ("training", "looking"))
         self.save_button.setEnabled(not running and self.current is not None)
+        self.suggest_button.setEnabled(not running and self.current is not None)
         self.start_button.setText("Continue" if self.start_from.value == START_CURRENT else "Start")
         self.state.set_state(state, detail)
 
@@ -351,13 +375,13 @@ class TrainWidget(QWidget):
             return
         images = _common.copy_layer_data(image_layer)
         labels = _common.copy_layer_data(labels_layer)
-        channel_axis = images.ndim - 1 if image_layer.rgb else None
+        channel_axis = images.ndim - 1 if image_layer.rgb else _extra_axis(images.shape, labels.shape)
         job = _JobState()
         self._job = job
         self._image_layer = image_layer
         self._job_layers = (image_layer, labels_layer)
         if self.live_preview.value:
-            job.crop = self._visible_crop(image_layer, images)
+            job.crop = self._visible_crop(image_layer, images, channel_axis)
             if job.crop is not None:
                 # Creating a layer costs napari a few hundred ms on the GUI thread: do it now, at
                 # the click, rather than in the middle of the run; previews then only swap data.
@@ -371,6 +395,7 @@ class TrainWidget(QWidget):
         self._iou_curve.setData([], [])
         self._iou_plot.setTitle(IOU_TITLE)
         self._job_images = images
+        self._job_channel_axis = channel_axis
         self._pbar = progress(total=100, desc="Training U-Net")
         self._set_buttons("training", "starting (loading PyTorch)")
         preview_mode = config.mode if self.live_preview.value else None
@@ -393,13 +418,21 @@ class TrainWidget(QWidget):
 
     # ---- preview --------------------------------------------------------------------------------
 
-    def _visible_crop(self, layer, data: np.ndarray) -> _Crop | None:
-        """The visible part of the layer's current plane (at most PREVIEW_SIDE a side), as a copy."""
+    def _visible_crop(self, layer, data: np.ndarray, channel_axis: int | None = None) -> _Crop | None:
+        """The visible part of the layer's current plane (at most PREVIEW_SIDE a side), as a copy;
+        channels (an RGB(A) axis, or ``channel_axis`` of a multichannel stack) last."""
         spatial_nd = layer.ndim  # an RGB layer's ndim leaves out its channel axis
-        if spatial_nd < 2:
-            return None
         corners = np.asarray(layer.corner_pixels)
         point = np.round(layer.world_to_data(self.viewer.dims.point[-spatial_nd:])).astype(int)
+        if channel_axis is not None and not layer.rgb:
+            # A (C, Y, X)-like layer: napari shows the channels as planes; the crop takes them all.
+            ax = channel_axis % data.ndim
+            data = np.moveaxis(data, ax, -1)
+            point = np.delete(point, ax)
+            corners = np.delete(corners, ax, axis=1)
+            spatial_nd -= 1
+        if spatial_nd < 2:
+            return None
         shape = data.shape[:spatial_nd]
         plane = tuple(int(np.clip(p, 0, n - 1)) for p, n in zip(point[:-2], shape[:-2]))
         (y0, x0), (y1, x1) = corners[0, -2:], corners[1, -2:]
@@ -420,7 +453,7 @@ class TrainWidget(QWidget):
         layer = self._image_layer
         if layer is None or self._job_images is None:
             return
-        job.crop = self._visible_crop(layer, self._job_images)
+        job.crop = self._visible_crop(layer, self._job_images, self._job_channel_axis)
 
     def _show_preview(self, crop: _Crop, labels: np.ndarray) -> None:
         image_layer = self._image_layer
@@ -543,6 +576,94 @@ class TrainWidget(QWidget):
         self.events.model_published.emit(entry)
         for seg in _common.find_docked(self.viewer, SegmentWidget):
             seg.use_model(entry)
+
+    # ---- where to paint next --------------------------------------------------------------------
+
+    def suggest(self) -> None:
+        """Segment the image's current plane with the current model (worker thread) and show an
+        uncertainty layer and the places worth painting next (:func:`napari_unet.quality.paint_next`)."""
+        if self.runner.running:
+            return
+        image_layer, labels_layer = self.image.value, self.labels.value
+        if self.current is None:
+            _common.notify_error("train a model first: then it can say where it is least sure")
+            return
+        if image_layer is None:
+            _common.notify_error("choose the image layer to look at")
+            return
+        data = image_layer.data
+        spatial_nd = image_layer.ndim  # an RGB layer's ndim leaves out its channel axis
+        point = np.round(image_layer.world_to_data(self.viewer.dims.point[-spatial_nd:])).astype(int)
+        plane = tuple(int(np.clip(p, 0, n - 1)) for p, n in zip(point[:-2], data.shape[:spatial_nd - 2]))
+        image = np.array(data[plane], copy=True)
+        painted = None
+        if labels_layer is not None and tuple(labels_layer.data.shape[:spatial_nd]) == tuple(data.shape[:spatial_nd]):
+            painted = np.array(labels_layer.data[plane], copy=True)
+        from ..config import PredictConfig
+
+        config = PredictConfig(device=self.device.value, channel_axis=image.ndim - 1 if image_layer.rgb else None)
+        model, metadata = self.current.model, dict(self.current.metadata)
+
+        def job():
+            _common.import_engine()
+            from ..quality import paint_next
+
+            return (yield from paint_next(model, image, metadata, painted, n=5, config=config))
+
+        self._suggest_target = (image_layer, plane)
+        self._suggested = None
+        self._error = None
+        self._set_buttons("looking", "segmenting the current plane")
+        self.runner.start(job, returned=self._on_suggested_returned, errored=self._on_errored,
+                          finished=self._on_suggest_finished)
+
+    def _on_suggested_returned(self, result) -> None:
+        self._suggested = result
+
+    def _on_suggest_finished(self) -> None:
+        error, self._error = self._error, None
+        found, self._suggested = self._suggested, None
+        image_layer, plane = self._suggest_target
+        self._suggest_target = (None, ())
+        if error is not None:
+            _common.notify_error(f"Could not look for places to paint: {_common.first_line(error)}")
+            self._set_buttons("idle", _common.first_line(error))
+            return
+        if found is None or image_layer is None or image_layer not in self.viewer.layers:
+            self._set_buttons("done", "stopped" if found is None else "the image layer was removed")
+            return
+        self._show_paint_next(image_layer, plane, found)
+        where = f" on plane {', '.join(map(str, plane))}" if plane else ""
+        self._set_buttons("done", f"{len(found.places)} places to paint next marked{where}, most unsure first")
+
+    def _show_paint_next(self, image_layer, plane: tuple[int, ...], found) -> None:
+        """The uncertainty map and the numbered places, over the image's plane; the active layer stays."""
+        active = self.viewer.layers.selection.active
+        scale = np.asarray(image_layer.scale)[-2:]
+        translate = np.asarray(image_layer.translate)[-2:]
+        name = image_layer.name + (f" (plane {', '.join(map(str, plane))})" if plane else "")
+        u_name, p_name = f"{name} [uncertainty]", f"{name} [paint next]"
+        if u_name in self.viewer.layers:
+            layer = self.viewer.layers[u_name]
+            layer.data = found.uncertainty
+        else:
+            self.viewer.add_image(found.uncertainty, name=u_name, colormap="magma", blending="additive",
+                                  contrast_limits=(0.0, 1.0), opacity=0.7, scale=scale, translate=translate)
+        points = np.array([p.centre for p in found.places], float).reshape(-1, 2)
+        ranks = {"rank": np.arange(1, len(points) + 1)}
+        size = 2.0 * np.sqrt(float((self.current.metadata or {}).get("object_area") or 300.0) / np.pi)
+        size /= float((self.current.metadata or {}).get("scale") or 1.0)
+        if p_name in self.viewer.layers:
+            layer = self.viewer.layers[p_name]
+            layer.data = points
+            layer.features = ranks
+        else:
+            self.viewer.add_points(points, name=p_name, features=ranks, size=max(size * 1.5, 8.0), symbol="ring",
+                                   face_color="yellow", border_width=0, scale=scale, translate=translate,
+                                   text={"string": "{rank}", "color": "yellow", "anchor": "upper_left",
+                                         "size": 12})
+        if active is not None:
+            self.viewer.layers.selection.active = active
 
     # ---- saving ---------------------------------------------------------------------------------
 
