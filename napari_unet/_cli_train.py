@@ -178,16 +178,18 @@ def run(args) -> int:
 
     ctx = init_from_env(args.device)
     # Handlers can only be set from the main thread (not when main() is called from another one).
-    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
-        return _run(args, ctx)
+        return _run(args, ctx, catch_signals=main_thread)
     finally:
-        if sigint is not None:
-            signal.signal(signal.SIGINT, sigint)
+        for sig, handler in before.items():
+            if handler is not None:
+                signal.signal(sig, handler)
         ctx.shutdown()  # also on errors and Ctrl-C: no process group left behind
 
 
-def _run(args, ctx) -> int:
+def _run(args, ctx, catch_signals: bool = False) -> int:
     from .io import read_image
 
     out = Path(args.out)
@@ -246,11 +248,19 @@ def _run(args, ctx) -> int:
 
         model_config = dataclasses.replace(base, **changes)
     stop_requests: list[int] = []
-    if ctx.distributed:
+    if catch_signals and ctx.distributed:
         # Ctrl-C reaches every rank (and torchrun forwards it once more); a KeyboardInterrupt would
         # leave each rank at a different point, some waiting in a collective for ever. A flag
-        # instead, which train() all-reduces: all ranks stop after the same step.
-        signal.signal(signal.SIGINT, lambda signum, frame: stop_requests.append(signum))
+        # instead, which train() all-reduces: all ranks stop after the same step. SIGTERM (a
+        # batch system's time limit or scancel, torchrun passing it on) the same way.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop_requests.append(signum))
+    elif catch_signals:
+        def _terminated(signum, frame):  # SIGTERM as Ctrl-C: stop at this point, save the weights so far
+            stop_requests.append(signum)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _terminated)
     gen = train(images, labels, config, init_from=args.init_from, model_config=model_config,
                 channel_axis=args.channel_axis, distributed=ctx, stop=lambda: bool(stop_requests))
     show = ctx.is_main
@@ -305,8 +315,9 @@ def _run(args, ctx) -> int:
             raise KeyboardInterrupt
         raise ValueError("training produced no model")
     if show:
-        if interrupted:  # a second Ctrl-C (or torchrun passing the first one on) must not cut the save short
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if interrupted and catch_signals:  # a second Ctrl-C (or torchrun passing the first one on) must not
+            for sig in (signal.SIGINT, signal.SIGTERM):  # cut the save short
+                signal.signal(sig, signal.SIG_IGN)
         save_model(out, result.model, result.metadata, overwrite=args.overwrite)
         t = result.metadata.get("training", {})
         iou = t.get("best_val_iou")
@@ -315,9 +326,9 @@ def _run(args, ctx) -> int:
               f"{t.get('elapsed')} s{procs}" + (f", held-out IoU {iou:.3f}" if iou is not None else "") + ")",
               file=sys.stderr)
     if interrupted:
-        from .cli import EXIT_INTERRUPTED
+        from .cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if signal.SIGTERM in stop_requests else EXIT_INTERRUPTED
     return 0
 
 

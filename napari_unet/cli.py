@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_FAILURE"]
+__all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_FAILURE"]
 
 #: Exit status for bad input (missing file, wrong shape, ...), as argparse uses for usage errors.
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: ``napari-unet train`` stopped by SIGTERM (a batch system's time limit, ``scancel``), weights saved.
+EXIT_TERMINATED = 143
 #: Exit status of a rank of a torchrun job that failed otherwise (a lost peer, a CUDA error, ...).
 EXIT_FAILURE = 1
 

@@ -138,9 +138,11 @@ def _read_until(stream, needle: bytes, deadline: float) -> bytes:
     return seen
 
 
-def test_sigint_to_the_train_command_saves_the_best_weights(painted, tmp_path):
-    """Ctrl-C in a terminal, after a validation, at whatever point of a step the signal lands:
-    exit status 130 and a complete, loadable model file marked as stopped."""
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_train_command_saves_the_best_weights(painted, tmp_path, sig, status):
+    """Ctrl-C in a terminal (SIGINT), or a batch system's time limit or scancel (SIGTERM), after a
+    validation, at whatever point of a step the signal lands: exit status 130 / 143 and a
+    complete, loadable model file marked as stopped."""
     img, lab = painted
     tifffile.imwrite(tmp_path / "img.tif", img)
     tifffile.imwrite(tmp_path / "lab.tif", lab)
@@ -160,14 +162,14 @@ def test_sigint_to_the_train_command_saves_the_best_weights(painted, tmp_path):
         signal.signal(signal.SIGINT, signal.SIG_DFL if parent is None else parent)
     try:
         seen = _read_until(proc.stderr, b"val IoU", time.monotonic() + 120)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, rest = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:  # pragma: no cover - only when an assertion above failed
             proc.kill()
             proc.wait()
     err = (seen + rest).decode(errors="replace")
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     assert "Traceback" not in err and "interrupted: wrote" in err
     model, meta = load_model(out)
     t = meta["training"]
