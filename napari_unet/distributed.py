@@ -114,12 +114,6 @@ class DistContext:
 
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def all_reduce(self, values, op: str = "sum"):
         """Collective: ``values`` (a 1D tensor or a list of floats) summed (or ``"max"``) over the ranks.
 

@@ -385,3 +385,19 @@ def test_a_multichannel_stack_trains_with_its_live_preview(make_napari_viewer, q
     # The visible part of the image (both channels went into the network), on the image's grid.
     assert preview.data.ndim == 2 and 32 <= min(preview.data.shape) and max(preview.data.shape) <= 96
     assert np.allclose(preview.scale, (0.5, 0.5))
+
+
+def test_a_destroyed_widget_leaves_no_handler_on_the_viewer(make_napari_viewer, qtbot):
+    from napari_unet._widgets import SegmentWidget
+
+    viewer = make_napari_viewer()
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    events = [camera.events.center, camera.events.zoom, viewer.dims.events.current_step,
+              viewer.layers.events.removed, viewer.layers.events.inserted]
+    before = [len(e.callbacks) for e in events]
+    widgets = [TrainWidget(viewer), SegmentWidget(viewer)]
+    assert [len(e.callbacks) for e in events] > before
+    for w in widgets:
+        with qtbot.waitSignal(w.destroyed, timeout=10_000):
+            w.deleteLater()
+    assert [len(e.callbacks) for e in events] == before

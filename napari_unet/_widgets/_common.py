@@ -30,7 +30,7 @@ from ..io import first_line
 
 __all__ = [
     "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
-    "image_channel_axis", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
+    "connect_while_alive", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
     "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel",
 ]
 
@@ -159,23 +159,25 @@ def follow_layers(viewer, callback: Callable[..., Any], owner: QWidget) -> None:
     owner.destroyed.connect(_disconnect)
 
 
+def connect_while_alive(owner: QWidget, connections: list[tuple[Any, Callable[..., Any]]]) -> None:
+    """Connect each ``(emitter, slot)`` (napari/psygnal events of the viewer) and disconnect
+    them all when ``owner`` is destroyed: a closed widget is neither called nor kept alive by
+    the viewer it was docked in."""
+    for emitter, slot in connections:
+        emitter.connect(slot)
+
+    def _disconnect(*_):
+        for emitter, slot in connections:
+            with contextlib.suppress(Exception):  # the viewer may be gone first
+                emitter.disconnect(slot)
+
+    owner.destroyed.connect(_disconnect)
+
+
 def copy_layer_data(layer) -> np.ndarray:
     """A private copy of a layer's data (highest resolution level), taken on the main thread."""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     return np.array(data, copy=True)
-
-
-def image_channel_axis(layer, in_channels: int | None = None) -> int | None:
-    """The channel axis of an Image layer: the last axis of RGB(A) layers; else, for a model
-    taking ``in_channels`` > 1 channels, the first axis of that size; else ``None``."""
-    if getattr(layer, "rgb", False):
-        return layer.ndim - 1
-    if in_channels and in_channels > 1:
-        shape = np.shape(layer.data[0] if layer.multiscale else layer.data)
-        for axis, n in enumerate(shape[:-2]):
-            if n == in_channels:
-                return axis
-    return None
 
 
 def spatial_axes_letters(ndim: int, axis_labels: tuple[str, ...] | None = None) -> str:

@@ -227,8 +227,7 @@ class SegmentWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.to_training_button.clicked.connect(self.make_training_labels)
         follow_layers(napari_viewer, self.reset_choices, self)
-        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
-        self.destroyed.connect(_disconnect_removed(napari_viewer, self._on_layer_removed))
+        _common.connect_while_alive(self, [(napari_viewer.layers.events.removed, self._on_layer_removed)])
         self._pull_trained_models()
         self._on_model()
         self._on_image()
@@ -521,16 +520,3 @@ class _Output:
     semantic: bool = False  # the output holds classes, not objects
     probabilities: Any = None
     training: Any = None
-
-
-def _disconnect_removed(viewer, slot):
-    """A callable that disconnects ``slot`` from the viewer's layer-removed event (for ``destroyed``)."""
-    events = viewer.layers.events
-
-    def _disconnect(*_):
-        try:
-            events.removed.disconnect(slot)
-        except Exception:  # noqa: BLE001 - already gone with the viewer
-            pass
-
-    return _disconnect

@@ -267,12 +267,12 @@ class TrainWidget(QWidget):
         self.save_button.clicked.connect(lambda *_: self.save_model())
         self.suggest_button.clicked.connect(lambda *_: self.suggest())
         follow_layers(napari_viewer, self.reset_choices, self)
-        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         # napari 0.9 moved the camera to viewer.scene.camera (the old attribute warns).
         camera = napari_viewer.scene.camera if hasattr(napari_viewer, "scene") else napari_viewer.camera
-        camera.events.center.connect(self._on_view_changed)
-        camera.events.zoom.connect(self._on_view_changed)
-        napari_viewer.dims.events.current_step.connect(self._on_view_changed)
+        _common.connect_while_alive(self, [(napari_viewer.layers.events.removed, self._on_layer_removed),
+                                           (camera.events.center, self._on_view_changed),
+                                           (camera.events.zoom, self._on_view_changed),
+                                           (napari_viewer.dims.events.current_step, self._on_view_changed)])
         self._auto_start()
         self._show_start_options()
         self._set_buttons("idle")
