@@ -318,10 +318,14 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
         what = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
                 f"{wrong[0]} has shape {list(stored[wrong[0]])}, the architecture needs {list(expected[wrong[0]])}")
         raise ModelFileError(f"{path}: the weights do not fit the stored architecture ({what})")
-    model = UNet.from_config(config)
+    # The stored tensors become the weights (assign): no random initialisation to overwrite
+    # (Kaiming draws for every layer cost a second of start-up for the larger models).
+    model = skeleton
     try:
         state = {k: handle.get_tensor(k) for k in handle.keys()}
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("some weights are not in the file")
     except Exception as e:
         raise ModelFileError(f"{path}: the weights do not fit the stored architecture ({first_line(e)})") from None
     model.to(device).eval()

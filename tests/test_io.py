@@ -231,3 +231,21 @@ def test_output_bias_shift_in_a_file_must_be_one_number_per_class(tmp_path, net,
     _rewrite_header(good, tmp_path / "bad.safetensors", edit)
     with pytest.raises(ModelFileError, match="output_bias_shift"):
         load_model(tmp_path / "bad.safetensors")
+
+
+def test_loading_draws_no_random_weights(tmp_path, net, monkeypatch):
+    path = save_model(tmp_path / "m.safetensors", net, {"mode": "semantic"})
+    drawn = []
+    real = torch.nn.init.normal_
+
+    def normal_(tensor, *args, **kwargs):
+        drawn.append(tensor.is_meta)
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", normal_)
+    model, _ = load_model(path)
+    assert drawn and all(drawn)  # only the shape-checking skeleton on the meta device
+    assert all(not t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert all(p.requires_grad for p in model.parameters())  # still trainable (fine-tuning)
+    for name, value in net.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
