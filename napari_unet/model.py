@@ -164,7 +164,14 @@ class UNet(nn.Module):
         return cls(**config.to_dict())
 
     def reset_parameters(self) -> None:
-        """He-normal weights (std ``sqrt(2 / fan_in)``), zero biases, unit batch-norm scales."""
+        """He-normal weights (std ``sqrt(2 / fan_in)``), zero biases, unit batch-norm scales.
+
+        Nothing is drawn for a network built on the meta device (the skeleton a model file's
+        tensors are assigned to): random draws there go through torch's compiler stack
+        (importing ``torch._dynamo``, a second of start-up) for values nobody keeps.
+        """
+        if any(p.is_meta for p in self.parameters()):
+            return
         for m in self.modules():
             if isinstance(m, nn.ConvTranspose2d):
                 # A 2x2 stride-2 transposed conv feeds each output pixel from exactly one

@@ -244,8 +244,21 @@ def test_loading_draws_no_random_weights(tmp_path, net, monkeypatch):
 
     monkeypatch.setattr(torch.nn.init, "normal_", normal_)
     model, _ = load_model(path)
-    assert drawn and all(drawn)  # only the shape-checking skeleton on the meta device
+    assert all(drawn)  # nothing drawn on real tensors (nor on the meta skeleton, see below)
     assert all(not t.is_meta for t in (*model.parameters(), *model.buffers()))
     assert all(p.requires_grad for p in model.parameters())  # still trainable (fine-tuning)
     for name, value in net.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_loading_a_model_does_not_import_the_compiler(tmp_path, net):
+    """Random draws on meta tensors go through torch._dynamo (a second of start-up): none are made."""
+    import subprocess
+    import sys
+
+    path = save_model(tmp_path / "m.safetensors", net, {"mode": "semantic"})
+    code = ("import sys; from napari_unet.io import load_model; load_model(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
