@@ -4,7 +4,8 @@ Imports torch lazily so that ``import napari_unet`` stays light. Never assume re
 precision is faster: on the project's development machine (a Xeon with AVX-512 but
 neither AMX nor AVX512-BF16) bf16 autocast measured 2.5-6x *slower* than fp32 for a
 width-16 U-Net, while on AMX CPUs it is about 4x faster. ``select_precision("auto", ...)``
-therefore measures once per process and keeps fp32 unless bf16 is clearly faster.
+therefore keeps fp32 on CPUs without bf16 hardware, and on the others measures once per
+machine (cached on disk) and takes bf16 only if it is clearly faster.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["resolve_device", "DeviceError", "select_precision", "autocast", "PRECISIONS", "import_torch"]
+__all__ = ["resolve_device", "DeviceError", "select_precision", "select_training_setup", "native_bf16", "cpu_name",
+           "cache_dir", "autocast", "PRECISIONS", "import_torch"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-# Calibration results, per (device, threads, model architecture): measured once per process.
-_CALIBRATION: dict[tuple, str] = {}
+# Precision choices of this process, per key (see _cache_key); also kept on disk (see cache_dir).
+_CALIBRATION: dict[str, str] = {}
 
 
 #: torch's own libraries loaded ahead of ``import torch`` by :func:`import_torch`, in order,
@@ -97,57 +100,149 @@ def resolve_device(name: str = "auto"):
     return dev
 
 
-def _calibration_net(model, in_channels: int):
-    """What to time: the model itself on a small valid tile, or a conv stack like a U-Net level."""
-    import torch
+# ---- precision: decided from the hardware, confirmed by a measurement, cached per machine --------
 
-    if model is not None:
-        size = model.valid_input_size(96) if hasattr(model, "valid_input_size") else 96
-        return model, torch.randn(1, model.config.in_channels if hasattr(model, "config") else in_channels, size, size)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(in_channels, 32, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-    ).eval()
-    return net, torch.randn(1, in_channels, 128, 128)
+#: bf16 must be at least this much faster (time ratio) to be chosen: noise cannot flip a tie.
+BF16_MARGIN = 0.8
+#: Timed calls per candidate (after a warm-up); the fastest counts.
+REPEATS = 5
 
 
-def _median_time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: first calls pick kernels and allocate
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX tiles or AVX512-BF16), as oneDNN will use it.
 
-
-def _calibrate_cpu(model, in_channels: int) -> str:
-    """Time fp32 against bf16 autocast (channels-last) on this CPU; bf16 only if clearly faster.
-
-    bf16 convolutions are about 4x faster than fp32 on CPUs with AMX, but 1.5x (AVX-512
-    without AMX) to 17x (AVX2 only) slower elsewhere, so only a measurement can decide.
+    Without it, bf16 is emulated and 3-17x slower than fp32: ``auto`` never picks it then.
+    A ``ONEDNN_MAX_CPU_ISA`` limit below the bf16 instruction sets counts as no support.
     """
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa != "ALL" and "BF16" not in isa and "AMX" not in isa:
+        return False
     import torch
 
-    net, x = _calibration_net(model, in_channels)
+    cpu = getattr(torch, "cpu", None)
+    # torch's own capability queries (private, hence looked up defensively).
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        query = getattr(cpu, name, None)
+        try:
+            if query is not None and query():
+                return True
+        except Exception:  # noqa: BLE001 - a query this build lacks means "not known": fp32
+            continue
+    return False
+
+
+def cpu_name() -> str:
+    """The processor's model name (the cache key of the measured choices)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """Where measured choices are kept: ``$NAPARI_UNET_CACHE``, else the user's cache folder."""
+    env = os.environ.get("NAPARI_UNET_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "napari-unet"
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "precision.json"
+
+
+def _cache_key(kind: str, model, shape: tuple[int, ...]) -> str:
+    import torch
+
+    arch = model.config.to_dict() if hasattr(model, "config") else type(model).__name__
+    return "|".join([kind, cpu_name(), torch.__version__, f"threads={torch.get_num_threads()}",
+                     os.environ.get("ONEDNN_MAX_CPU_ISA", "") or "isa=all", json.dumps(arch, sort_keys=True),
+                     "x".join(map(str, shape))])
+
+
+def _cache_get(key: str):
+    try:
+        with open(_cache_file(), encoding="utf-8") as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _cache_put(key: str, value) -> None:
+    """Best effort, atomic (a temporary file renamed): a read-only home only costs re-measuring."""
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, encoding="utf-8") as f:
+                table = json.load(f)
+            if not isinstance(table, dict):
+                table = {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = value
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _best_times(fns: dict, repeats: int = REPEATS, warmup: int = 1, budget_s: float = 10.0) -> dict:
+    """The fastest of ``repeats`` calls of each function, after ``warmup`` calls, the candidates
+    interleaved (so that a slow spell of the machine hits them alike); fewer repeats when the
+    ``budget_s`` is spent. A candidate that raises is left out."""
+    best: dict = {}
+    ok = dict(fns)
+    for name, fn in list(ok.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception:  # noqa: BLE001 - a path this CPU/build cannot run is simply not a candidate
+            ok.pop(name)
+    end = time.perf_counter() + budget_s
+    for _ in range(repeats):
+        for name, fn in ok.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+        if time.perf_counter() > end:
+            break
+    return best
+
+
+def _forward_times(model, shape: tuple[int, ...]) -> dict:
+    """fp32 (as prediction runs it: channels-last) and bf16-autocast forward times at ``shape``."""
+    import torch
+
+    net = model
     was_training = net.training
     net.eval()
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     try:
         net = net.to(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            t32 = _median_time(lambda: net(x))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                t16 = _median_time(lambda: net(x))
-    except Exception:  # bf16 kernels missing on this build/CPU: fp32 is the safe answer
-        return "fp32"
+
+        def run(precision):
+            def call():
+                with torch.inference_mode(), autocast(precision, "cpu"):
+                    net(x)
+            return call
+
+        return _best_times({"fp32": run("fp32"), "bf16": run("bf16")})
     finally:
         net.train(was_training)
-    return "bf16" if t16 < 0.8 * t32 else "fp32"
 
 
-def select_precision(requested: str, device, model=None, in_channels: int = 1) -> str:
+def select_precision(requested: str, device, model=None, in_channels: int = 1,
+                     shape: tuple[int, ...] | None = None) -> str:
     """Choose the compute precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
     Parameters
@@ -158,14 +253,19 @@ def select_precision(requested: str, device, model=None, in_channels: int = 1) -
     device : torch.device or str
         Where the model runs.
     model : torch.nn.Module, optional
-        Calibrate on this network (a small tile) instead of a generic conv stack.
+        The network that will run (timed as it is; its weights are not changed).
+    shape : tuple of int, optional
+        ``(N, C, H, W)`` of the batches the job will run (default one 256 px tile).
 
     Notes
     -----
     ``"auto"`` on CUDA is bf16 where the GPU supports it, else fp16; on Apple MPS fp32
-    (untested here); on the CPU a quick calibration (a few forward passes, cached for the
-    process) picks bf16 only if it is at least 1.25x faster than fp32, so ``auto`` never
-    chooses a slower path.
+    (untested here). On a CPU: fp32 unless the processor computes bf16 in hardware
+    (:func:`native_bf16`: AMX or AVX512-BF16; emulated bf16 is several times slower), and
+    then bf16 only if a measurement at the job's batch shape (warm-up, interleaved repeats,
+    the best of each) finds it at least ``1 / BF16_MARGIN`` = 1.25x faster. The decision is
+    kept in a small per-user cache (:func:`cache_dir`) keyed by processor, torch version,
+    threads, architecture and shape, so it is measured once per machine, not at every start.
     """
     import torch
 
@@ -179,25 +279,47 @@ def select_precision(requested: str, device, model=None, in_channels: int = 1) -
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type != "cpu":
+    if device.type != "cpu" or not native_bf16():
         return "fp32"
-    key = (device.type, torch.get_num_threads(),
-           tuple(sorted(model.config.to_dict().items())) if hasattr(model, "config") else in_channels)
-    if key not in _CALIBRATION:
-        _CALIBRATION[key] = _calibrate_cpu(model, in_channels)
-    return _CALIBRATION[key]
+    if model is None:
+        model = _generic_net(in_channels)
+    channels = model.config.in_channels if hasattr(model, "config") else in_channels
+    shape = tuple(int(v) for v in (shape or (1, channels, 256, 256)))
+    key = _cache_key("predict", model, shape)
+    if key in _CALIBRATION:
+        return _CALIBRATION[key]
+    cached = _cache_get(key)
+    if cached in ("fp32", "bf16"):
+        _CALIBRATION[key] = cached
+        return cached
+    times = _forward_times(model, shape)
+    choice = "bf16" if "bf16" in times and "fp32" in times and times["bf16"] < BF16_MARGIN * times["fp32"] else "fp32"
+    _CALIBRATION[key] = choice
+    _cache_put(key, choice)
+    return choice
 
 
-#: Training set-ups ``auto`` chooses from on a CPU: (precision, channels-last), the plain one first.
-TRAINING_CANDIDATES = (("fp32", False), ("fp32", True), ("bf16", True))
+def _generic_net(in_channels: int):
+    """A conv stack like a U-Net level, for a choice made without a model."""
+    import torch
 
-# Training calibration results, per (device, threads, architecture, batch shape): measured once per process.
-_TRAIN_CALIBRATION: dict[tuple, tuple[str, bool]] = {}
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(in_channels, 32, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+    ).eval()
 
 
-def _time_training_step(model, shape: tuple[int, ...], precision: str, channels_last: bool,
-                        repeats: int = 2) -> float:
-    """Fastest of ``repeats`` forward + backward passes of a copy of ``model`` on a random batch (after a warm-up)."""
+#: Training set-ups ``auto`` chooses from on a CPU with native bf16: (precision, channels-last),
+#: the plain one first. Without native bf16 training runs in plain fp32, unmeasured.
+TRAINING_CANDIDATES = (("fp32", False), ("bf16", True))
+
+# Training calibration results, per key (see _cache_key): measured once per machine.
+_TRAIN_CALIBRATION: dict[str, tuple[str, bool]] = {}
+
+
+def _time_training_step(model, shape: tuple[int, ...], precision: str, channels_last: bool):
+    """A function running one forward + backward pass of a copy of ``model`` on a random batch."""
     import copy
 
     import torch
@@ -210,23 +332,17 @@ def _time_training_step(model, shape: tuple[int, ...], precision: str, channels_
     n_classes = net.config.n_classes if hasattr(net, "config") else 2
 
     def step():
+        net.zero_grad(set_to_none=True)
         with autocast(precision, "cpu"):
             out = net(x)
         target = torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long)
-        loss = torch.nn.functional.cross_entropy(out.float(), target.clamp(max=n_classes - 1))
-        net.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.nn.functional.cross_entropy(out.float(), target[:, :out.shape[2], :out.shape[3]] % n_classes).backward()
 
-    step()  # warm-up: the first pass picks kernels and allocates
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return min(times)  # the least disturbed pass: other load on the machine only adds time
+    return step
 
 
-def select_training_setup(requested: str, device, model, batch_shape: tuple[int, ...]) -> tuple[str, bool]:
+def select_training_setup(requested: str, device, model, batch_shape: tuple[int, ...],
+                          max_time: float | None = None) -> tuple[str, bool]:
     """Precision and memory layout for training: ``(precision, channels_last)``.
 
     Parameters
@@ -238,20 +354,22 @@ def select_training_setup(requested: str, device, model, batch_shape: tuple[int,
         The network to train (timed on a copy; its weights are not touched).
     batch_shape : tuple of int
         ``(N, C, H, W)`` of one training batch.
+    max_time : float, optional
+        The run's time budget (s): measuring takes at most about 5 % of it.
 
     Notes
     -----
     An explicit precision is kept, in the layout used with it everywhere (channels-last
     for bf16/fp16, the plain layout for fp32), so a run asked for in fp32 repeats bit for
     bit. ``"auto"`` on a GPU is :func:`select_precision` with channels-last for reduced
-    precision. ``"auto"`` on a CPU times one forward + backward pass of the model at the
-    run's batch shape in each of :data:`TRAINING_CANDIDATES` (about a second for the
-    default network) and keeps the plain fp32 set-up unless another is at least 1.25x
-    faster: what wins depends on the CPU. One training step of the default network,
-    8 patches of 128 px: on an AMD EPYC with AVX-512 and AVX512-BF16 (no AMX) 129 ms in
-    fp32, 87 ms fp32 channels-last, 67 ms bf16 channels-last; on a Xeon with AVX-512 but no
-    BF16 instructions channels-last fp32 was 2.7x slower and bf16 2.5x slower than plain
-    fp32. Cached per process for the device, thread count, architecture and batch shape.
+    precision. ``"auto"`` on a CPU: plain fp32 unless the processor computes bf16 in
+    hardware (:func:`native_bf16`); then one training step in each of
+    :data:`TRAINING_CANDIDATES` is timed at the run's batch shape (warm-up, interleaved
+    repeats, the best of each) and bf16 is kept if at least 1.25x faster. When one step
+    would make the measurement cost more than 5 % of ``max_time``, bf16 is taken without it
+    (one training step of the default network, 8 patches of 128 px: on an AMD EPYC with
+    AVX512-BF16 129 ms in fp32, 67 ms bf16 channels-last; AMX is faster still). Cached per
+    machine like :func:`select_precision`.
     """
     import torch
 
@@ -260,23 +378,33 @@ def select_training_setup(requested: str, device, model, batch_shape: tuple[int,
     if requested != "auto" or device.type != "cpu":
         precision = select_precision(requested, device, model=model)
         return precision, precision != "fp32"
-    key = (device.type, torch.get_num_threads(), tuple(batch_shape),
-           tuple(sorted(model.config.to_dict().items())) if hasattr(model, "config") else type(model).__name__)
-    if key not in _TRAIN_CALIBRATION:
-        times = {}
-        for precision, channels_last in TRAINING_CANDIDATES:
-            try:
-                times[(precision, channels_last)] = _time_training_step(model, batch_shape, precision, channels_last)
-            except Exception:  # noqa: BLE001 - a set-up this CPU/build cannot run is simply not a candidate
-                continue
-        plain = TRAINING_CANDIDATES[0]
-        choice = plain
-        if times:
-            best = min(times, key=times.get)
-            if plain not in times or times[best] < 0.8 * times[plain]:
-                choice = best
-        _TRAIN_CALIBRATION[key] = choice
-    return _TRAIN_CALIBRATION[key]
+    plain = TRAINING_CANDIDATES[0]
+    if not native_bf16():
+        return plain
+    key = _cache_key("train", model, tuple(batch_shape))
+    if key in _TRAIN_CALIBRATION:
+        return _TRAIN_CALIBRATION[key]
+    cached = _cache_get(key)
+    if isinstance(cached, list) and tuple(cached) in TRAINING_CANDIDATES:
+        _TRAIN_CALIBRATION[key] = tuple(cached)
+        return tuple(cached)
+    steps = {c: _time_training_step(model, batch_shape, *c) for c in TRAINING_CANDIDATES}
+    t0 = time.perf_counter()
+    try:
+        steps[plain]()  # also the warm-up of the plain set-up
+    except Exception:  # noqa: BLE001 - cannot even run the plain step: let training say why
+        return plain
+    one = time.perf_counter() - t0
+    allowance = 0.05 * max_time if max_time else float("inf")
+    if 8 * one > allowance:  # 2 set-ups x (warm-up + 3 repeats): too dear for this run
+        choice = TRAINING_CANDIDATES[1]
+    else:
+        times = _best_times(steps, repeats=3, warmup=1, budget_s=max(allowance - 2 * one, one))
+        best = min(times, key=times.get) if times else plain
+        choice = best if plain in times and times[best] < BF16_MARGIN * times[plain] else plain
+    _TRAIN_CALIBRATION[key] = choice
+    _cache_put(key, list(choice))
+    return choice
 
 
 def autocast(precision: str, device):

@@ -747,9 +747,7 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     device = resolve_device(config.device)
     devices = _device_list(device)
     replicas = [_replica(model, d) for d in devices]
-    precision = select_precision(config.precision, devices[0], replicas[0])
     dev_name = ", ".join(str(d) for d in devices)
-    tile, batch = choose_tile(replicas[0], devices[0], precision, config.tile_size, config.batch_size)
     margin = model.margin()
     valid = mcfg.padding == "valid"
     multiple = 2 ** (mcfg.depth - 1)
@@ -761,6 +759,14 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     # Each plane is resized by `scale` before the network and its probabilities back: the
     # cells then have the size the model was trained on; the size limits are in image pixels.
     scale = float(config.scale if config.scale is not None else (meta.get("scale") or 1.0))
+    net_shape = scaled_shape(prep.plane_shape, scale) if scale != 1.0 else prep.plane_shape
+    # The precision is chosen at the tile shape the job will run (an fp32-sized tile), then
+    # the tile is sized for that precision.
+    tile, batch = choose_tile(replicas[0], devices[0], "fp32", config.tile_size, config.batch_size)
+    job_shape = (1, mcfg.in_channels, *_plane_tile(model, tile, net_shape, overlap_for(tile), multiple))
+    precision = select_precision(config.precision, devices[0], replicas[0], shape=job_shape)
+    if precision != "fp32":
+        tile, batch = choose_tile(replicas[0], devices[0], precision, config.tile_size, config.batch_size)
     area = meta.get("object_area")
     min_size, min_seed_size = instance_size_limits(config.min_size, area / scale ** 2 if area else None)
     want_probs = bool(config.probabilities)
@@ -769,7 +775,6 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     predictors = [_make_predictor(r, d, precision, fg_pair, config.flips) for r, d in zip(replicas, devices)]
 
     plane_shape = prep.plane_shape
-    net_shape = scaled_shape(plane_shape, scale) if scale != 1.0 else plane_shape
     probs = np.zeros((mcfg.n_classes, *lead, *plane_shape), np.float32) if want_probs else None
     if output == "instances":
         stack = StackLabels((*lead, *plane_shape))

@@ -871,7 +871,8 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         # Precision and memory layout: what is fastest depends on the CPU (channels-last fp32 was
         # 1.5x faster on one AVX-512 CPU and 2.7x slower on another), so "auto" measures.
         precision, channels_last = select_training_setup(config.precision, device, model,
-                                                         (max(len(share), 1), data.in_channels, size_in, size_in))
+                                                         (max(len(share), 1), data.in_channels, size_in, size_in),
+                                                         max_time=config.max_time)
         st["precision"], st["device"] = precision, str(device)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         st["memory_format"] = memory_format

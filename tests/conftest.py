@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _private_precision_cache(tmp_path_factory, monkeypatch):
+    """Each test measures (or fakes) its own precision choices: a fresh on-disk cache, never the
+    user's (napari_unet.device.cache_dir), and an empty in-process one."""
+    monkeypatch.setenv("NAPARI_UNET_CACHE", str(tmp_path_factory.mktemp("cache")))
+    from napari_unet import device
+
+    monkeypatch.setattr(device, "_CALIBRATION", {})
+    monkeypatch.setattr(device, "_TRAIN_CALIBRATION", {})
+
+
 @pytest.fixture
 def notes(monkeypatch):
     """Record the widgets' napari notifications: ``notes["error"]``, ``notes["warning"]``, ``notes["info"]``."""

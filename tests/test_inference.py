@@ -263,16 +263,22 @@ def test_instance_output_needs_three_classes_and_model_file(tmp_path):
 
 # ---- precision, memory, out-of-memory, stopping --------------------------------------------------
 
-def test_auto_precision_falls_back_to_fp32_when_bf16_is_slower(monkeypatch):
-    times = iter([1.0, 3.0] * 4)  # fp32 timing, then bf16 timing: bf16 3x slower
-    monkeypatch.setattr(dev, "_median_time", lambda fn, repeats=3: next(times))
-    monkeypatch.setattr(dev, "_CALIBRATION", {})
-    res = inf.predict_all(_net("same", depth=2), np.zeros((16, 16)), PredictConfig(precision="auto"))
+def test_auto_precision_is_measured_at_the_jobs_tile_and_falls_back_to_fp32(monkeypatch):
+    monkeypatch.setattr(dev, "native_bf16", lambda: True)
+    shapes = []
+    ratio = {"value": 3.0}  # bf16 3x slower
+
+    def forward(model, shape):
+        shapes.append(shape)
+        return {"fp32": 1.0, "bf16": ratio["value"]}
+
+    monkeypatch.setattr(dev, "_forward_times", forward)
+    res = inf.predict_all(_net("same", depth=2), np.zeros((40, 56)), PredictConfig(precision="auto"))
     assert res.precision == "fp32"
-    times2 = iter([1.0, 0.25])
-    monkeypatch.setattr(dev, "_median_time", lambda fn, repeats=3: next(times2))
+    assert shapes[0][:2] == (1, 1) and shapes[0][2] >= 40 and shapes[0][3] >= 56  # the tile that covers the image
+    ratio["value"] = 0.25
     monkeypatch.setattr(dev, "_CALIBRATION", {})
-    res = inf.predict_all(_net("same", depth=2), np.zeros((16, 16)), PredictConfig(precision="auto"))
+    res = inf.predict_all(_net("same", depth=2, width=8), np.zeros((40, 56)), PredictConfig(precision="auto"))
     assert res.precision == "bf16"
 
 

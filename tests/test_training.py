@@ -529,7 +529,7 @@ def test_auto_precision_trains_in_the_measured_setup(nuclei, monkeypatch, choice
 
     asked = []
 
-    def measured(requested, device, model, batch_shape):
+    def measured(requested, device, model, batch_shape, max_time=None):
         asked.append((requested, batch_shape))
         return choice
 
