@@ -13,8 +13,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """Open napari with the three widgets docked as tabs (Train in front) and, with --sample, the sample."""
-    import napari
-    from npe2 import PluginManager
+    try:
+        import napari
+        from npe2 import PluginManager
+    except ImportError as e:  # a headless install (train / predict only)
+        raise OSError(f"napari is not installed ({e.name or e}): pip install \"napari-unet[gui]\" for the "
+                      "widgets; train and predict work without it") from None
 
     viewer = napari.Viewer(title="napari-unet")
     for f in args.files:

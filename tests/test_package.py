@@ -24,6 +24,61 @@ def test_core_model_import_has_no_qt():
     assert out.stdout.strip() == "False"
 
 
+_HEADLESS = r"""
+import importlib.abc, sys
+
+GUI = ("napari", "npe2", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "pyqtgraph", "superqt")
+
+class NotInstalled(importlib.abc.MetaPathFinder):  # an environment with the core dependencies only
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in GUI:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+from napari_unet.cli import main
+folder = sys.argv[1]
+common = ["--iterations", "2", "--patch-size", "32", "--batch-size", "2", "--threads", "1", "--precision", "fp32",
+          "--quiet"]
+assert main(["train", "--image", folder + "/img.tif", "--labels", folder + "/lab.tif", "--out",
+             folder + "/m.safetensors", "--from", "sample", *common]) == 0
+assert main(["predict", "--model", folder + "/m.safetensors", "--image", folder + "/img.tif", "--out",
+             folder + "/seg.tif", "--quiet"]) == 0
+assert main(["gui"]) == 2
+print(",".join(m for m in sys.modules if m.split(".")[0] in GUI))
+"""
+
+
+def test_a_headless_install_trains_and_predicts_without_napari_or_qt(tmp_path):
+    """The core dependencies only (what `pip install napari-unet` installs): train, predict and a
+    clear message from `gui`; nothing of napari, Qt or magicgui is imported."""
+    import tifffile
+
+    from napari_unet.synthetic import make_nuclei, paint_sparse_labels
+
+    image, truth = make_nuclei((64, 64), seed=1)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "lab.tif", paint_sparse_labels(truth, n_cells=3, seed=1))
+    out = subprocess.run([sys.executable, "-c", _HEADLESS, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == ""
+    assert "pip install \"napari-unet[gui]\"" in out.stderr
+    assert tifffile.imread(tmp_path / "seg.tif").shape == (64, 64)
+
+
+def test_the_core_needs_no_gui_dependency():
+    """setup.cfg: napari, Qt and the widgets' libraries are extras, not install requirements."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    required = cfg["options"]["install_requires"].split()
+    assert not any(r.split(">")[0].split("=")[0].lower() in ("napari", "npe2", "magicgui", "qtpy", "pyqtgraph",
+                                                               "superqt", "pyqt5", "pyqt6") for r in required)
+    assert "napari>=0.5" in cfg["options.extras_require"]["napari"].split()
+
+
 def test_manifest_valid():
     from npe2 import PluginManifest
 
