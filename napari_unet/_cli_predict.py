@@ -19,7 +19,7 @@ import glob
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+from .distributed import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # noqa: E402 - one list of image suffixes
 
 
 def add_parser(sub) -> None:

@@ -326,7 +326,7 @@ def _run(args, ctx, catch_signals: bool = False) -> int:
               f"{t.get('elapsed')} s{procs}" + (f", held-out IoU {iou:.3f}" if iou is not None else "") + ")",
               file=sys.stderr)
     if interrupted:
-        from .cli import EXIT_INTERRUPTED, EXIT_TERMINATED
+        from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
         return EXIT_TERMINATED if signal.SIGTERM in stop_requests else EXIT_INTERRUPTED
     return 0

@@ -10,15 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_FAILURE"]
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 
-#: Exit status for bad input (missing file, wrong shape, ...), as argparse uses for usage errors.
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-#: ``napari-unet train`` stopped by SIGTERM (a batch system's time limit, ``scancel``), weights saved.
-EXIT_TERMINATED = 143
-#: Exit status of a rank of a torchrun job that failed otherwise (a lost peer, a CUDA error, ...).
-EXIT_FAILURE = 1
+__all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_FAILURE"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-unet`` console script; returns the exit status."""
-    from .distributed import BAD_INPUT_ERRORS, DistributedError, env_rank
+    from .distributed import DistributedError, env_rank
+    from .errors import BAD_INPUT_ERRORS
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from .errors import BAD_INPUT_ERRORS
+
 __all__ = ["DistContext", "DistributedError", "init_from_env", "under_torchrun", "env_rank", "shard", "pair_by_name",
            "sync_batch_norm", "plain_batch_norm", "BAD_INPUT_ERRORS", "LABEL_SUFFIXES", "IMAGE_EXTENSIONS",
            "DEFAULT_TIMEOUT"]
@@ -31,9 +33,6 @@ IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 #: Accepted differences between an image's name and its labels' name (``cell01.tif`` -> ``cell01_labels.tif``).
 LABEL_SUFFIXES = ("", "_labels", "_label", "_mask", "_masks", "_seg", "_gt")
 
-
-#: Errors that mean bad input (a missing file, a wrong shape ...): exit status 2 in the command line.
-BAD_INPUT_ERRORS = (ValueError, OSError, MemoryError)
 
 #: Seconds a collective waits for the other ranks before failing (instead of hanging forever when
 #: one of them died without torchrun noticing, e.g. on another node).

@@ -105,3 +105,62 @@ def test_sample_data_follows_label_convention():
     values = np.unique(labels)
     assert values[0] == 0 and 1 in values and values.max() >= 6  # unlabelled, background, >= 5 cells
     assert (labels == 0).mean() > 0.5  # sparse painting
+
+
+def _internal_imports() -> dict[str, set[str]]:
+    """napari_unet module -> the napari_unet modules it imports anywhere (function-level imports too)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "napari_unet"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = (path, parts[-1] == "__init__")
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_pkg) in modules.items():
+        package = name if is_pkg else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("napari_unet"))
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = package.split(".")
+                    pkg = pkg[:len(pkg) - node.level + 1]
+                    base = ".".join(pkg + ([base] if base else []))
+                if not base.startswith("napari_unet"):
+                    continue
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    found.add(sub if sub in modules else base)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module imports (at any level, function-level imports included) one that imports it
+    back; a package's __init__ importing its own modules does not count as a cycle."""
+    graph = _internal_imports()
+    assert graph["napari_unet._cli_train"] and graph["napari_unet._widgets.train"]  # the parse found imports
+
+    def edges(m):
+        return {n for n in graph[m] if not (n == m.rpartition(".")[0] or m.startswith(n + "."))}
+
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for n in edges(m):
+            if state.get(n) == 1:
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []

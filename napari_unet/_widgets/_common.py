@@ -26,6 +26,7 @@ from qtpy.QtCore import QObject, QThreadPool, Signal
 from qtpy.QtWidgets import QFileDialog, QLabel, QMessageBox, QWidget
 
 from .._writer import axes_letters
+from ..errors import BAD_INPUT_ERRORS
 from ..io import first_line
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 #: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
 #: out of memory): a one-line notification and the widget goes back to idle. Anything else is
 #: a bug and leaves the widget in the "failed" state (still usable) with the traceback logged.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = BAD_INPUT_ERRORS
 
 _LAYER_EVENTS = ("inserted", "removed", "reordered", "renamed")
 
@@ -185,11 +186,12 @@ def spatial_axes_letters(ndim: int, axis_labels: tuple[str, ...] | None = None) 
     return axes_letters(ndim, axis_labels)
 
 
-def find_docked(viewer, cls: type) -> list:
-    """The widgets of class ``cls`` docked in this viewer's window.
+def find_docked(viewer, role: str) -> list:
+    """The widgets docked in this viewer's window whose ``ROLE`` is ``role`` ("train", "segment").
 
     Widgets of one viewer find each other through napari's public ``window.dock_widgets``
-    (the inner widgets); this keeps the link per viewer with no module-level registry.
+    (the inner widgets); this keeps the link per viewer with no module-level registry, and
+    by role rather than by class, so that no widget module imports another.
     """
     window = getattr(viewer, "window", None)
     docks = getattr(window, "dock_widgets", None) if window is not None else None
@@ -198,7 +200,7 @@ def find_docked(viewer, cls: type) -> list:
     found = []
     with contextlib.suppress(RuntimeError):  # a dock being deleted while we look
         for widget in list(docks.values()):
-            if isinstance(widget, cls):
+            if getattr(widget, "ROLE", None) == role:
                 found.append(widget)
     return found
 

@@ -163,6 +163,9 @@ class SegmentWidget(QWidget):
         The viewer whose Image layers are listed and where results appear.
     """
 
+    #: How the other widgets of the viewer find this one (:func:`._common.find_docked`).
+    ROLE = "segment"
+
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
@@ -240,9 +243,7 @@ class SegmentWidget(QWidget):
 
     def _pull_trained_models(self) -> None:
         """List the models published by Train widgets already docked in this viewer."""
-        from .train import TrainWidget
-
-        for trainer in _common.find_docked(self.viewer, TrainWidget):
+        for trainer in _common.find_docked(self.viewer, "train"):
             entry = trainer.published_model
             if entry is not None and all(m is not entry for m in self._models):
                 self._models.insert(0, entry)
@@ -470,9 +471,7 @@ class SegmentWidget(QWidget):
         labels layer a Train widget of this viewer trains on with this image."""
         if rec.training is not None and rec.training in self.viewer.layers:
             return np.asarray(rec.training.data)
-        from .train import TrainWidget
-
-        for trainer in _common.find_docked(self.viewer, TrainWidget):
+        for trainer in _common.find_docked(self.viewer, "train"):
             layer = trainer.labels.value
             if trainer.image.value == rec.image and layer is not None and layer in self.viewer.layers:
                 return np.asarray(layer.data)

@@ -161,6 +161,9 @@ class TrainWidget(QWidget):
         The latest finished model, as a snapshot for the Segment widget.
     """
 
+    #: How the other widgets of the viewer find this one (:func:`._common.find_docked`).
+    ROLE = "train"
+
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
@@ -568,13 +571,11 @@ class TrainWidget(QWidget):
 
     def _publish(self) -> None:
         """Hand a snapshot of the current model to the Segment widgets of this viewer."""
-        from .segment import SegmentWidget
-
         entry = ModelEntry(name=f"{self.current.name}", model=copy.deepcopy(self.current.model),
                            metadata=copy.deepcopy(self.current.metadata))
         self.published_model = entry
         self.events.model_published.emit(entry)
-        for seg in _common.find_docked(self.viewer, SegmentWidget):
+        for seg in _common.find_docked(self.viewer, "segment"):
             seg.use_model(entry)
 
     # ---- where to paint next --------------------------------------------------------------------
