@@ -33,6 +33,7 @@ import torch
 
 from napari_unet.cli import main
 from napari_unet.config import ModelConfig, PredictConfig, TrainConfig
+from napari_unet.errors import BAD_INPUT_ERRORS
 from napari_unet.inference import predict_all
 from napari_unet.io import (
     FORMAT_VERSION,
@@ -46,9 +47,9 @@ from napari_unet.model import UNet
 from napari_unet.synthetic import make_nuclei, paint_sparse_labels
 from napari_unet.training import prepare_training_data, train
 
-#: What the widgets report as a one-line notification (napari_unet._widgets._common.EXPECTED_ERRORS;
-#: test_widgets_robustness.py checks the two agree). Anything else is shown as a bug.
-EXPECTED_ERRORS = (ValueError, OSError, MemoryError)
+#: What the CLI and the widgets report as one line (the one definition, napari_unet.errors).
+#: Anything else is shown as a bug.
+EXPECTED_ERRORS = BAD_INPUT_ERRORS
 TINY = ModelConfig(depth=2, base_filters=4, padding="same", batch_norm=True)
 CFG = TrainConfig(iterations=2, max_time=None, patch_size=32, batch_size=1, precision="fp32", threads=1)
 FAST = ["--iterations", "2", "--patch-size", "32", "--batch-size", "1", "--threads", "1", "--precision", "fp32",

@@ -21,6 +21,8 @@ from napari_unet.io import load_model, read_image, save_model
 from napari_unet.model import UNet
 from napari_unet.synthetic import make_nuclei, paint_sparse_labels
 
+pytestmark = pytest.mark.slow
+
 #: Largest relative difference of the per-step losses of 1 and 2 processes. Measured: below 1e-6
 #: (float rounding of sums in another order); a different global batch differs by 1e-2 and more.
 LOSS_RTOL = 1e-5

@@ -1,14 +1,15 @@
 """Files are never half-written and model files never run code (see docs/safety.md).
 
-A writer process is SIGKILLed at random moments while it saves model files and TIFFs over
-a target path; the target must always be either the previous complete file or the new
-complete file. Hostile pickles of several kinds must be refused without running.
+A writer process is SIGKILLed inside a save of a model file or a TIFF over a target path
+(it tells the test when it is there); the target must be the previous complete file.
+Hostile pickles of several kinds must be refused without running.
 """
 
 import copy
 import json
 import os
 import pickle
+import select
 import signal
 import struct
 import time
@@ -23,46 +24,65 @@ from napari_unet.io import ModelFileError, load_model, save_model, write_labels_
 from napari_unet.model import UNet
 
 
-def _write_forever(kind, target):
-    """The child: save over ``target`` again and again until it is killed."""
+def _write_twice(kind, target, ready_fd):
+    """The child: one complete save over ``target``, then a second that stops inside the write
+    (its new bytes in the temporary file, before the rename) and tells the parent so."""
     torch.manual_seed(0)
     net = UNet(1, 3, depth=4, base_filters=32, padding="same")  # ~7.8 MB of weights
     labels = (np.arange(1500 * 1500, dtype=np.uint32) % 60000).reshape(1500, 1500).astype(np.uint16)
-    i = 0
-    while True:
-        i += 1
+
+    def save(i):
         if kind == "model":
             save_model(target, net, {"training": {"iteration": i}})
         else:
-            write_labels_tiff(target, labels, overwrite=True)
+            write_labels_tiff(target, labels + (i - 1), overwrite=True)
+
+    save(1)
+    real_fsync = os.fsync
+
+    def fsync_then_wait(fd):  # called by atomic_write on the finished temporary file
+        real_fsync(fd)
+        os.write(ready_fd, b"x")  # the parent may kill now: we are between writing and renaming
+        time.sleep(600)
+
+    os.fsync = fsync_then_wait
+    save(2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "tiff"])
-def test_sigkill_during_writes_never_leaves_a_truncated_target(tmp_path, kind):
+def test_sigkill_during_a_write_leaves_the_previous_complete_file(tmp_path, kind):
+    """SIGKILL lands inside the second write (the child says when, no timing guess): the target
+    is still the first complete file, and only a temporary file is left beside it."""
     target = tmp_path / ("m.safetensors" if kind == "model" else "l.tif")
-    rng = np.random.default_rng(0)
-    kills = 20
-    for _ in range(kills):
-        # fork: the child starts writing at once (no interpreter start-up), so kills land mid-write
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                _write_forever(kind, target)
-            finally:
-                os._exit(0)
-        time.sleep(float(rng.uniform(0.01, 0.4)))  # a random moment, not a synchronisation
+    read_fd, write_fd = os.pipe()
+    # fork: the child shares nothing with the test but the pipe and the folder
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(read_fd)
+            _write_twice(kind, target, write_fd)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    ready = []
+    try:
+        ready = select.select([read_fd], [], [], 120)[0]
+        assert ready and os.read(read_fd, 1) == b"x", "the child never reached the middle of its second write"
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        if target.exists():
-            if kind == "model":
-                model, meta = load_model(target)
-                assert meta["training"]["iteration"] >= 1
-            else:
-                data = tifffile.imread(target)
-                assert data.shape == (1500, 1500) and int(data[-1, -1]) == (1500 * 1500 - 1) % 60000
-    assert target.exists(), f"at least one write completed in {kills} runs"
-    # temporaries left by kills that landed mid-write: the case this test is about did happen
-    assert list(tmp_path.glob(f".{target.name}.*.part")), "no kill landed inside a write"
+    finally:
+        os.close(read_fd)
+        if ready == []:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL  # killed, not finished
+    if kind == "model":
+        _, meta = load_model(target)
+        assert meta["training"]["iteration"] == 1
+    else:
+        data = tifffile.imread(target)
+        assert data.shape == (1500, 1500) and int(data[-1, -1]) == (1500 * 1500 - 1) % 60000
+    assert list(tmp_path.glob(f".{target.name}.*.part")), "the interrupted write's temporary file is beside it"
 
 
 def _evil_payloads(marker):

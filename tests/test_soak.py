@@ -13,6 +13,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 PREDICT = r"""
 import gc, json
 import psutil, torch

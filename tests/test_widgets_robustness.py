@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QThreadPool
 
-from napari_unet._widgets import ExportWidget, SegmentWidget, TrainWidget, _common
+from napari_unet._widgets import ExportWidget, SegmentWidget, TrainWidget
 from napari_unet._widgets.train import START_FILE, START_NEW
 
 
@@ -49,11 +49,6 @@ def _unchanged(viewer, before: dict) -> None:
     assert [layer.name for layer in viewer.layers] == list(before)
     for name, data in before.items():
         np.testing.assert_array_equal(viewer.layers[name].data, data)
-
-
-def test_expected_errors_are_what_the_core_raises():
-    """test_bad_inputs.py checks the core raises these (and only these) for bad input."""
-    assert set(_common.EXPECTED_ERRORS) == {ValueError, OSError, MemoryError}
 
 
 def test_train_refuses_bad_layers_and_files(make_napari_viewer, qtbot, small_cells, tiny_model_file, tmp_path,
