@@ -271,7 +271,7 @@ def error_mask(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, train_
 
 
 def suggestion_hits(probabilities, pred, objects, region, train_ids, ignore_ids, painted, cell_area: float,
-                    n: int = 5) -> tuple[int, int, float]:
+                    n: int = 5, outlines_masked: bool = False) -> tuple[int, int, float]:
     """``(hits, suggestions, chance)``: how many of :func:`napari_unet.quality.where_to_paint`'s
     top ``n`` places lie on (within a quarter cell of) an error a user would correct, and the
     fraction of unpainted places in the region that do (what random places would score)."""
@@ -280,7 +280,8 @@ def suggestion_hits(probabilities, pred, objects, region, train_ids, ignore_ids,
     errors = error_mask(pred, objects, region, train_ids, ignore_ids)
     reach = 0.5 * np.sqrt(cell_area / np.pi)
     near = ndi.distance_transform_edt(~errors) <= reach if errors.any() else np.zeros_like(errors)
-    places = where_to_paint(uncertainty(probabilities), cell_area, n, painted=painted)
+    places = where_to_paint(uncertainty(probabilities), cell_area, n, painted=painted,
+                            labels=pred if outlines_masked else None)
     hits = sum(bool(near[y, x]) for (y, x) in (p.centre for p in places))
     free = region.astype(bool) & (painted == 0)
     chance = float(near[free].mean()) if free.any() else 0.0
@@ -436,7 +437,8 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
     return out
 
 
-def _suggestions(image, painted, objects, region, train_ids, ignore, pred, info) -> tuple[int, int, float]:
+def _suggestions(image, painted, objects, region, train_ids, ignore, pred, info) -> dict[str, tuple[int, int, float]]:
+    """Both ways of placing the suggestions, scored on the same prediction."""
     from napari_unet.config import PredictConfig
     from napari_unet.inference import predict_all
 
@@ -444,7 +446,9 @@ def _suggestions(image, painted, objects, region, train_ids, ignore, pred, info)
     meta = res.metadata
     probs = predict_all(res.model, image, PredictConfig(probabilities=True), meta).probabilities
     area = float(meta.get("object_area") or 300.0) / float(meta.get("scale") or 1.0) ** 2
-    return suggestion_hits(probs, pred, objects, region, train_ids, ignore, painted, area)
+    return {variant: suggestion_hits(probs, pred, objects, region, train_ids, ignore, painted, area,
+                                     outlines_masked=masked)
+            for variant, masked in (("window mean", False), ("window mean, outlines masked", True))}
 
 
 def _errors(pred, objects, region, train_ids, ignore) -> str:
@@ -658,11 +662,11 @@ def main(argv=None) -> int:
                         print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
                               f"{t:.0f} s{steps}, load {os.getloadavg()[0]:.1f}", flush=True)
                     if args.suggest and info is not None:
-                        hits = _suggestions(image, painted, objects, region, train_ids,
-                                            np.concatenate([skip, unpainted]), pred, info)
-                        suggested.setdefault(label, []).append(hits)
-                        print(f"  {name} K={k} seed {seed} {label}: where to paint next, {hits[0]} of {hits[1]} "
-                              f"places on errors (random places: {hits[2]:.2f})", flush=True)
+                        for variant, hits in _suggestions(image, painted, objects, region, train_ids,
+                                                          np.concatenate([skip, unpainted]), pred, info).items():
+                            suggested.setdefault(f"{label}, {variant}", []).append(hits)
+                            print(f"  {name} K={k} seed {seed} {label}: where to paint next ({variant}), {hits[0]} of "
+                                  f"{hits[1]} places on errors (random places: {hits[2]:.2f})", flush=True)
                     if args.rounds and info is not None:
                         _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, big, skip,
                                 pred, info)

@@ -136,6 +136,11 @@ def uncertainty(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.clip(h, 0.0, 1.0).astype(np.float32)
 
 
+#: paint_next leaves the predicted outlines out of the uncertainty averages (see where_to_paint);
+#: chosen with benchmarks/fewshot.py --suggest, which scores both.
+OUTLINES_MASKED = False
+
+
 @dataclass
 class Suggestion:
     """A place to paint next: ``centre`` ``(y, x)`` in the plane's pixels, ``score`` the mean
@@ -146,19 +151,27 @@ class Suggestion:
 
 
 def where_to_paint(uncertain: np.ndarray, cell_area: float | None = None, n: int = 5,
-                   painted: np.ndarray | None = None) -> list[Suggestion]:
+                   painted: np.ndarray | None = None, labels: np.ndarray | None = None) -> list[Suggestion]:
     """The ``n`` places most worth painting next, most unsure first.
 
     Every cell outline is a little unsure (the classes change there), so single pixels say
     little; a window of about one cell (``cell_area``, px; 300 if unknown) averages the map,
     and the highest local means at least a cell apart are the suggestions: cells the network
-    hesitates to split, merge, find or shape. Places already painted (``painted`` > 0 over
-    most of the window) are left out: the user has said what is there.
+    hesitates to split, merge, find or shape. With ``labels`` (the segmentation the map
+    came with), the 2 px band along the predicted outlines is left out of the averages, so
+    that doubt inside a cell (a merge) or in the background (a missed cell) counts, not the
+    outlines every cell has. Places already painted (``painted`` > 0 over most of the
+    window) are left out: the user has said what is there.
     """
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
 
     u = np.asarray(uncertain, dtype=np.float32)
+    if labels is not None and np.shape(labels) == u.shape:
+        from skimage.segmentation import find_boundaries
+
+        band = ndi.binary_dilation(find_boundaries(np.asarray(labels), mode="thick"))
+        u = np.where(band, 0.0, u).astype(np.float32)
     diameter = 2.0 * np.sqrt(float(cell_area or 300.0) / np.pi)
     size = max(3, int(round(diameter)))
     mean = ndi.uniform_filter(u, size=size, mode="reflect")
@@ -214,4 +227,5 @@ def paint_next(model, image: np.ndarray, metadata: dict | None, painted: np.ndar
     u = uncertainty(pred.probabilities)
     if painted is not None and np.shape(painted) != u.shape:
         painted = None
-    return PaintNext(uncertainty=u, places=where_to_paint(u, cell_area, n, painted), labels=pred.labels)
+    return PaintNext(uncertainty=u, places=where_to_paint(u, cell_area, n, painted, labels=pred.labels if
+                                                          OUTLINES_MASKED else None), labels=pred.labels)

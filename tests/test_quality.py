@@ -199,3 +199,21 @@ def test_where_to_paint_prefers_broad_doubt_over_outlines_and_skips_painted_plac
     assert all(not painted[p.centre] for p in places)
     assert [p.score for p in places] == sorted((p.score for p in places), reverse=True)
     assert quality.where_to_paint(np.zeros((30, 30), np.float32), n=5) == []
+
+
+def test_masking_the_predicted_outlines_leaves_the_doubt_inside_cells():
+    labels = np.zeros((100, 100), np.int32)
+    yy, xx = np.mgrid[:100, :100]
+    labels[np.hypot(yy - 25, xx - 25) < 12] = 1  # a confident cell: unsure along its outline only
+    labels[(np.abs(yy - 70) < 12) & (np.abs(xx - 70) < 20)] = 2  # a merged pair: unsure inside, at the gap
+    from skimage.segmentation import find_boundaries
+
+    u = np.where(find_boundaries(labels, mode="thick"), 0.9, 0.0).astype(np.float32)
+    u[(np.abs(yy - 70) < 10) & (np.abs(xx - 70) < 3)] = 0.5  # the gap between the two merged cells
+    plain = quality.where_to_paint(u, cell_area=300.0, n=1)
+    masked = quality.where_to_paint(u, cell_area=300.0, n=1, labels=labels)
+    # Unmasked, the outlines win (the long outline of the merged pair or the confident cell's);
+    # masked, the gap inside the merged pair does.
+    assert np.hypot(*np.subtract(plain[0].centre, (70, 70))) > 10
+    y, x = masked[0].centre
+    assert labels[y, x] == 2 and abs(x - 70) <= 10 and abs(y - 70) <= 10
