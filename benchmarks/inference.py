@@ -20,7 +20,10 @@ that the masks mean something. Reported: megapixels per second, ratio (b)/(a), e
 GFLOP/s (the model's FLOPs per image pixel x pixels / time) against a float32 matmul peak
 measured in the same run, and how well reduced-precision masks agree with float32.
 ``avx2`` repeats the comparison in a subprocess restricted to AVX2 (as on most laptops)
-to show what ``precision="auto"`` picks there. ``memory`` segments an 8192 x 8192 float32
+to show what ``precision="auto"`` picks there. ``auto`` asks ``precision="auto"`` in
+``--processes`` fresh processes (empty cache: each measures; warm: each reads the first
+one's decision). ``startup`` times a ``napari-unet predict`` process from its start to its
+first finished tile (warm cache). ``memory`` segments an 8192 x 8192 float32
 image in a subprocess and prints its peak resident memory.
 """
 
@@ -336,9 +339,111 @@ def child_memory(args) -> None:
     }))
 
 
+_AUTO_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from napari_unet import device as dev
+from napari_unet.model import UNet
+import torch
+torch.manual_seed(0)
+width, depth, side = (int(v) for v in sys.argv[1:4])
+net = UNet(1, 3, depth=depth, base_filters=width, padding="same", batch_norm=True).eval()
+t1 = time.perf_counter()
+choice = dev.select_precision("auto", "cpu", net, shape=(1, 1, side, side))
+print(json.dumps({"choice": choice, "decide_s": time.perf_counter() - t1, "native": dev.native_bf16()}))
+"""
+
+
+def part_auto(args) -> None:
+    """What precision='auto' picks in N fresh processes, each with an empty cache (it measures)
+    and then each with the cache the first one wrote (it reads)."""
+    import tempfile
+
+    print(f"\n### precision='auto' in {args.processes} fresh processes ({load_line()})\n")
+    print("| model | tile | cache | choices | time to decide (median s) |")
+    print("|---|---|---|---|---|")
+    for width, depth in MODELS:
+        for cache in ("empty", "warm"):
+            choices, times = [], []
+            shared = tempfile.mkdtemp()
+            for _ in range(args.processes):
+                env = dict(os.environ, NAPARI_UNET_CACHE=shared if cache == "warm" else tempfile.mkdtemp())
+                out = subprocess.run([sys.executable, "-c", _AUTO_CHILD, str(width), str(depth), "512"], env=env,
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(out.stderr[-2000:])
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                choices.append(r["choice"])
+                times.append(r["decide_s"])
+            counts = ", ".join(f"{c} {choices.count(c)}/{len(choices)}" for c in sorted(set(choices)))
+            print(f"| {width}/{depth} | 512 | {cache} | {counts} | {np.median(times):.2f} |", flush=True)
+
+
+_STARTUP_CHILD = r"""
+import sys, time
+t0 = time.perf_counter()
+from napari_unet.cli import main
+import napari_unet.inference as inf
+first = []
+real = inf.tiled_predict_iter
+def timed(*a, **k):
+    gen = real(*a, **k)
+    try:
+        ev = next(gen)
+    except StopIteration as stop:
+        return stop.value
+    if not first:
+        first.append(time.perf_counter() - t0)
+    yield ev
+    return (yield from gen)
+inf.tiled_predict_iter = timed
+rc = main(sys.argv[1:])
+print("FIRST_TILE", first[0] if first else -1, "TOTAL", time.perf_counter() - t0, "DYNAMO",
+      "torch._dynamo" in sys.modules)
+"""
+
+
+def part_startup(args) -> None:
+    """Seconds from the start of a `napari-unet predict` process (after the interpreter) to its
+    first finished tile, with the precision cache warm, the packaged model and a 512 px image."""
+    import tempfile
+
+    import tifffile
+
+    from napari_unet._sample_data import SAMPLE_MODEL_PATH
+
+    d = tempfile.mkdtemp()
+    image, _ = make_data(512, seed=5)
+    tifffile.imwrite(os.path.join(d, "img.tif"), image)
+    cmd = [sys.executable, "-c", _STARTUP_CHILD, "predict", "--model", str(SAMPLE_MODEL_PATH), "--image",
+           os.path.join(d, "img.tif"), "--out", os.path.join(d, "out.tif"), "--overwrite", "--quiet"]
+    env = dict(os.environ, NAPARI_UNET_CACHE=d)
+    rows = []
+    for i in range(args.processes + 1):
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        line = [x for x in out.stdout.splitlines() if x.startswith("FIRST_TILE")]
+        if out.returncode != 0 or not line:
+            raise SystemExit(out.stderr[-2000:])
+        parts = line[0].split()
+        if i:  # the first process fills the precision cache
+            rows.append((float(parts[1]), float(parts[3]), wall, parts[5]))
+    first = np.median([r[0] for r in rows])
+    print(f"\n### Start-up of `napari-unet predict` (packaged model, 512 x 512, warm precision cache, "
+          f"{len(rows)} processes; {load_line()})\n")
+    print("| first tile after the script starts (median s) | whole command in the script (s) | process wall "
+          "time incl. interpreter (s) | torch._dynamo imported |")
+    print("|---|---|---|---|")
+    print(f"| {first:.2f} | {np.median([r[1] for r in rows]):.2f} | {np.median([r[2] for r in rows]):.2f} | "
+          f"{rows[0][3]} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="speed,avx2,memory", help="comma-separated: speed, avx2, memory")
+    p.add_argument("--parts", default="speed,avx2,auto,startup,memory",
+                   help="comma-separated: speed, avx2, auto, startup, memory")
+    p.add_argument("--processes", type=int, default=20, help="fresh processes for the auto and startup parts")
     p.add_argument("--size", type=int, default=2048, help="side of the speed-test image")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--agreement-size", type=int, default=256, help="side of the crop where bf16 is compared")
@@ -357,6 +462,10 @@ def main() -> None:
         part_speed(args)
     if "avx2" in parts:
         part_avx2(args)
+    if "auto" in parts:
+        part_auto(args)
+    if "startup" in parts:
+        part_startup(args)
     if "memory" in parts:
         part_memory(args)
 
