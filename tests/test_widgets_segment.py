@@ -266,3 +266,20 @@ def test_the_models_description_goes_to_the_entry_that_ran(make_napari_viewer, q
     assert seg.model.value is not sample and seg.model_info.text() == ""  # the shown entry is not described
     seg.model.value = sample
     assert seg.model_info.text().startswith("instances model")
+
+
+def test_the_model_list_keeps_the_latest_trained_models_only(make_napari_viewer, tiny_model_file):
+    from napari_unet._widgets._common import ModelEntry
+    from napari_unet._widgets.segment import KEEP_TRAINED
+    from napari_unet.io import load_model
+
+    viewer = make_napari_viewer()
+    seg = SegmentWidget(viewer)
+    model, meta = load_model(tiny_model_file())
+    entries = [ModelEntry(name=f"trained model {i}", model=model, metadata=meta) for i in range(5)]
+    for e in entries:
+        seg.use_model(e)
+    names = [name for name, _ in seg._model_choices()]
+    assert names[:KEEP_TRAINED] == [f"trained model {i}" for i in (4, 3, 2)]
+    assert "trained model 1" not in names and names[-2:] == ["sample model: cells (packaged)", "model file..."]
+    assert seg.model.value is entries[-1]

@@ -19,6 +19,8 @@ from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_
 __all__ = ["SegmentWidget", "training_labels_from_corrected"]
 
 _FILE_ENTRY = ModelEntry(name="model file...")
+#: Trained models (held in memory) the model list keeps, most recent first.
+KEEP_TRAINED = 3
 _RING = 4  # px of background painted around corrected cells, as paint_sparse_labels does
 
 
@@ -249,9 +251,16 @@ class SegmentWidget(QWidget):
                 self._models.insert(0, entry)
 
     def use_model(self, entry: ModelEntry) -> None:
-        """Add ``entry`` to the model list and select it (the Train widget calls this)."""
-        self._models = [entry] + [m for m in self._models if m is not entry and
-                                  not (m.model is not None and m.name == entry.name)]
+        """Add ``entry`` to the model list and select it (the Train widget calls this).
+
+        Trained models are kept in memory: only the :data:`KEEP_TRAINED` most recent stay in
+        the list (a saved model file can be picked again with "model file...").
+        """
+        models = [entry] + [m for m in self._models if m is not entry and
+                            not (m.model is not None and m.name == entry.name)]
+        trained = [m for m in models if m.model is not None]
+        dropped = {id(m) for m in trained[KEEP_TRAINED:]}
+        self._models = [m for m in models if id(m) not in dropped]
         self.model.reset_choices()
         self.model.value = entry
         self._on_model()
