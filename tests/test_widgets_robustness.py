@@ -214,3 +214,21 @@ def test_changing_layers_while_training(make_napari_viewer, qtbot, small_cells, 
     if then == "remove the image":
         assert any("removed" in w for w in notes["warning"])
     _no_job_left(train, threads)
+
+
+def test_widget_states_follow_the_allowed_transitions(qtbot):
+    from napari_unet._widgets._common import State, StateLabel
+
+    label = StateLabel()
+    qtbot.addWidget(label)
+    assert label.state == "idle" == State.IDLE
+    label.set_state("training", "iteration 1")
+    label.set_state(State.TRAINING, "iteration 2")  # the same state, a new detail
+    label.set_state("stopping")
+    label.set_state("done", "3 iterations")
+    assert label.state == "done" and "3 iterations" in label.text()
+    with pytest.raises(RuntimeError, match="done -> stopping is not an allowed transition"):
+        label.set_state("stopping")
+    with pytest.raises(ValueError):
+        label.set_state("dancing")
+    assert label.state == "done"

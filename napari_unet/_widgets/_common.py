@@ -9,6 +9,7 @@ imports torch.
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import re
 import sys
@@ -32,7 +33,7 @@ from ..io import first_line
 __all__ = [
     "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
     "connect_while_alive", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
-    "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel",
+    "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel", "State", "TRANSITIONS",
 ]
 
 #: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
@@ -105,17 +106,51 @@ def safe_file_stem(name: str) -> str:
     return stem or "labels"
 
 
+class State(str, enum.Enum):
+    """What a widget is doing. A ``str`` enum: ``state == "done"`` reads as it did."""
+
+    IDLE = "idle"
+    TRAINING = "training"
+    STOPPING = "stopping"
+    LOOKING = "looking"  # Train: where to paint next
+    SEGMENTING = "segmenting"
+    CANCELLING = "cancelling"
+    EXPORTING = "exporting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_RESTING = {State.IDLE, State.DONE, State.FAILED}
+_ENDINGS = {State.IDLE, State.DONE, State.FAILED}
+#: The allowed transitions (a state may always be set again, with a new detail): a job starts
+#: from rest, can be asked to stop, and ends in done, idle (the user's input problem, nothing
+#: to show) or failed (a bug).
+TRANSITIONS: dict[State, set[State]] = {
+    **{s: _RESTING | {State.TRAINING, State.LOOKING, State.SEGMENTING, State.EXPORTING} for s in _RESTING},
+    State.TRAINING: _ENDINGS | {State.STOPPING},
+    State.LOOKING: _ENDINGS | {State.STOPPING},
+    State.STOPPING: set(_ENDINGS),
+    State.SEGMENTING: _ENDINGS | {State.CANCELLING},
+    State.CANCELLING: set(_ENDINGS),
+    State.EXPORTING: set(_ENDINGS),
+}
+
+
 class StateLabel(QLabel):
-    """Shows the widget's state (idle, training, stopping, done, failed, ...) in one line."""
+    """Shows the widget's state (a :class:`State`) and a detail in one line; refuses a
+    transition :data:`TRANSITIONS` does not allow (a bug in the widget's flow)."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        self.state = ""
-        self.set_state("idle")
+        self.state = State.IDLE
+        self.set_state(State.IDLE)
 
-    def set_state(self, state: str, detail: str = "") -> None:
+    def set_state(self, state: State | str, detail: str = "") -> None:
+        state = State(state)
+        if state != self.state and state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"widget state {self.state.value} -> {state.value} is not an allowed transition")
         self.state = state
-        self.setText(f"<b>{state}</b>" + (f": {detail}" if detail else ""))
+        self.setText(f"<b>{state.value}</b>" + (f": {detail}" if detail else ""))
 
 
 # ---- layers -------------------------------------------------------------------------------------
