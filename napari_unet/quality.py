@@ -161,7 +161,8 @@ def where_to_paint(uncertain: np.ndarray, cell_area: float | None = None, n: int
     came with), the 2 px band along the predicted outlines is left out of the averages, so
     that doubt inside a cell (a merge) or in the background (a missed cell) counts, not the
     outlines every cell has. Places already painted (``painted`` > 0 over most of the
-    window) are left out: the user has said what is there.
+    window) are left out: the user has said what is there; so is a band of half a cell along
+    the image border (cells cut by the border).
     """
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
@@ -179,7 +180,10 @@ def where_to_paint(uncertain: np.ndarray, cell_area: float | None = None, n: int
         on = np.asarray(painted) > 0
         covered = ndi.uniform_filter(on.astype(np.float32), size=size, mode="reflect")
         mean = np.where((covered > 0.5) | on, 0.0, mean)
-    peaks = peak_local_max(mean, min_distance=max(1, size // 2), threshold_abs=1e-3, exclude_border=False,
+    # Not within half a cell of the image border: cells cut by the border are unsure for want
+    # of context, and painting half a cell teaches little.
+    border = max(1, size // 2) if min(u.shape) > 2 * size else False
+    peaks = peak_local_max(mean, min_distance=max(1, size // 2), threshold_abs=1e-3, exclude_border=border,
                            num_peaks=n)
     found = [Suggestion(centre=(int(y), int(x)), score=float(mean[y, x])) for y, x in peaks]
     return sorted(found, key=lambda s: -s.score)
