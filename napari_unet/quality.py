@@ -128,11 +128,13 @@ def uncertainty(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
     """How unsure the network is at each pixel: the entropy of its class probabilities,
     divided by its largest value (``log`` of the class count), so 0 = certain, 1 = all
     classes equally likely. ``probabilities`` has the classes on ``axis``."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float32), 1e-7, 1.0)
+    from scipy.stats import entropy
+
+    p = np.asarray(probabilities, dtype=np.float32)
     n = p.shape[axis]
     if n < 2:
         return np.zeros(np.delete(p.shape, axis), np.float32)
-    h = -(p * np.log(p)).sum(axis=axis) / np.log(n)
+    h = np.nan_to_num(entropy(p, axis=axis) / np.log(n))  # all-zero probabilities (unsegmented planes): 0
     return np.clip(h, 0.0, 1.0).astype(np.float32)
 
 
