@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "predict", help="segment images with a trained model and write label TIFFs",
         description="Segment images with a napari-unet model file; write ImageJ-compatible label TIFFs.")
-    p.add_argument("--model", required=True, help="model file (.safetensors) written by napari-unet")
+    p.add_argument("--model", required=True,
+                   help="model file (.safetensors) written by napari-unet, or a bioimage.io package (.zip) of one")
     p.add_argument("--image", required=True, action="append", metavar="IMG",
                    help="image file, folder of images, or glob pattern (quote it); repeat for more")
     p.add_argument("--out", required=True,

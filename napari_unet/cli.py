@@ -1,6 +1,6 @@
-"""The ``napari-unet`` command line: ``train``, ``predict`` and ``gui``.
+"""The ``napari-unet`` command line: ``train``, ``predict``, ``export-model`` and ``gui``.
 
-Each subcommand lives in its own module (``_cli_train``, ``_cli_predict``, ``_cli_gui``);
+Each subcommand lives in its own module (``_cli_train``, ``_cli_predict``, ``_cli_export``, ``_cli_gui``);
 train and predict drain the same generators the napari widgets run in a worker thread. Bad input ends with a one-line
 message on stderr and a non-zero exit status, never a traceback.
 """
@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, _cli_gui, _cli_predict, _cli_train
+    from . import __version__, _cli_export, _cli_gui, _cli_predict, _cli_train
 
     parser = argparse.ArgumentParser(
         prog="napari-unet",
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _cli_train.add_parser(sub)
     _cli_predict.add_parser(sub)
+    _cli_export.add_parser(sub)
     _cli_gui.add_parser(sub)
     return parser
 

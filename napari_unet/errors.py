@@ -7,7 +7,8 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["BAD_INPUT_ERRORS", "EXIT_USAGE", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+__all__ = ["BAD_INPUT_ERRORS", "EXIT_USAGE", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "ModelFileError",
+           "first_line"]
 
 #: The user's input problems: a missing or unreadable file, shapes that differ, labels that
 #: are not labels (ValueError, TrainingDataError, ConfigError), out of memory.
@@ -21,3 +22,13 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 #: ``napari-unet train`` stopped by SIGTERM (a batch system's time limit, ``scancel``), weights saved.
 EXIT_TERMINATED = 143
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class ModelFileError(ValueError):
+    """A file that is not a usable napari-unet model; the message names the file and why."""

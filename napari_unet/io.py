@@ -18,12 +18,16 @@ import json
 import os
 import secrets
 import stat
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import ModelFileError, first_line
+from .modelmeta import check_metadata, default_metadata, weights_mismatch
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "ModelFileError", "OutputPathError",
@@ -35,16 +39,6 @@ FORMAT_NAME = "napari-unet-model"
 #: Bumped when a model file changes in a way older versions cannot read.
 FORMAT_VERSION = 1
 _META_KEY = "napari_unet"
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name if empty), for one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-class ModelFileError(ValueError):
-    """A file that is not a usable napari-unet model; the message names the file and why."""
 
 
 class OutputPathError(OSError):
@@ -128,16 +122,6 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
 
 
 # ---- model files ----------------------------------------------------------------------------
-
-def default_metadata() -> dict[str, Any]:
-    """Metadata keys every model file has, with their defaults."""
-    return {
-        "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
-        "mode": "semantic",
-        "class_names": None,
-        "training": {},
-    }
-
 
 def _package_version() -> str:
     from . import __version__
@@ -226,50 +210,31 @@ def _read_header(path: Path) -> tuple[dict[str, Any], Any]:
         raise ModelFileError(
             f"{path}: written by a newer napari-unet (model format {version}, this version reads up "
             f"to {FORMAT_VERSION}); upgrade napari-unet")
-    _check_metadata(meta, path)
+    check_metadata(meta, path)
     return meta, handle
 
 
-def _check_metadata(meta: dict[str, Any], path: Path) -> None:
-    """Refuse metadata that prediction would trip over later (with a vaguer message, or a traceback)."""
-    if not isinstance(meta.get("model"), dict):
-        raise ModelFileError(f"{path}: the file has no model architecture")
-    mode = meta.get("mode", "semantic")
-    if mode not in ("instances", "semantic"):
-        raise ModelFileError(f"{path}: unknown label mode {str(mode)[:40]!r} in the file "
-                             "(expected 'instances' or 'semantic')")
-    norm = meta.get("normalization")
-    if norm is not None:
-        ok = isinstance(norm, dict) and norm.get("method", "percentile") == "percentile"
-        if ok:
-            low, high = norm.get("low", 1.0), norm.get("high", 99.8)
-            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
-                and 0.0 <= low < high <= 100.0
-        if not ok:
-            raise ModelFileError(f"{path}: unusable normalisation settings in the file ({str(norm)[:60]}); "
-                                 "expected percentiles 0 <= low < high <= 100")
-    area = meta.get("object_area")
-    if area is not None and not (isinstance(area, (int, float)) and not isinstance(area, bool)
-                                 and np.isfinite(area) and area > 0):
-        raise ModelFileError(f"{path}: object_area in the file must be a positive number of pixels, "
-                             f"got {str(area)[:40]}")
-    scale = meta.get("scale")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                  and np.isfinite(scale) and 0.05 <= scale <= 20):
-        raise ModelFileError(f"{path}: scale in the file must be a factor between 0.05 and 20, got {str(scale)[:40]}")
-    shift = meta.get("output_bias_shift")
-    if shift is not None and not (
-            isinstance(shift, list) and len(shift) == meta["model"].get("n_classes")
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in shift)):
-        raise ModelFileError(f"{path}: output_bias_shift in the file must be one number per class, "
-                             f"got {str(shift)[:40]}")
-    names = meta.get("class_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise ModelFileError(f"{path}: class_names in the file must be a list of names")
+def _is_package(path: Path) -> bool:
+    """A bioimage.io package: named .zip, or a zip archive holding a bioimage.io description.
+
+    (Other zips, such as ``torch.save`` files, go to the safetensors reader, which refuses them.)
+    """
+    if path.suffix.lower() == ".zip":
+        return True
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return False
+    from ._bioimageio_import import description_name
+
+    return description_name(path) is not None
 
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a model file, without building the network or loading torch weights."""
+    """The metadata of a model file, without building the network or loading torch weights.
+
+    (For a bioimage.io package the network is rebuilt: the metadata sits in its description.)
+    """
+    if _is_package(Path(path)):
+        return load_model(path)[1]
     meta, _ = _read_header(Path(path))
     return meta
 
@@ -291,12 +256,16 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
         names, cell area, output bias shift), or weights that do not fit the stored architecture (compared with the
         header's tensor shapes before anything is allocated).
     """
+    path = Path(path)
+    if _is_package(path):
+        from ._bioimageio_import import import_package
+
+        return import_package(path, device)
     import torch
 
     from .config import ConfigError, ModelConfig
     from .model import UNet
 
-    path = Path(path)
     meta, handle = _read_header(path)
     try:
         config = ModelConfig.from_dict(meta["model"])
@@ -311,12 +280,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
         raise ModelFileError(f"{path}: impossible model architecture in the file ({first_line(e)})") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    if stored != expected:
-        missing = sorted(set(expected) - set(stored))
-        extra = sorted(set(stored) - set(expected))
-        wrong = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
-        what = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
-                f"{wrong[0]} has shape {list(stored[wrong[0]])}, the architecture needs {list(expected[wrong[0]])}")
+    what = weights_mismatch(expected, stored)
+    if what:
         raise ModelFileError(f"{path}: the weights do not fit the stored architecture ({what})")
     # The stored tensors become the weights (assign): no random initialisation to overwrite
     # (Kaiming draws for every layer cost a second of start-up for the larger models).

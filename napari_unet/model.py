@@ -26,9 +26,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+try:
+    from .config import ModelConfig
+except ImportError:
+    # This file alone, without its package: bioimage.io model packages ship it as the
+    # architecture's source (napari_unet.bioimageio), and their runners load it as a lone
+    # module. The arguments are then kept unvalidated, as attributes.
+    from types import SimpleNamespace as ModelConfig  # type: ignore[assignment]
 
-__all__ = ["UNet", "DoubleConv", "Down", "Up", "InvalidInputSizeError"]
+__all__ = ["UNet", "SoftmaxUNet", "DoubleConv", "Down", "Up", "InvalidInputSizeError"]
 
 
 class InvalidInputSizeError(ValueError):
@@ -100,7 +106,13 @@ class Up(nn.Module):
 def center_crop(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Crop the last two dimensions of ``x`` to ``size`` around the centre (the paper's "copy and crop")."""
     h, w = x.shape[-2:]
-    th, tw = int(size[0]), int(size[1])
+    th, tw = size[0], size[1]
+    if torch.jit.is_tracing():
+        # Traced (TorchScript export): sizes are traced values, so the slice follows the
+        # input size instead of freezing the one seen while tracing.
+        top, left = (h - th) // 2, (w - tw) // 2
+        return x[..., top:top + th, left:left + tw]
+    th, tw = int(th), int(tw)
     if (h, w) == (th, tw):
         return x
     top, left = (h - th) // 2, (w - tw) // 2
@@ -189,7 +201,8 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, in_channels, H, W)`` -> logits ``(N, n_classes, H', W')``, ``H' = output_size(H)``."""
-        self.check_input_shape(x.shape[-2:])
+        if not torch.jit.is_tracing():
+            self.check_input_shape(x.shape[-2:])
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
@@ -293,3 +306,15 @@ class UNet(nn.Module):
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class SoftmaxUNet(UNet):
+    """:class:`UNet` returning class probabilities (softmax over the classes) instead of logits.
+
+    The same parameters and state dict as :class:`UNet`; it is the architecture of the
+    bioimage.io model packages :mod:`napari_unet.bioimageio` writes, whose output is the
+    probabilities the post-processing starts from.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(super().forward(x), dim=1)

@@ -34,12 +34,16 @@ __all__ = [
     "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
     "connect_while_alive", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
     "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel", "State", "TRANSITIONS",
+    "MODEL_FILE_FILTER",
 ]
 
 #: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
 #: out of memory): a one-line notification and the widget goes back to idle. Anything else is
 #: a bug and leaves the widget in the "failed" state (still usable) with the traceback logged.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = BAD_INPUT_ERRORS
+
+#: The file dialogs' filter for models: napari-unet files and bioimage.io packages of them.
+MODEL_FILE_FILTER = "napari-unet model (*.safetensors *.zip)"
 
 _LAYER_EVENTS = ("inserted", "removed", "reordered", "renamed")
 

@@ -15,6 +15,7 @@ from superqt import QCollapsible
 from .. import _sample_data
 from . import _common
 from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
+from .share import BioimageioExport
 
 __all__ = ["SegmentWidget", "training_labels_from_corrected"]
 
@@ -183,7 +184,7 @@ class SegmentWidget(QWidget):
         self._pbar = None
 
         self.model = ComboBox(label="Model", choices=self._model_choices)
-        self.model_file = FileEdit(label="Model file", mode="r", filter="napari-unet model (*.safetensors)")
+        self.model_file = FileEdit(label="Model file", mode="r", filter=_common.MODEL_FILE_FILTER)
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         self.image = layer_picker(napari_viewer, napari.layers.Image, "Image")
@@ -207,6 +208,7 @@ class SegmentWidget(QWidget):
         self.only_edited = CheckBox(label="Only cells I edited", value=False)
         self.to_training_button = QPushButton("Use corrected result as training labels")
         self.state = StateLabel()
+        self.exporter = BioimageioExport(self, self._export_source)
 
         layout = QVBoxLayout(self)
         layout.addWidget(Container(widgets=[self.model, self.model_file], labels=True).native)
@@ -224,6 +226,7 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.state)
         layout.addWidget(self.only_edited.native)
         layout.addWidget(self.to_training_button)
+        layout.addWidget(self.exporter.button)
         layout.addStretch(1)
 
         self.model.changed.connect(self._on_model)
@@ -277,11 +280,20 @@ class SegmentWidget(QWidget):
         if entry is _FILE_ENTRY:
             path = str(self.model_file.value)
             if path in ("", "."):
-                raise ValueError("choose a model file (*.safetensors) first")
+                raise ValueError("choose a model file (*.safetensors, or a bioimage.io *.zip) first")
             return path, None
         if entry.model is not None:
             return entry.model, dict(entry.metadata)
         return entry.path, None
+
+    def _export_source(self) -> tuple[Any, Any, str]:
+        """What "Export for bioimage.io..." writes: the selected model, with the image layer as test data."""
+        from pathlib import Path
+
+        model_source, metadata = self._selected_model()
+        if isinstance(model_source, str):
+            return model_source, self.image.value, Path(model_source).stem
+        return (model_source, metadata), self.image.value, self.model.value.name
 
     # ---- layers ---------------------------------------------------------------------------------
 

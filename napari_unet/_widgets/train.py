@@ -30,6 +30,7 @@ from .. import _sample_data
 from ..config import TrainConfig, default_model_config
 from . import _common
 from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
+from .share import BioimageioExport
 
 __all__ = ["TrainWidget", "train_config_from", "model_config_from", "PREVIEW_SIDE"]
 
@@ -203,7 +204,7 @@ class TrainWidget(QWidget):
         self.width = SpinBox(label="Width (filters)", value=DEFAULT_MODEL.base_filters, min=4, max=128, step=4)
         self.padding = ComboBox(label="Padding", choices=["same", "valid"], value="same")
         self.batch_norm = CheckBox(label="Batch norm", value=True)
-        self.model_file = FileEdit(label="Model file", mode="r", filter="napari-unet model (*.safetensors)")
+        self.model_file = FileEdit(label="Model file", mode="r", filter=_common.MODEL_FILE_FILTER)
         self.budget_kind = RadioButtons(label="Budget", choices=["seconds", "iterations"], value="seconds",
                                         orientation="horizontal")
         self.budget = SpinBox(label="Stop after", value=60, min=1, max=1_000_000)
@@ -229,6 +230,7 @@ class TrainWidget(QWidget):
             "Segment the current plane with the trained model and show where it is least sure: an uncertainty "
             "layer, and the places where painting a few more cells (or background) should help most.")
         self.state = StateLabel()
+        self.exporter = BioimageioExport(self, self._export_source)
 
         self.plot = pg.GraphicsLayoutWidget()
         self.plot.setMinimumHeight(180)
@@ -256,6 +258,7 @@ class TrainWidget(QWidget):
             buttons.addWidget(b)
         layout.addLayout(buttons)
         layout.addWidget(self.suggest_button)
+        layout.addWidget(self.exporter.button)
         layout.addWidget(self.state)
         layout.addWidget(self.plot)
         layout.addStretch(1)
@@ -343,6 +346,7 @@ class TrainWidget(QWidget):
         self.stop_button.setEnabled(state in ("training", "looking"))
         self.save_button.setEnabled(not running and self.current is not None)
         self.suggest_button.setEnabled(not running and self.current is not None)
+        self.exporter.set_enabled(not running and self.current is not None)
         self.start_button.setText("Continue" if self.start_from.value == START_CURRENT else "Start")
         self.state.set_state(state, detail)
 
@@ -667,6 +671,12 @@ class TrainWidget(QWidget):
             self.viewer.layers.selection.active = active
 
     # ---- saving ---------------------------------------------------------------------------------
+
+    def _export_source(self) -> tuple[Any, Any, str]:
+        """What "Export for bioimage.io..." writes: the trained model, with the training image as test data."""
+        if self.current is None:
+            raise ValueError("train a model first")
+        return (self.current.model, dict(self.current.metadata)), self.image.value, self.current.name
 
     def save_model(self, path: str | None = None) -> str | None:
         """Write the current model to a ``.safetensors`` file (atomically); asks for the path if not given."""
