@@ -21,9 +21,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[testing]"
 	touch $(STAMP)
 
-# Open napari with the plugin's widgets docked and the sample data loaded.
+# Open napari with the plugin's widgets docked and the sample data loaded. .venv also holds PyQt5
+# (for its smoke test), which qtpy would prefer: QT_API picks Qt6.
 run: $(STAMP)
-	$(BIN)/napari-unet gui --sample
+	QT_API=pyqt6 $(BIN)/napari-unet gui --sample
 
 lint: $(STAMP)
 	$(BIN)/ruff check napari_unet tests $(wildcard benchmarks sample_data)

@@ -14,6 +14,7 @@ paint next" picture on a real image (``07_paint_next.png``). The images go to ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+# The dev environment holds PyQt5 too (for its smoke test); the screenshots show Qt6, as `make run`.
+os.environ.setdefault("QT_API", "pyqt6")
 DOCS = Path(__file__).resolve().parent
 
 

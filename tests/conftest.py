@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# qtpy (napari, the widgets) and pytest-qt (qt_api in pyproject.toml) must pick the same binding;
+# the test environment also holds PyQt5, which qtpy would otherwise prefer.
+os.environ.setdefault("QT_API", "pyqt6")
 
 import pytest
 
