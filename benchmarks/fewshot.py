@@ -400,15 +400,18 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
 
 
 def simulated_rounds(image, objects, region, painted_ids, candidates, first, rounds: int, per_round: int,
-                     seconds: float, seed: int) -> list[tuple[np.ndarray, dict, np.ndarray]]:
+                     seconds: float, seed: int,
+                     overrides: dict | None = None) -> list[tuple[np.ndarray, dict, np.ndarray]]:
     """The correction loop as a user runs it: after each result, paint the ``per_round``
     candidate objects it gets most wrong (lowest best IoU with a predicted object: missed,
     merged or split ones first) and press Continue for ``seconds``.
 
     ``first`` is the first run's ``(labels, info)``; returns ``(labels, info, painted ids)``
     after each round. Continue trains the same network (``train(model=...)``), as the
-    Train widget does, with the first run's settings and a ``seconds`` budget.
+    Train widget does, with the first run's settings (``overrides``: TrainConfig fields changed
+    for Continue only) and a ``seconds`` budget. The first run's network is copied, not changed.
     """
+    import copy
     import dataclasses
 
     from napari_unet.config import PredictConfig
@@ -418,6 +421,7 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
 
     labels, info = first
     res, cfg = info["result"], info["config"]
+    res = dataclasses.replace(res, model=copy.deepcopy(res.model), metadata=copy.deepcopy(res.metadata))
     painted_ids = np.asarray(painted_ids)
     out = []
     rng = np.random.default_rng(seed)
@@ -430,7 +434,7 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
         order = np.lexsort((rng.random(len(left)), best))  # worst first, ties at random
         painted_ids = np.concatenate([painted_ids, left[order[:per_round]]])
         painted = paint(objects, region, painted_ids)
-        budget = dataclasses.replace(cfg, max_time=seconds, iterations=None)
+        budget = dataclasses.replace(cfg, max_time=seconds, iterations=None, **(overrides or {}))
         res = _drained(train(image, painted, budget, model=res.model, metadata=res.metadata))
         labels = predict_all(res.model, image, PredictConfig(), res.metadata).labels
         out.append((labels, {**res.metadata["training"], "result": res, "config": cfg}, painted_ids))
@@ -460,9 +464,15 @@ def _errors(pred, objects, region, train_ids, ignore) -> str:
 def _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, big, skip, pred, info):
     """The simulated correction rounds after one U-Net run; every round (the first run as round
     0) is scored on the same objects: those no round painted."""
-    t0 = time.perf_counter()
-    rounds = simulated_rounds(image, objects, region, train_ids, big, (pred, info), args.rounds,
-                              args.round_k, args.round_time, seed)
+    for variant, overrides in args.round_variants.items():
+        t0 = time.perf_counter()
+        rounds = simulated_rounds(image, objects, region, train_ids, big, (pred, info), args.rounds,
+                                  args.round_k, args.round_time, seed, overrides)
+        _score_rounds(results, name, k, seed, label if variant == "default" else f"{label}, Continue {variant}",
+                      objects, region, train_ids, big, skip, pred, info, rounds, t0)
+
+
+def _score_rounds(results, name, k, seed, label, objects, region, train_ids, big, skip, pred, info, rounds, t0):
     final = rounds[-1][2] if rounds else train_ids
     n_eval = len(big) - len(final)
     for r, (labels, rinfo) in enumerate([(pred, info)] + [(lab, inf) for lab, inf, _ in rounds]):
@@ -568,6 +578,9 @@ def main(argv=None) -> int:
                          "gets most wrong, Continue for --round-time s; all rounds scored on the objects never painted")
     ap.add_argument("--round-k", type=int, default=5, help="objects painted per correction round (default 5)")
     ap.add_argument("--round-time", type=float, default=30.0, help="seconds of Continue per round (default 30)")
+    ap.add_argument("--round-variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
+                    help="also run the rounds with these TrainConfig fields changed for Continue only, from the same "
+                         "first run (e.g. noblend:keep_pretrained=0); the shipped Continue always runs (repeatable)")
     ap.add_argument("--suggest", action="store_true",
                     help="after each U-Net run, score the top 5 'where to paint next' places: how many lie on "
                          "errors a user would correct, against random places")
@@ -587,6 +600,12 @@ def main(argv=None) -> int:
     if args.unet and args.init != ["new"]:
         ap.error("--unet describes a new network: use it with --init new (a fine-tuned model keeps its architecture)")
     overrides = _overrides(args.set, ap)
+    args.round_variants = {"default": {}}
+    for spec in args.round_variant:
+        vname, colon, items = spec.partition(":")
+        if not colon or not vname or vname == "default":
+            ap.error(f"--round-variant {spec}: give NAME:FIELD=VALUE[,FIELD=VALUE]")
+        args.round_variants[vname] = _overrides(items.split(","), ap)
     ks = sorted({int(k) for k in args.k.split(",")})
     if args.rounds and len(ks) > 1:
         ap.error("--rounds starts from one painting: give one --k")

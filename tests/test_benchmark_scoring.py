@@ -60,6 +60,8 @@ def test_paint_marks_the_chosen_objects_and_background_near_them(fewshot):
 
 
 def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
+    import torch
+
     from napari_unet.synthetic import make_nuclei
 
     image, objects = make_nuclei((128, 128), radius=(5, 8), seed=4)  # 14 objects off the border
@@ -72,15 +74,22 @@ def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
                                  iterations=2, init="new")
     # The result misses every object but the first two remaining: those two are painted last.
     fake = np.where(np.isin(objects, ids[3:5]), objects, 0)
+    first_weights = {k: v.clone() for k, v in info["result"].model.state_dict().items()}
     rounds = fewshot.simulated_rounds(image, objects, region, first_ids, ids, (fake, info), rounds=2,
-                                      per_round=2, seconds=0.5, seed=0)
+                                      per_round=2, seconds=0.5, seed=0, overrides={"keep_pretrained": 0.0})
     assert len(rounds) == 2
     first_round = rounds[0][2]
     assert first_round[:3].tolist() == first_ids.tolist() and len(first_round) == 5
     assert not np.isin(ids[3:5], first_round).any()       # found objects are not painted first
     assert len(rounds[1][2]) == 7 and rounds[1][2][:5].tolist() == first_round.tolist()
-    # Continue trains the same network on: the result object is the first run's model.
-    assert rounds[1][1]["result"].model is info["result"].model
+    # Continue trains one network on through the rounds: a copy of the first run's, which stays as it
+    # was (other variants start from it), with the overrides for Continue only.
+    assert rounds[1][1]["result"].model is rounds[0][1]["result"].model
+    assert rounds[1][1]["result"].model is not info["result"].model
+    for key, value in info["result"].model.state_dict().items():
+        assert torch.equal(value, first_weights[key]), key
+    assert rounds[1][1]["result"].metadata["training"]["config"]["keep_pretrained"] == 0.0
+    assert info["config"].keep_pretrained == 0.3
     assert rounds[1][0].shape == objects.shape
 
 
