@@ -66,6 +66,32 @@ def description_name(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _weights_bytes(path: Path, sd) -> bytes:
+    """The state dict file: a member of the zip itself whose SHA-256 is the one the description gives.
+
+    Read here with :mod:`zipfile`, not through bioimage.io's reader, which would follow a
+    source elsewhere (a URL, a path outside the package) and accepts a missing hash.
+    """
+    import hashlib
+
+    source = str(sd.source)
+    if "://" in source or source.startswith(("/", "\\")) or ".." in Path(source).parts:
+        raise ModelFileError(f"{path}: the weights must be a file inside the package, not {source[:80]!r}")
+    if sd.sha256 is None:
+        raise ModelFileError(f"{path}: the package gives no SHA-256 for its weights; napari-unet reads only "
+                             "weights it can check")
+    try:
+        with zipfile.ZipFile(path) as z:
+            blob = z.read(source)
+    except KeyError:
+        raise ModelFileError(f"{path}: the weights file {source!r} is not in the package") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ModelFileError(f"{path}: cannot read the weights in the package ({first_line(e)})") from None
+    if hashlib.sha256(blob).hexdigest() != str(sd.sha256):
+        raise ModelFileError(f"{path}: the weights do not match their SHA-256 in the description (damaged or altered)")
+    return blob
+
+
 def import_package(path: str | os.PathLike, device: str = "cpu"):
     """A bioimage.io package of this U-Net -> ``(UNet, metadata)``, as :func:`napari_unet.io.load_model` returns.
 
@@ -133,16 +159,13 @@ def import_package(path: str | os.PathLike, device: str = "cpu"):
                 meta["normalization"] = {"method": "percentile", "low": float(p.kwargs.min_percentile),
                                          "high": float(p.kwargs.max_percentile)}
     meta["model"] = config.to_dict()
-    meta["bioimageio"] = {"name": descr.name, "source": str(path)}
+    meta["bioimageio"] = {"name": descr.name, "package": path.name}
     try:
         check_metadata(meta, path)
     except ModelFileError as e:
         raise ModelFileError(f"{e} (in the package's config.napari_unet)") from None
 
-    try:
-        blob = sd.get_reader().read()
-    except Exception as e:
-        raise ModelFileError(f"{path}: cannot read the weights in the package ({first_line(e)})") from None
+    blob = _weights_bytes(path, sd)
     try:
         state = torch.load(_io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers

@@ -49,6 +49,11 @@ def run(args) -> int:
     if args.image is not None:
         image, _ = read_image(args.image)
     authors = [a for a in (args.authors or "").split(";") if a.strip()] or None
+    if authors is None:
+        import getpass
+
+        print(f"napari-unet export-model: no --authors: the package names {getpass.getuser()!r} as its author",
+              file=sys.stderr)
     tags = [t.strip() for t in (args.tags or "").split(",") if t.strip()] or None
     formats = [f.strip() for f in args.weight_formats.split(",") if f.strip()]
     last: dict = {}

@@ -55,7 +55,7 @@ from .errors import first_line
 from .io import atomic_write, check_output_path
 
 __all__ = ["BioimageioError", "export_steps", "export_package", "import_package", "is_package", "package_name",
-           "description_name", "validate_package", "INSTALL_HINT", "WEIGHT_FORMATS", "ARCH_CALLABLES"]
+           "description_name", "INSTALL_HINT", "WEIGHT_FORMATS", "ARCH_CALLABLES"]
 
 #: The weight formats written, in the order of preference the package states.
 WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript")
@@ -94,7 +94,7 @@ def _test_input(model, meta: dict[str, Any], image: np.ndarray | None, channel_a
     plane = plane[:, top:top + side, left:left + side]
     ph, pw = side - plane.shape[1], side - plane.shape[2]
     if ph or pw:  # a small image: mirrored to the size, as overlap-tile prediction does at borders
-        plane = np.pad(plane, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="symmetric")
+        plane = np.pad(plane, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="reflect")
     return np.ascontiguousarray(plane[None], dtype=np.float32)
 
 
@@ -259,10 +259,10 @@ def export_steps(model_source, out: str | os.PathLike, *, name: str | None = Non
         yield {"stage": "package described", "step": 3, "total": total}
         package = d / "package.zip"
         _save_package(descr, package)
-        checks = validate_package(package, test=False)
+        checks = _validate_package(package, test=False)
         yield {"stage": "format validated", "step": 4, "total": total}
         if test:
-            checks = validate_package(package, test=True)
+            checks = _validate_package(package, test=True)
             yield {"stage": "model test passed for " + ", ".join(sorted(set(weight_formats) | {"pytorch_state_dict"})),
                    "step": 5, "total": total}
         with atomic_write(out, overwrite=overwrite) as target:
@@ -296,6 +296,7 @@ def _describe(net, meta: dict[str, Any], d: Path, raw: np.ndarray, probs: np.nda
     from . import model as model_module
 
     cfg = net.config
+    meta = _public(meta)
     norm = meta.get("normalization") or {}
     mode = meta.get("mode", "semantic")
     np.save(d / "test_input.npy", raw)
@@ -326,7 +327,7 @@ def _describe(net, meta: dict[str, Any], d: Path, raw: np.ndarray, probs: np.nda
         names = [f"class{i}" for i in range(cfg.n_classes)]
     out_axes = [
         bio.BatchAxis(),
-        bio.ChannelAxis(channel_names=[bio.Identifier(_identifier(n, i)) for i, n in enumerate(names)]),
+        bio.ChannelAxis(channel_names=[bio.Identifier(n) for n in _channel_names(names)]),
         *[bio.SpaceOutputAxis(id=bio.AxisId(a), size=bio.SizeReference(
             tensor_id=bio.TensorId(INPUT_ID), axis_id=bio.AxisId(a), offset=offset)) for a in ("y", "x")],
     ]
@@ -360,7 +361,7 @@ def _describe(net, meta: dict[str, Any], d: Path, raw: np.ndarray, probs: np.nda
         kind_tags = ["instance-segmentation", "nuclei", "cells"] if mode == "instances" else ["semantic-segmentation"]
         config = bio.Config(bioimageio=bio.BioimageioConfig(
             architecture_type="U-Net", architecture_description=f"2D U-Net, depth {cfg.depth}, "
-            f"{cfg.base_filters} base filters, {cfg.padding} convolutions"), napari_unet=_jsonable(meta))
+            f"{cfg.base_filters} base filters, {cfg.padding} convolutions"), napari_unet=meta)
         descr = bio.ModelDescr(
             name=package_name(name),
             description=description or f"U-Net for {what}, trained in napari-unet on painted labels.",
@@ -394,6 +395,15 @@ def package_name(name: str) -> str:
     return s if len(s) >= 5 else f"{s} U-Net".strip()
 
 
+def _channel_names(names: Sequence[str]) -> list[str]:
+    """Distinct identifiers for the output channels (a suffix where two names would become one)."""
+    out: list[str] = []
+    for i, n in enumerate(names):
+        ident = _identifier(n, i)
+        out.append(ident if ident not in out else f"{ident}_{i}")
+    return out
+
+
 def _identifier(name: str, i: int) -> str:
     """A channel name bioimage.io accepts (letters, digits, underscores; starting with a letter)."""
     import re
@@ -402,10 +412,19 @@ def _identifier(name: str, i: int) -> str:
     return s if s and s[0].isalpha() else f"class{i}"
 
 
-def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
+def _public(meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata as the package publishes it: JSON values; local paths cut to file names
+    (``init_from`` here and in earlier trainings); no ``bioimageio`` import record."""
     import json
 
-    return json.loads(json.dumps(meta, default=str))
+    out = json.loads(json.dumps(meta, default=str))
+    out.pop("bioimageio", None)
+    training = out.get("training")
+    while isinstance(training, dict):
+        if isinstance(training.get("init_from"), str):
+            training["init_from"] = Path(training["init_from"]).name
+        training = training.get("previous")
+    return out
 
 
 class _no_trace_warnings:
@@ -423,8 +442,11 @@ class _no_trace_warnings:
         return self._cm.__exit__(*exc)
 
 
-def validate_package(path: str | os.PathLike, test: bool = True) -> list[str]:
-    """Check a package offline: bioimage.io's format validation, then (``test``) its model test.
+def _validate_package(path: str | os.PathLike, test: bool = True) -> list[str]:
+    """Check a package napari-unet has just written: bioimage.io's format validation, then (``test``) its model test.
+
+    Only for our own packages: the model test imports the package's architecture file (ours),
+    and the format checks follow file sources wherever they point (ours are all in the zip).
 
     Returns the names of the checks that passed; raises :class:`BioimageioError` (one line,
     the first failed check) otherwise. The model test reruns the test input through every
@@ -450,7 +472,14 @@ def validate_package(path: str | os.PathLike, test: bool = True) -> list[str]:
         summary = test_model(path, devices=["cpu"])
         if summary.status != "passed":
             raise BioimageioError(f"{path}: bioimage.io model test failed: {_first_error(summary)}")
-        done.append("model test (" + ", ".join(descr.weights.available_formats) + ")")
+        # The weight formats whose test output the test reproduced (not merely those in the package).
+        tested = [str(d.loc[1]) for d in summary.details if d.status == "passed" and len(d.loc) > 1
+                  and d.loc[0] == "weights" and d.name.startswith("Reproduce test outputs")]
+        missing = set(descr.weights.available_formats) - set(tested)
+        if missing:
+            raise BioimageioError(f"{path}: bioimage.io's model test did not run the {', '.join(sorted(missing))} "
+                                  "weights")
+        done.append("model test (" + ", ".join(dict.fromkeys(tested)) + ")")
     return done
 
 

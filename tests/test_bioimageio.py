@@ -21,6 +21,7 @@ from napari_unet import bioimageio as bio  # noqa: E402
 from napari_unet._sample_data import SAMPLE_MODEL_PATH  # noqa: E402
 from napari_unet.cli import main  # noqa: E402
 from napari_unet.io import ModelFileError, load_model, read_model_metadata, save_model  # noqa: E402
+from napari_unet.jobs import drain  # noqa: E402
 from napari_unet.model import UNet  # noqa: E402
 from napari_unet.synthetic import make_nuclei, paint_sparse_labels  # noqa: E402
 
@@ -128,11 +129,7 @@ def _train_tiny(tmp_path: Path, in_channels: int = 1, padding: str = "valid") ->
     gen = train([img], [labels], TrainConfig(iterations=3, patch_size=64, batch_size=2, threads=1,
                                              precision="fp32", augment=False),
                 model_config=cfg, channel_axis=-1 if in_channels == 3 else None)
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        result = stop.value
+    result = drain(gen)
     return save_model(tmp_path / f"fresh{in_channels}{padding}.safetensors", result.model, result.metadata)
 
 
@@ -215,6 +212,8 @@ def test_bad_packages_are_refused_in_one_line(tmp_path, sample_package):
             return (print, ("pwned",))
 
     evil = _torch_bytes({"w": Evil()})
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(_member(pkg, "weights.pt"))  # the right weights, but not in the package
     cases = {
         truncated: "not a zip file",
         not_bio: "a zip without a bioimage.io description",
@@ -232,7 +231,15 @@ def test_bad_packages_are_refused_in_one_line(tmp_path, sample_package):
                  y.split("\nconfig:")[1], drop=("weights.pt",)):
             "no pytorch_state_dict weights",
         _rewrite(pkg, tmp_path / "altered.zip", replace={"weights.pt": _torch_bytes({"w": torch.zeros(1)})}):
-            "cannot read the weights",  # bioimage.io's reader checks the SHA-256 the description gives
+            "do not match their SHA-256",
+        _rewrite(pkg, tmp_path / "url.zip", lambda y: y.replace("source: weights.pt", "source: "
+                                                              "http://127.0.0.1:9/weights.pt")):
+            "must be a file inside the package",
+        _rewrite(pkg, tmp_path / "outside.zip", lambda y: y.replace("source: weights.pt", f"source: {outside}")):
+            "must be a file inside the package",
+        _rewrite(pkg, tmp_path / "nohash.zip", lambda y: y.replace(
+            f"source: weights.pt\n    sha256: {_sha(_member(pkg, 'weights.pt'))}\n", "source: weights.pt\n")):
+            "gives no SHA-256",
         _rewrite(pkg, tmp_path / "pickle.zip", lambda y: y.replace(_sha(_member(pkg, "weights.pt")), _sha(evil)),
                  replace={"weights.pt": evil}):
             "not a plain state dict",
@@ -285,3 +292,15 @@ def test_cli_export_predict_and_finetune_from_package(tmp_path, sample_package, 
                  "--patch-size", "32", "--batch-size", "2", "--threads", "1", "--precision", "fp32"]) == 0
     ft, meta = load_model(tmp_path / "ft.safetensors")
     assert ft.config == load_model(SAMPLE_MODEL_PATH)[0].config and meta["training"]["iterations"] == 2
+
+
+def test_published_metadata_has_no_local_paths_and_distinct_channel_names():
+    meta = {"mode": "instances", "bioimageio": {"name": "x", "package": "x.zip"},
+            "training": {"init_from": "/home/jane/models/nuclei.safetensors",
+                         "previous": {"init_from": "/srv/lab/base.zip", "previous": None}}}
+    public = bio._public(meta)
+    assert "bioimageio" not in public and meta["bioimageio"]  # the caller's dict is left alone
+    assert public["training"]["init_from"] == "nuclei.safetensors"
+    assert public["training"]["previous"]["init_from"] == "base.zip"
+    assert bio._channel_names(["background", "cell a", "cell_a", "2nd"]) == \
+        ["background", "cell_a", "cell_a_2", "class3"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_unet._widgets import SegmentWidget, TrainWidget, _common
-from napari_unet._widgets.share import BUTTON_TEXT
+from napari_unet._widgets.share import BUTTON_TEXT, export_plane
 from napari_unet._widgets.train import START_NEW
 from napari_unet.io import load_model
 
@@ -99,3 +99,56 @@ def test_failed_export_tells_one_line_and_writes_nothing(make_napari_viewer, qtb
     assert len(notes["error"]) == 1 and notes["error"][0].startswith("Export failed:")
     assert "model test failed" in notes["error"][0] and "\n" not in notes["error"][0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_exports_the_weights_of_the_moment_it_was_asked(make_napari_viewer, qtbot, small_cells, notes,
+                                                              tmp_path, monkeypatch, no_threads_left):
+    """The worker writes a snapshot taken at the click: training on (Continue) cannot change the package;
+    a name the dialog gave without .zip is asked about again when NAME.zip exists."""
+    import torch
+
+    image, labels = small_cells
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="painted")
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train U-Net")
+    train.start_from.value = START_NEW
+    train.depth.value, train.width.value = 2, 4
+    train.patch_size.value, train.batch_size.value = 64, 2
+    train.budget_kind.value, train.budget.value = "iterations", 2
+    with qtbot.waitSignal(train.runner.finished, timeout=120_000):
+        train.start_button.click()
+    model = train.current.model
+    at_click = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / "snap.zip").write_bytes(b"an older package")
+    asked = []
+    monkeypatch.setattr(_common, "ask_overwrite", lambda parent, paths: asked.append(paths) or False)
+    assert train.exporter.export(str(tmp_path / "snap")) is False  # declined: nothing starts
+    assert asked == [[str(tmp_path / "snap.zip")]] and (tmp_path / "snap.zip").read_bytes() == b"an older package"
+    monkeypatch.setattr(_common, "ask_overwrite", lambda parent, paths: True)
+    with qtbot.waitSignal(train.exporter.runner.finished, timeout=120_000):
+        assert train.exporter.export(str(tmp_path / "snap"))
+        with torch.no_grad():  # what training on would do, before the worker reads the weights
+            for p in model.parameters():
+                p.add_(1.0)
+    exported, _ = load_model(tmp_path / "snap.zip")
+    for key, value in exported.state_dict().items():
+        assert torch.equal(value, at_click[key].to(value.dtype)), key
+    assert notes["error"] == []
+
+
+def test_test_plane_reads_one_plane_of_lazy_layers():
+    import dask.array as da
+
+    stack = da.from_array(np.arange(4 * 2 * 5 * 6, dtype=np.uint16).reshape(4, 2, 5, 6), chunks=(1, 1, 5, 6))
+    plane, cax = export_plane(stack, rgb=False, in_channels=1)
+    assert cax is None and isinstance(plane, np.ndarray)
+    np.testing.assert_array_equal(plane, stack[2, 1].compute())
+    plane, cax = export_plane(stack, rgb=False, in_channels=2)  # (T, C, Y, X): the channels kept
+    assert cax == 0 and plane.shape == (2, 5, 6)
+    np.testing.assert_array_equal(plane, stack[2].compute())
+    rgb = np.zeros((3, 5, 6, 3), np.uint8)
+    rgb[1] = 7
+    plane, cax = export_plane(rgb, rgb=True, in_channels=1)
+    assert cax == -1 and plane.shape == (5, 6, 3) and (plane == 7).all()

@@ -34,7 +34,7 @@ __all__ = [
     "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
     "connect_while_alive", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
     "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel", "State", "TRANSITIONS",
-    "MODEL_FILE_FILTER",
+    "MODEL_FILE_FILTER", "layer_channel_axis",
 ]
 
 #: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
@@ -212,6 +212,24 @@ def connect_while_alive(owner: QWidget, connections: list[tuple[Any, Callable[..
                 emitter.disconnect(slot)
 
     owner.destroyed.connect(_disconnect)
+
+
+def layer_channel_axis(shape: tuple[int, ...], rgb: bool, in_channels: int) -> int | None:
+    """The channel axis of an image layer's data for a model of ``in_channels``: the last axis
+    of an RGB(A) layer; for ``in_channels > 1``, the first leading axis of that many entries
+    (napari shows a non-RGB layer's last two axes as Y, X); ``None`` for one channel.
+
+    Raises ``ValueError`` when a multi-channel model finds no such axis.
+    """
+    if rgb:
+        return len(shape) - 1
+    if in_channels <= 1:
+        return None
+    leading = [a for a, n in enumerate(shape[:-2]) if n == in_channels]
+    if not leading:
+        raise ValueError(f"the model takes {in_channels} channels but no axis of the image (shape {tuple(shape)}) "
+                         f"has {in_channels} entries; pick a {in_channels}-channel image")
+    return leading[0]
 
 
 def copy_layer_data(layer) -> np.ndarray:

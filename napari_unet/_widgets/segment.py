@@ -130,17 +130,7 @@ def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, co
         model, metadata = load_model(model_source)
     else:
         model = model_source
-    in_ch = model.config.in_channels
-    if rgb:
-        channel_axis = image.ndim - 1
-    else:
-        channel_axis = None
-        if in_ch > 1:
-            leading = [a for a, n in enumerate(image.shape[:-2]) if n == in_ch]
-            if not leading:
-                raise ValueError(f"the model takes {in_ch} channels but no axis of the image (shape {image.shape}) "
-                                 f"has {in_ch} entries; pick a {in_ch}-channel image")
-            channel_axis = leading[0]
+    channel_axis = _common.layer_channel_axis(image.shape, rgb, model.config.in_channels)
     config = dataclasses.replace(config, channel_axis=channel_axis)
     planes = plane = None
     if current is not None:

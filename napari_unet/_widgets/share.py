@@ -8,17 +8,34 @@ is a notification naming the package and what was checked.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from qtpy.QtWidgets import QPushButton, QWidget
 
 from . import _common
 
-__all__ = ["BioimageioExport", "BUTTON_TEXT"]
+__all__ = ["BioimageioExport", "BUTTON_TEXT", "export_plane"]
 
 BUTTON_TEXT = "Export for bioimage.io..."
 FILTER = "bioimage.io model package (*.zip)"
+
+
+def export_plane(data, rgb: bool, in_channels: int) -> tuple[np.ndarray, int | None]:
+    """The middle plane of an image layer's ``data`` (a numpy or dask array), with its channels:
+    ``(plane, channel_axis)`` for :func:`~napari_unet.bioimageio.export_steps`.
+
+    The channels are where the Segment widget finds them (:func:`~._common.layer_channel_axis`).
+    """
+    cax = _common.layer_channel_axis(tuple(data.shape), rgb, in_channels)
+    if rgb:
+        idx = tuple(s // 2 for s in data.shape[:-3])
+        return np.asarray(data[idx]), -1
+    idx = tuple(slice(None) if a == cax else n // 2 for a, n in enumerate(data.shape[:-2]))
+    return np.asarray(data[idx]), (None if cax is None else 0)
 
 
 class BioimageioExport:
@@ -61,19 +78,29 @@ class BioimageioExport:
                 return False
         if not str(path).lower().endswith(".zip"):
             path = f"{path}.zip"
-        image = channel_axis = None
+            # The dialog asked about the name without .zip: ask about this one.
+            if Path(path).exists() and not _common.ask_overwrite(self.owner, [path]):
+                return False
+        if not isinstance(model_source, str):
+            # A snapshot, taken here: the Train widget may train the same network on meanwhile.
+            model_source = copy.deepcopy(model_source)
+        # A reference only (a dask or multiscale layer is not loaded): the worker reads one plane.
+        data = None
         if image_layer is not None:
-            image = _common.copy_layer_data(image_layer)
-            channel_axis = -1 if image_layer.rgb else None
+            data = image_layer.data[0] if getattr(image_layer, "multiscale", False) else image_layer.data
+        rgb = bool(image_layer is not None and image_layer.rgb)
 
         def job():
             _common.import_engine()
             from ..bioimageio import export_steps
+            from ..io import load_model
 
+            source = load_model(model_source) if isinstance(model_source, str) else model_source
+            image, channel_axis = (None, None) if data is None else \
+                export_plane(data, rgb, source[0].config.in_channels)
             last = None
-            # The file dialog already asked before replacing an existing file.
-            for last in export_steps(model_source, path, name=name, image=image, channel_axis=channel_axis,
-                                     overwrite=True):
+            for last in export_steps(source, path, name=name, image=image, channel_axis=channel_axis,
+                                     overwrite=True):  # the dialogs asked before replacing a file
                 yield last
             return last
 
