@@ -354,11 +354,9 @@ def forest_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray,
 
 def _drained(gen):
     """Run a training generator to its end; its result."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from napari_unet.jobs import drain
+
+    return drain(gen)
 
 
 def unet(image, painted, seed: int, max_time: float | None, spec: str | None, threads: int | None,

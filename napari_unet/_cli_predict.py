@@ -137,20 +137,11 @@ def _write_probabilities(path: Path, probs, axes: str | None, scale: dict, unit:
     import numpy as np
     import tifffile
 
-    from .io import atomic_write
+    from .io import atomic_write, imagej_tiff_kwargs
 
     lead = axes[:-2] if axes else None
     data = np.moveaxis(probs, 0, probs.ndim - 3)  # (..., C, Y, X)
-    kwargs: dict = {}
-    if "X" in scale and "Y" in scale:
-        kwargs["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
-    if lead is not None and data.ndim <= 5:
-        meta: dict = {"axes": lead + "CYX"}
-        if "Z" in scale:
-            meta["spacing"] = scale["Z"]
-        if scale and unit:
-            meta["unit"] = unit
-        kwargs.update(imagej=True, metadata=meta)
+    kwargs = imagej_tiff_kwargs(lead + "CYX" if lead is not None and data.ndim <= 5 else None, scale, unit)
     with atomic_write(path, overwrite=overwrite) as tmp:
         tifffile.imwrite(tmp, np.ascontiguousarray(data, dtype=np.float32), **kwargs)
 
@@ -221,6 +212,7 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
     from .config import PredictConfig
     from .inference import predict
     from .io import first_line, read_image, write_labels_tiff
+    from .jobs import drain
 
     try:
         image, info = read_image(src)
@@ -233,21 +225,18 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
     gen = predict(model, image, config, meta)
     bar = None
     try:
-        while True:
-            try:
-                ev = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            if show:
-                if bar is None:
-                    from tqdm import tqdm
+        def show_progress(ev):
+            nonlocal bar
+            if bar is None:
+                from tqdm import tqdm
 
-                    bar = tqdm(total=ev.total, desc=src.name, unit="tile", file=sys.stderr, leave=False)
-                bar.total = ev.total
-                bar.n = ev.done
-                bar.set_postfix_str(f"{ev.device} {ev.precision}", refresh=False)
-                bar.refresh()
+                bar = tqdm(total=ev.total, desc=src.name, unit="tile", file=sys.stderr, leave=False)
+            bar.total = ev.total
+            bar.n = ev.done
+            bar.set_postfix_str(f"{ev.device} {ev.precision}", refresh=False)
+            bar.refresh()
+
+        result = drain(gen, show_progress if show else None)
     except MemoryError as e:
         raise MemoryError(f"{src}: {first_line(e)}") from None
     except ValueError as e:

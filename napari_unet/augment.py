@@ -110,13 +110,15 @@ def patch_coordinates(shape: tuple[int, int], center: tuple[float, float], rng: 
     return np.stack([ys, xs]).astype(np.float32, copy=False)
 
 
-def warp(array: np.ndarray, coords: np.ndarray, order: int = 1, mode: str = "reflect", cval: float = 0.0,
+def warp(array: np.ndarray, coords: np.ndarray, order: int = 1, mode: str = "mirror", cval: float = 0.0,
          output_dtype=None) -> np.ndarray:
     """Resample a 2D array ``(H, W)`` or channels-first ``(C, H, W)`` at ``coords`` ``(2, h, w)``.
 
     ``order=1`` (linear) for images, ``order=0`` (nearest) for labels and weights.
-    ``mode="reflect"`` mirrors the image beyond its edges (as the paper's overlap-tile
-    does); for labels use ``mode="constant"`` with ``cval`` the ignore value.
+    ``mode="mirror"`` mirrors the image beyond its edges without repeating the edge pixel
+    (scipy's ``"mirror"`` is numpy's ``"reflect"``): the mirroring of the training crops and of
+    prediction's tiles (:func:`napari_unet.inference.reflect_indices`), as the paper's
+    overlap-tile does. For labels use ``mode="constant"`` with ``cval`` the ignore value.
     """
     dtype = output_dtype or array.dtype
     if array.ndim == 2:

@@ -342,13 +342,10 @@ def tiled_predict(predictor: Callable | Sequence[Callable], image, tile: int | t
     numpy.ndarray
         float32 ``(K, H, W)``.
     """
-    gen = tiled_predict_iter(predictor, image, tile, overlap, batch_size, blending, margin, output_channels,
-                             multiple=multiple, out=out)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from .jobs import drain
+
+    return drain(tiled_predict_iter(predictor, image, tile, overlap, batch_size, blending, margin, output_channels,
+                                    multiple=multiple, out=out))
 
 
 # ---- images: channels, planes --------------------------------------------------------------
@@ -710,100 +707,140 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     MemoryError
         Out of memory even with the smallest tile.
     """
-    import torch
+    job = _PredictJob(model, image, config or PredictConfig(), metadata, planes)
+    for k, idx in enumerate(job.selected):
+        acc = yield from job.plane_probabilities(k, idx)
+        job.store(idx, acc)
+        del acc  # before the next plane's: planes can be large
+    yield job.progress(job.done, max(job.n_planes - 1, 0), "done")
+    return job.prediction()
 
-    from .data import normalize_like, resize_plane, scaled_shape
-    from .device import resolve_device, select_precision
-    from .postprocess import BOUNDARY, INTERIOR, StackLabels, instance_labels, label_dtype
 
-    config = config or PredictConfig()
-    model, meta = _load(model, metadata)
-    mcfg = model.config
-    output = config.output or meta.get("mode") or "semantic"
-    if output not in ("instances", "semantic"):
-        raise ValueError(f"unknown output mode {output!r}; use 'instances' or 'semantic'")
-    if output == "instances" and mcfg.n_classes != 3:
-        raise ValueError(f"instance output needs a model with 3 classes (background, interior, boundary); this "
-                         f"one has {mcfg.n_classes}; use semantic output")
-    prep = prepare_image(image, mcfg.in_channels, config.channel_axis)
-    lead = prep.lead_shape
+def _selected_planes(lead: tuple[int, ...], planes) -> list[tuple[int, ...]]:
+    """``planes`` (flat indices or index tuples over the leading axes ``lead``) as index tuples; all by default."""
     all_planes = list(np.ndindex(*lead))
     if planes is None:
-        selected = all_planes
-    else:
-        selected = []
-        for p in planes:
-            idx = tuple(int(i) for i in p) if isinstance(p, (tuple, list)) else None
-            if idx is None:
-                k = int(p)
-                if not 0 <= k < len(all_planes):
-                    raise ValueError(f"plane {k} is out of range: the image has {len(all_planes)} planes")
-                idx = all_planes[k]
-            elif len(idx) != len(lead) or not all(0 <= i < s for i, s in zip(idx, lead)):
-                raise ValueError(f"plane {idx} is not an index into the leading axes {lead}")
-            selected.append(idx)
-    n_planes = len(selected)
+        return all_planes
+    selected = []
+    for p in planes:
+        idx = tuple(int(i) for i in p) if isinstance(p, (tuple, list)) else None
+        if idx is None:
+            k = int(p)
+            if not 0 <= k < len(all_planes):
+                raise ValueError(f"plane {k} is out of range: the image has {len(all_planes)} planes")
+            idx = all_planes[k]
+        elif len(idx) != len(lead) or not all(0 <= i < s for i, s in zip(idx, lead)):
+            raise ValueError(f"plane {idx} is not an index into the leading axes {lead}")
+        selected.append(idx)
+    return selected
 
-    device = resolve_device(config.device)
-    devices = _device_list(device)
-    replicas = [_replica(model, d) for d in devices]
-    dev_name = ", ".join(str(d) for d in devices)
-    margin = model.margin()
-    valid = mcfg.padding == "valid"
-    multiple = 2 ** (mcfg.depth - 1)
 
-    def overlap_for(t):  # valid models need none: their outputs tile the image exactly
-        return 0 if valid else max(min(int(config.overlap), t - 2 * margin - multiple), 0)
-    blending = "constant" if valid else config.blending
+class _PredictJob:
+    """One call of :func:`predict`: what is decided once (output, planes, devices, scale, tile and
+    precision, size limits, the outputs), then per plane :meth:`plane_probabilities` (tiles, with
+    out-of-memory retries) and :meth:`store` (labels, probabilities)."""
 
-    # Each plane is resized by `scale` before the network and its probabilities back: the
-    # cells then have the size the model was trained on; the size limits are in image pixels.
-    scale = float(config.scale if config.scale is not None else (meta.get("scale") or 1.0))
-    net_shape = scaled_shape(prep.plane_shape, scale) if scale != 1.0 else prep.plane_shape
-    # The precision is chosen at the tile shape the job will run (an fp32-sized tile), then
-    # the tile is sized for that precision.
-    tile, batch = choose_tile(replicas[0], devices[0], "fp32", config.tile_size, config.batch_size)
-    job_shape = (1, mcfg.in_channels, *_plane_tile(model, tile, net_shape, overlap_for(tile), multiple))
-    precision = select_precision(config.precision, devices[0], replicas[0], shape=job_shape)
-    if precision != "fp32":
-        tile, batch = choose_tile(replicas[0], devices[0], precision, config.tile_size, config.batch_size)
-    area = meta.get("object_area")
-    min_size, min_seed_size = instance_size_limits(config.min_size, area / scale ** 2 if area else None)
-    want_probs = bool(config.probabilities)
-    n_out = mcfg.n_classes if (want_probs or output == "semantic") else 2
-    fg_pair = output == "instances" and not want_probs
-    predictors = [_make_predictor(r, d, precision, fg_pair, config.flips) for r, d in zip(replicas, devices)]
+    def __init__(self, model, image, config: PredictConfig, metadata, planes):
+        from .data import scaled_shape
+        from .device import resolve_device, select_precision
+        from .postprocess import StackLabels, label_dtype
 
-    plane_shape = prep.plane_shape
-    probs = np.zeros((mcfg.n_classes, *lead, *plane_shape), np.float32) if want_probs else None
-    if output == "instances":
-        stack = StackLabels((*lead, *plane_shape))
-        sem = None
-    else:
-        sem = np.zeros((*lead, *plane_shape), label_dtype(mcfg.n_classes - 1, "semantic"))
+        self.config = config
+        model, meta = _load(model, metadata)
+        self.model, self.meta = model, meta
+        mcfg = model.config
+        output = self.output = config.output or meta.get("mode") or "semantic"
+        if output not in ("instances", "semantic"):
+            raise ValueError(f"unknown output mode {output!r}; use 'instances' or 'semantic'")
+        if output == "instances" and mcfg.n_classes != 3:
+            raise ValueError(f"instance output needs a model with 3 classes (background, interior, boundary); "
+                             f"this one has {mcfg.n_classes}; use semantic output")
+        self.prep = prepare_image(image, mcfg.in_channels, config.channel_axis)
+        lead = self.prep.lead_shape
+        self.selected = _selected_planes(lead, planes)
+        self.n_planes = len(self.selected)
 
-    def n_tiles(t):
-        pt = _plane_tile(model, t, net_shape, overlap_for(t), multiple)
-        oh, ow = pt[0] - 2 * margin, pt[1] - 2 * margin
-        return len(_positions(net_shape[0], oh, overlap_for(t), multiple)) * len(
-            _positions(net_shape[1], ow, overlap_for(t), multiple))
+        device = resolve_device(config.device)
+        self.devices = _device_list(device)
+        replicas = [_replica(model, d) for d in self.devices]
+        self.dev_name = ", ".join(str(d) for d in self.devices)
+        self.margin = model.margin()
+        self.valid = mcfg.padding == "valid"
+        self.multiple = 2 ** (mcfg.depth - 1)
+        self.blending = "constant" if self.valid else config.blending
 
-    done = 0
-    total = n_tiles(tile) * n_planes
-    for k, idx in enumerate(selected):
-        yield PredictProgress(done, total, k, n_planes, dev_name, precision,
-                              f"plane {k + 1}/{n_planes}" if n_planes > 1 else "segmenting")
-        x = normalize_like(prep.plane(idx), meta.get("normalization"), channel_axis=0)
-        if net_shape != plane_shape:
-            x = resize_plane(x, net_shape, channel_axis=0)
+        # Each plane is resized by `scale` before the network and its probabilities back: the
+        # cells then have the size the model was trained on; the size limits are in image pixels.
+        scale = float(config.scale if config.scale is not None else (meta.get("scale") or 1.0))
+        self.plane_shape = self.prep.plane_shape
+        self.net_shape = scaled_shape(self.plane_shape, scale) if scale != 1.0 else self.plane_shape
+        # The precision is chosen at the tile shape the job will run (an fp32-sized tile), then
+        # the tile is sized for that precision.
+        tile, batch = choose_tile(replicas[0], self.devices[0], "fp32", config.tile_size, config.batch_size)
+        job_shape = (1, mcfg.in_channels, *self.plane_tile(tile))
+        self.precision = select_precision(config.precision, self.devices[0], replicas[0], shape=job_shape)
+        if self.precision != "fp32":
+            tile, batch = choose_tile(replicas[0], self.devices[0], self.precision, config.tile_size,
+                                      config.batch_size)
+        self.tile, self.batch = tile, batch
+        area = meta.get("object_area")
+        self.min_size, self.min_seed_size = instance_size_limits(config.min_size, area / scale ** 2 if area else None)
+        self.want_probs = bool(config.probabilities)
+        self.n_out = mcfg.n_classes if (self.want_probs or output == "semantic") else 2
+        fg_pair = output == "instances" and not self.want_probs
+        self.predictors = [_make_predictor(r, d, self.precision, fg_pair, config.flips)
+                           for r, d in zip(replicas, self.devices)]
+
+        self.probs = (np.zeros((mcfg.n_classes, *lead, *self.plane_shape), np.float32) if self.want_probs
+                      else None)
+        if output == "instances":
+            self.stack, self.sem = StackLabels((*lead, *self.plane_shape)), None
+        else:
+            self.stack = None
+            self.sem = np.zeros((*lead, *self.plane_shape), label_dtype(mcfg.n_classes - 1, "semantic"))
+        self.done = 0
+        self.total = self.n_tiles(tile) * self.n_planes
+
+    # ---- tiles ------------------------------------------------------------------------------
+
+    def overlap(self, tile: int) -> int:
+        """Tile overlap: none for valid models (their outputs tile the image exactly)."""
+        if self.valid:
+            return 0
+        return max(min(int(self.config.overlap), tile - 2 * self.margin - self.multiple), 0)
+
+    def plane_tile(self, tile: int) -> tuple[int, int]:
+        return _plane_tile(self.model, tile, self.net_shape, self.overlap(tile), self.multiple)
+
+    def n_tiles(self, tile: int) -> int:
+        pt = self.plane_tile(tile)
+        oh, ow = pt[0] - 2 * self.margin, pt[1] - 2 * self.margin
+        return len(_positions(self.net_shape[0], oh, self.overlap(tile), self.multiple)) * len(
+            _positions(self.net_shape[1], ow, self.overlap(tile), self.multiple))
+
+    def progress(self, done: int, k: int, message: str) -> PredictProgress:
+        return PredictProgress(done, self.total, k, self.n_planes, self.dev_name, self.precision, message)
+
+    # ---- one plane --------------------------------------------------------------------------
+
+    def plane_probabilities(self, k: int, idx: tuple[int, ...]) -> Generator[PredictProgress, None, np.ndarray]:
+        """The network's output over plane ``idx`` (the ``k``-th selected), at the image's pixels; a
+        generator of progress. Out of memory: retried with half the batch, then smaller tiles."""
+        from .data import normalize_like, resize_plane
+
+        many = self.n_planes > 1
+        yield self.progress(self.done, k, f"plane {k + 1}/{self.n_planes}" if many else "segmenting")
+        x = normalize_like(self.prep.plane(idx), self.meta.get("normalization"), channel_axis=0)
+        if self.net_shape != self.plane_shape:
+            x = resize_plane(x, self.net_shape, channel_axis=0)
         # Accumulated in place in the returned probabilities, unless they are resized afterwards.
-        direct = want_probs and net_shape == plane_shape
-        acc = probs[(slice(None), *idx)] if direct else None
+        direct = self.want_probs and self.net_shape == self.plane_shape
         while True:
+            acc = self.probs[(slice(None), *idx)] if direct else None
+            gen = tiled_predict_iter(self.predictors, x, self.plane_tile(self.tile), self.overlap(self.tile),
+                                     self.batch, self.blending, self.margin, self.n_out, multiple=self.multiple,
+                                     out=acc)
             plane_done = 0
-            gen = tiled_predict_iter(predictors, x, _plane_tile(model, tile, net_shape, overlap_for(tile), multiple),
-                                     overlap_for(tile), batch,
-                                     blending, margin, n_out, multiple=multiple, out=acc)
             try:
                 while True:
                     try:
@@ -811,60 +848,65 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
                     except StopIteration as stop:
                         acc = stop.value
                         break
-                    yield PredictProgress(done + plane_done, total, k, n_planes, dev_name, precision,
-                                          f"plane {k + 1}/{n_planes}, tile {plane_done}" if n_planes > 1
-                                          else f"tile {plane_done}")
+                    yield self.progress(self.done + plane_done, k, f"plane {k + 1}/{self.n_planes}, tile "
+                                        f"{plane_done}" if many else f"tile {plane_done}")
                 break
             except Exception as e:  # noqa: BLE001 - only out-of-memory errors are retried
                 if not is_out_of_memory(e):
                     raise
-                gen.close()
-                if devices[0].type == "cuda":
-                    torch.cuda.empty_cache()
-                if batch > 1:
-                    batch //= 2
-                    msg = f"out of memory: retrying with {batch} tile(s) per batch"
-                else:
-                    smaller = _valid_down(model, tile // 2)
-                    if smaller >= tile:
-                        raise MemoryError(f"out of memory even with {tile}x{tile} tiles, one per batch") from None
-                    tile = smaller
-                    msg = f"out of memory: retrying with {tile}x{tile} tiles"
-                    total = done + n_tiles(tile) * (n_planes - k)
-                acc = probs[(slice(None), *idx)] if direct else None
-                yield PredictProgress(done, total, k, n_planes, dev_name, precision, msg)
+                message = self._smaller_job(k)
             finally:
                 gen.close()
-        done += plane_done
+            yield self.progress(self.done, k, message)
+        self.done += plane_done
         del x
-        if net_shape != plane_shape:  # back to the image's pixels (linear: probabilities stay in [0, 1])
-            acc = resize_plane(acc, plane_shape, channel_axis=0)
-            if want_probs:
-                probs[(slice(None), *idx)] = acc
-        if output == "instances":
-            if want_probs:
+        if self.net_shape != self.plane_shape:  # back to the image's pixels (linear: probabilities stay in [0, 1])
+            acc = resize_plane(acc, self.plane_shape, channel_axis=0)
+        return acc
+
+    def _smaller_job(self, k: int) -> str:
+        """After an out-of-memory error on plane ``k``: half the batch, else half the tile; what changed."""
+        import torch
+
+        if self.devices[0].type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch > 1:
+            self.batch //= 2
+            return f"out of memory: retrying with {self.batch} tile(s) per batch"
+        smaller = _valid_down(self.model, self.tile // 2)
+        if smaller >= self.tile:
+            raise MemoryError(f"out of memory even with {self.tile}x{self.tile} tiles, one per batch") from None
+        self.tile = smaller
+        self.total = self.done + self.n_tiles(self.tile) * (self.n_planes - k)
+        return f"out of memory: retrying with {self.tile}x{self.tile} tiles"
+
+    def store(self, idx: tuple[int, ...], acc: np.ndarray) -> None:
+        """Plane ``idx``'s probabilities into the outputs: labels (and the probabilities asked for)."""
+        from .postprocess import BOUNDARY, INTERIOR, instance_labels
+
+        if self.want_probs and self.net_shape != self.plane_shape:
+            self.probs[(slice(None), *idx)] = acc
+        if self.output == "instances":
+            if self.want_probs:
                 interior, fg = acc[INTERIOR], acc[INTERIOR] + acc[BOUNDARY]
             else:
                 interior, fg = acc[0], acc[1]
-            stack.put(idx, instance_labels(interior, fg, min_size=min_size, min_seed_size=min_seed_size))
-            del interior, fg
+            self.stack.put(idx, instance_labels(interior, fg, min_size=self.min_size,
+                                                min_seed_size=self.min_seed_size))
         else:
-            dst = sem[idx]
+            dst = self.sem[idx]
             for r0 in range(0, dst.shape[0], 256):  # in bands: argmax makes int64 temporaries
                 dst[r0:r0 + 256] = acc[:, r0:r0 + 256].argmax(axis=0)
-        del acc
-    labels = stack.labels if output == "instances" else sem
-    yield PredictProgress(done, total, max(n_planes - 1, 0), n_planes, dev_name, precision, "done")
-    return Prediction(labels=labels, probabilities=probs, device=dev_name, precision=precision, tile_size=tile,
-                      output=output)
+
+    def prediction(self) -> Prediction:
+        labels = self.stack.labels if self.output == "instances" else self.sem
+        return Prediction(labels=labels, probabilities=self.probs, device=self.dev_name, precision=self.precision,
+                          tile_size=self.tile, output=self.output)
 
 
 def predict_all(model, image: np.ndarray, config: PredictConfig | None = None,
                 metadata: dict[str, Any] | None = None, **kwargs) -> Prediction:
     """Run :func:`predict` to the end and return its :class:`Prediction` (scripts, notebooks)."""
-    gen = predict(model, image, config, metadata, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from .jobs import drain
+
+    return drain(predict(model, image, config, metadata, **kwargs))

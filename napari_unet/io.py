@@ -386,6 +386,27 @@ def _imagej_labels(labels: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def imagej_tiff_kwargs(axes: str | None, scale: dict | None, unit: str | None) -> dict[str, Any]:
+    """``tifffile.imwrite`` keywords for an ImageJ TIFF of ``axes`` (``None``: pixel size only).
+
+    The pixel size goes into the resolution tags (X, Y) and the ImageJ metadata (Z spacing,
+    unit). A pixel size is a length: a napari layer may have a negative scale (a flipped
+    view) or a zero/NaN one; the file gets the size, or none when there is no usable size.
+    """
+    scale = {k.upper(): abs(float(v)) for k, v in (scale or {}).items() if np.isfinite(float(v)) and float(v) != 0}
+    kwargs: dict[str, Any] = {}
+    if "X" in scale and "Y" in scale:
+        kwargs["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
+    if axes is not None:
+        meta: dict[str, Any] = {"axes": axes}
+        if "Z" in scale:
+            meta["spacing"] = scale["Z"]
+        if scale and unit:
+            meta["unit"] = unit
+        kwargs.update(imagej=True, metadata=meta)
+    return kwargs
+
+
 def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, axes: str | None = None,
                       scale: dict[str, float] | None = None, unit: str | None = "um",
                       overwrite: bool = False) -> Path:
@@ -431,23 +452,12 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, axes: str 
             raise ValueError(f"labels with {labels.ndim} dimensions cannot be written to TIFF (2 to 5 are supported)")
     if len(axes) != labels.ndim:
         raise ValueError(f"axes {axes!r} do not match labels of shape {labels.shape}")
-    # A pixel size is a length: a napari layer may have a negative scale (a flipped view) or a
-    # zero/NaN one; the file gets the size, or none when there is no usable size.
-    scale = {k.upper(): abs(float(v)) for k, v in (scale or {}).items() if np.isfinite(float(v)) and float(v) != 0}
-    kwargs: dict[str, Any] = {}
-    if "X" in scale and "Y" in scale:
-        kwargs["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
     data = _imagej_labels(labels)
     if data is not None:
-        ij_meta: dict[str, Any] = {"axes": axes}
-        if "Z" in scale:
-            ij_meta["spacing"] = scale["Z"]
-        if scale and unit:
-            ij_meta["unit"] = unit
-        kwargs.update(imagej=True, metadata=ij_meta)
+        kwargs = imagej_tiff_kwargs(axes, scale, unit)
     else:
         data = labels
-        kwargs.update(metadata={"axes": axes}, photometric="minisblack")
+        kwargs = {**imagej_tiff_kwargs(None, scale, unit), "metadata": {"axes": axes}, "photometric": "minisblack"}
     path = Path(path)
     with atomic_write(path, overwrite=overwrite) as tmp:
         tifffile.imwrite(tmp, data, **kwargs)

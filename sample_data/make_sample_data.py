@@ -141,17 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(mode="instances", max_time=args.seconds, seed=0, val_every=50, ema=0.0)
     arch = default_model_config()
     t0 = time.perf_counter()
-    gen = train(images, labels, config, model_config=arch)
-    result = None
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+    from napari_unet.jobs import drain
+
+    def report(ev):
         if ev.iteration % 50 == 0 and ev.loss is not None:
             print(f"iteration {ev.iteration:5d}  loss {ev.loss:.3f}  best val IoU {ev.best_val_iou}  "
                   f"{ev.elapsed:.0f} s", flush=True)
+
+    result = drain(train(images, labels, config, model_config=arch), report)
     source = "sample_data/make_sample_data.py (synthetic nuclei and whole cells" + (
         f"; {len(real)} real images of {args.data.name}: DSB2018 stage 1 (CC0), Usiigaci (MIT))" if real else ")")
     result.metadata.setdefault("training", {})["source"] = source

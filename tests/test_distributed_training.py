@@ -12,11 +12,11 @@ from napari_unet.training import (
     _grad_scaler,
     _loss,
     _loss_terms,
-    _Sampler,
     _use_grad_scaler,
     prepare_training_data,
     train,
 )
+from napari_unet.training_data import Sampler
 
 TINY = ModelConfig(depth=2, base_filters=4, padding="same", batch_norm=False)
 
@@ -33,7 +33,7 @@ def _batch(sampler, seed, step, js):
 
 @pytest.mark.parametrize("augment", [True, False])
 def test_global_batch_is_the_same_for_any_number_of_ranks(planes, augment):
-    sampler = _Sampler(planes, 48, 48, np.random.default_rng(0), AugmentConfig() if augment else None)
+    sampler = Sampler(planes, 48, 48, np.random.default_rng(0), AugmentConfig() if augment else None)
     batch = 5
     whole = _batch(sampler, 7, 3, list(range(batch)))
     for world in (2, 3):

@@ -10,6 +10,7 @@ from napari_unet import device as dev
 from napari_unet import inference as inf
 from napari_unet.config import PredictConfig
 from napari_unet.io import save_model
+from napari_unet.jobs import drain
 from napari_unet.model import UNet
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -195,12 +196,7 @@ def test_stacks_are_processed_plane_by_plane():
     stack = rng.normal(size=(2, 3, 40, 48)).astype(np.float32)  # (T, Z, Y, X)
     gen = inf.predict(net, stack, PredictConfig(precision="fp32", tile_size=32, overlap=8), {"mode": "instances"})
     events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            res = stop.value
-            break
+    res = drain(gen, events.append)
     assert res.labels.shape == (2, 3, 40, 48)
     assert {e.plane for e in events} == set(range(6)) and events[-1].n_planes == 6
     assert events[-1].done == events[-1].total
@@ -320,12 +316,7 @@ def test_out_of_memory_retries_with_smaller_tiles(monkeypatch):
     gen = inf.predict(net, img, PredictConfig(precision="fp32", tile_size=64, overlap=8, probabilities=True),
                       {"mode": "semantic"})
     messages = []
-    while True:
-        try:
-            messages.append(next(gen).message)
-        except StopIteration as stop:
-            res = stop.value
-            break
+    res = drain(gen, lambda ev: messages.append(ev.message))
     assert any("out of memory" in m for m in messages)
     assert res.tile_size == 32 and sizes[0] > 40  # the first, larger tiles failed, then smaller ones ran
     assert max(sizes[sizes.index(next(s for s in sizes if s <= 40)):]) <= 40

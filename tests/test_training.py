@@ -8,6 +8,7 @@ import torch
 
 from napari_unet.config import ConfigError, ModelConfig, PredictConfig, TrainConfig
 from napari_unet.io import load_model, save_model
+from napari_unet.jobs import drain
 from napari_unet.synthetic import make_nuclei, paint_sparse_labels
 from napari_unet.training import (
     TrainingDataError,
@@ -46,11 +47,7 @@ def nuclei():
 
 def _drain(gen):
     events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return events, stop.value
+    return events, drain(gen, events.append)
 
 
 def _state(model):

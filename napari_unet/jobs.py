@@ -1,0 +1,26 @@
+"""Long jobs are generators of progress events that return their result (no Qt, no torch).
+
+Training, prediction, export and "where to paint next" are such generators: the widgets run
+them in napari's ``thread_worker`` (which can stop them at any yield), the command line and
+the tests drain them with :func:`drain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
+
+__all__ = ["drain"]
+
+R = TypeVar("R")
+
+
+def drain(gen: Generator[Any, Any, R], each: Callable[[Any], Any] | None = None) -> R:
+    """Run ``gen`` to its end, handing every event to ``each``; return what the generator returns."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if each is not None:
+            each(event)
