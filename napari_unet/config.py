@@ -109,7 +109,11 @@ class TrainConfig(_DictMixin):
     augment : bool
         Shifts, rotations, flips, elastic deformation and intensity changes.
     border_weights : bool or None
-        The paper's border weight map; ``None`` means on for ``"instances"``, off otherwise.
+        The paper's border weight map; ``None`` means on for ``"instances"``, off otherwise,
+        and off when training continues a model in place (``train(model=...)``, the Train
+        widget's Continue): the corrections painted then gather on touching cells, where the
+        map put most of the loss, and crowded fields came back in fragments (correction-round
+        benchmark, docs/fewshot.md).
     boundary_width : int
         Instance mode: width in pixels of the band along each cell's edge that is the
         boundary class; the rest of the cell is its interior, the seed of the watershed

@@ -531,6 +531,12 @@ class _Run:
             model, self.prior_meta = load_model(init_from, device="cpu")
             self.init_from = str(init_from)
         prior = self.prior_meta
+        border_weights = config.border_weights
+        if border_weights is None and model is not None and init_from is None and config.mode == "instances":
+            # Continue: corrections gather on touching cells, where the border weights then held most
+            # of the loss and crowded fields came back in fragments (measured: docs/fewshot.md).
+            border_weights = False
+            self.messages.append("continuing: no border weight map (see TrainConfig.border_weights)")
         # A semantic model keeps its classes when fine-tuned on labels that use only some of them.
         target_classes = None
         if model is not None and config.mode == "semantic" and prior.get("mode") == "semantic":
@@ -538,7 +544,7 @@ class _Run:
         data = self.data = prepare_training_data(
             images, labels, config.mode, roi=roi, channel_axis=channel_axis, val_fraction=config.val_fraction,
             val_margin=config.val_margin, min_val_objects=config.min_val_objects,
-            border_weights=config.border_weights, w0=config.w0, sigma=config.sigma,
+            border_weights=border_weights, w0=config.w0, sigma=config.sigma,
             class_balance_power=config.class_balance, boundary_width=config.boundary_width, seed=config.seed,
             n_classes=target_classes, model_channels=None if model is None else model.config.in_channels,
             target_area=prior.get("object_area") if (config.rescale and model is not None) else None)

@@ -145,6 +145,26 @@ def test_continue_training_the_same_model(nuclei):
     assert second.metadata["class_names"] == first.metadata["class_names"]
 
 
+def test_continue_trains_without_the_border_weight_map(nuclei, monkeypatch):
+    """Continue (model= in place) leaves the border weights out unless asked for; new and
+    fine-tuned networks keep them (the correction-round benchmark, docs/fewshot.md)."""
+    from napari_unet import training
+
+    img, lab, _ = nuclei
+    seen = []
+    real = training.prepare_training_data
+    monkeypatch.setattr(training, "prepare_training_data",
+                        lambda *a, **k: seen.append(k["border_weights"]) or real(*a, **k))
+    _, first = _drain(train(img, lab, _fast(), model_config=TINY))
+    _, second = _drain(train(img, lab, _fast(), model=first.model, metadata=first.metadata))
+    _, third = _drain(train(img, lab, _fast(border_weights=True), model=first.model, metadata=second.metadata))
+    assert seen == [None, False, True]  # None: on, for instances
+    def said(result):
+        return any(m.startswith("continuing: no border weight map") for m in result.metadata["training"]["messages"])
+
+    assert said(second) and not said(first) and not said(third)
+
+
 @pytest.mark.parametrize("defaults", [False, True], ids=["last-weights", "averaged-no-validation"])
 def test_output_calibration_is_undone_before_training_on(nuclei, tmp_path, defaults):
     img, lab, _ = nuclei
