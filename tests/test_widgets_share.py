@@ -30,6 +30,21 @@ def _export(qtbot, widget, monkeypatch, path):
     return asked
 
 
+def _train_widget(make_napari_viewer, small_cells):
+    """A viewer with the cells and painted labels, and a Train widget set for a tiny 2-iteration network."""
+    image, labels = small_cells
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="painted")
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train U-Net")
+    train.start_from.value = START_NEW
+    train.depth.value, train.width.value = 2, 4
+    train.patch_size.value, train.batch_size.value = 64, 2
+    train.budget_kind.value, train.budget.value = "iterations", 2
+    return train
+
+
 def test_segment_exports_the_selected_model_and_segments_with_the_package(make_napari_viewer, qtbot, small_cells,
                                                                          notes, tmp_path, monkeypatch,
                                                                          no_threads_left):
@@ -63,20 +78,10 @@ def test_segment_exports_the_selected_model_and_segments_with_the_package(make_n
 
 def test_train_exports_only_a_trained_model(make_napari_viewer, qtbot, small_cells, notes, tmp_path, monkeypatch,
                                              no_threads_left):
-    image, labels = small_cells
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="cells")
-    viewer.add_labels(labels, name="painted")
-    train = TrainWidget(viewer)
-    viewer.window.add_dock_widget(train, name="Train U-Net")
+    train = _train_widget(make_napari_viewer, small_cells)
     assert not train.exporter.button.isEnabled()
     assert train.exporter.export(str(tmp_path / "none.zip")) is False
     assert notes["error"] == ["train a model first"] and list(tmp_path.iterdir()) == []
-
-    train.start_from.value = START_NEW
-    train.depth.value, train.width.value = 2, 4
-    train.patch_size.value, train.batch_size.value = 64, 2
-    train.budget_kind.value, train.budget.value = "iterations", 2
     with qtbot.waitSignal(train.runner.finished, timeout=120_000):
         train.start_button.click()
         assert not train.exporter.button.isEnabled()  # not while training
@@ -107,16 +112,7 @@ def test_train_exports_the_weights_of_the_moment_it_was_asked(make_napari_viewer
     a name the dialog gave without .zip is asked about again when NAME.zip exists."""
     import torch
 
-    image, labels = small_cells
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="cells")
-    viewer.add_labels(labels, name="painted")
-    train = TrainWidget(viewer)
-    viewer.window.add_dock_widget(train, name="Train U-Net")
-    train.start_from.value = START_NEW
-    train.depth.value, train.width.value = 2, 4
-    train.patch_size.value, train.batch_size.value = 64, 2
-    train.budget_kind.value, train.budget.value = "iterations", 2
+    train = _train_widget(make_napari_viewer, small_cells)
     with qtbot.waitSignal(train.runner.finished, timeout=120_000):
         train.start_button.click()
     model = train.current.model
