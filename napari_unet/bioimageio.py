@@ -32,10 +32,12 @@ Both need the optional dependencies: ``pip install "napari-unet[bioimageio]"``.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -427,19 +429,12 @@ def _public(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _no_trace_warnings:
+@contextlib.contextmanager
+def _no_trace_warnings():
     """torch.jit.trace warns that it is deprecated: TorchScript is still what bioimage.io's consumers run."""
-
-    def __enter__(self):
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
-        return self
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+        yield
 
 
 def _validate_package(path: str | os.PathLike, test: bool = True) -> list[str]:
