@@ -4,8 +4,10 @@ Outputs: with one input image and ``--out`` ending in ``.tif``/``.tiff``, that o
 otherwise ``--out`` is a folder (created if needed, inside an existing folder) receiving
 ``<stem>_labels.tif`` per input. ``--probabilities`` adds ``<stem>_probabilities.tif`` (float32, class axis as
 ImageJ's C axis) beside each label file. Axes and pixel size are carried over from the
-input. Every output is checked before any computing starts (existing files need
-``--overwrite``) and written atomically, so a failure never leaves a partial file.
+input. A ``Z`` axis (the TIFF's, or ``--axes``) makes each volume one 3D segmentation
+(``--volume``), with the voxel size from the file or ``--voxel-size``. Every output is
+checked before any computing starts (existing files need ``--overwrite``) and written
+atomically, so a failure never leaves a partial file.
 
 Under ``torchrun`` each process (rank) segments every ``world_size``-th input, on its own
 GPU under NCCL: each input gets exactly one output, written by one rank. The ranks check
@@ -49,6 +51,17 @@ def add_parser(sub) -> None:
     p.add_argument("--scale", type=float, default=None, metavar="FACTOR",
                    help="resize images by this factor before the network, so that cells have the size the model "
                         "was trained on (default: the factor recorded in the model file at training, else 1)")
+    p.add_argument("--axes", default=None, metavar="LETTERS",
+                   help="what the image file's axes are, e.g. ZYX, TZYX, TYX, ZCYX (C or S: channels); Z makes "
+                        "each volume one 3D segmentation, T and other letters hold independent planes or volumes "
+                        "(default: the TIFF's ImageJ/OME axes; other files are 2D)")
+    p.add_argument("--voxel-size", default=None, metavar="Z,Y,X",
+                   help="voxel size along Z, Y, X, e.g. 2,0.5,0.5 (default: the TIFF's pixel size and Z spacing, "
+                        "else cubic)")
+    p.add_argument("--volume", choices=("3d", "orthogonal", "stitch"), default="3d",
+                   help="how volumes are segmented: 3d (YX planes' probabilities, then a 3D watershed), "
+                        "orthogonal (also the ZX and ZY planes, averaged; slower, better for cells touching "
+                        "along Z), stitch (2D objects linked between planes by overlap) (default: 3d)")
     p.add_argument("--probabilities", action="store_true", help="also write the class probabilities (float32)")
     p.add_argument("--flips", action="store_true",
                    help="test-time augmentation: average the image's and its 3 mirror images' predictions "
@@ -104,6 +117,46 @@ def output_paths(inputs: list[Path], out: str) -> list[Path]:
 def probability_path(labels_path: Path) -> Path:
     stem = labels_path.stem[:-len("_labels")] if labels_path.stem.endswith("_labels") else labels_path.stem
     return labels_path.with_name(f"{stem}_probabilities.tif")
+
+
+def _file_axes(args, info, shape: tuple[int, ...]) -> str | None:
+    """The image's axis letters: ``--axes`` (checked against the image), else the file's."""
+    if args.axes is None:
+        return info.axes
+    axes = args.axes.strip().upper()
+    if len(axes) != len(shape) or not axes.isalpha() or len(set(axes)) != len(axes) or not axes.endswith(
+            ("YX", "YXS", "YXC")):
+        raise ValueError(f"--axes {args.axes} does not describe this image of shape {shape}: give one distinct letter "
+                         "per axis, ending in YX (or YXS/YXC for channels last), e.g. ZYX, TZYX, ZCYX")
+    return axes
+
+
+def _voxel_size(args, info) -> tuple[float, float, float] | None:
+    """``--voxel-size Z,Y,X``, else the file's pixel size and Z spacing, else ``None`` (cubic)."""
+    if args.voxel_size is not None:
+        try:
+            vs = tuple(float(v) for v in args.voxel_size.split(","))
+        except ValueError:
+            vs = ()
+        if len(vs) != 3 or not all(v > 0 for v in vs):
+            raise ValueError(f"--voxel-size {args.voxel_size}: give three positive numbers Z,Y,X, e.g. 2,0.5,0.5")
+        return vs  # type: ignore[return-value]
+    scale = info.scale or {}
+    if "Z" not in scale:
+        return None
+    y = scale.get("Y", scale.get("X", 1.0))
+    return float(scale["Z"]), float(y), float(scale.get("X", y))
+
+
+def _predict_axes(axes: str | None, ndim: int, channel_axis: int | None) -> str | None:
+    """The letters :class:`~napari_unet.config.PredictConfig` takes: the file's, channel axis left out."""
+    if not axes or len(axes) != ndim:
+        return None
+    if channel_axis is not None:
+        ax = channel_axis % ndim
+        axes = axes[:ax] + axes[ax + 1:]
+    axes = "".join(a for a in axes if a not in "CS")
+    return axes if axes.endswith("YX") and len(axes) == len(set(axes)) else None
 
 
 def _channel_axis(args, info, ndim: int) -> int | None:
@@ -190,8 +243,10 @@ def _run(args, ctx) -> int:
     tune_malloc()  # a short-lived process: keeping freed tensors in the heap saves page faults
     kw = {k: v for k, v in {"tile_size": args.tile, "batch_size": args.batch, "overlap": args.overlap,
                             "min_size": args.min_size, "scale": args.scale}.items() if v is not None}
+    if args.voxel_size is not None:
+        _voxel_size(args, None)
     PredictConfig(output=args.output, probabilities=args.probabilities, precision=args.precision,
-                  flips=args.flips, **kw)  # a bad option fails now, once, not for every image
+                  flips=args.flips, volume=args.volume, **kw)  # a bad option fails now, once, not for every image
     show = not args.quiet and ctx.is_main  # one progress bar, not one per rank on the same terminal
     failed = 0
     for src, dst in mine:
@@ -219,9 +274,16 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
     except (ValueError, OSError) as e:
         message = first_line(e)
         raise ValueError(message if str(src) in message else f"{src}: {message}") from None
+    try:
+        info.axes = _file_axes(args, info, image.shape)
+        voxel_size = _voxel_size(args, info)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
     cax = _channel_axis(args, info, image.ndim)
     config = PredictConfig(output=args.output, probabilities=args.probabilities, device=device,
-                           precision=args.precision, channel_axis=cax, flips=args.flips, **kw)
+                           precision=args.precision, channel_axis=cax, flips=args.flips,
+                           axes=_predict_axes(info.axes, image.ndim, cax), voxel_size=voxel_size,
+                           volume=args.volume, **kw)
     gen = predict(model, image, config, meta)
     bar = None
     try:
@@ -253,4 +315,6 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
                              args.overwrite)
     n = int(result.labels.max()) if result.labels.size else 0
     what = f"{n} cells" if result.output == "instances" else f"classes up to {n}"
+    if config.axes and "Z" in config.axes:
+        what += f" in 3D ({config.volume})"
     print(f"{dst}: {what} ({result.device}, {result.precision})", file=sys.stderr)

@@ -97,6 +97,13 @@ def add_parser(sub) -> None:
     p.add_argument("--no-rescale", action="store_true",
                    help="with --from: train on the images as they are (default: resize them so that the painted "
                         "cells have the size of those the starting model knows; prediction does the same)")
+    p.add_argument("--side-views", action="store_true",
+                   help="the images are 3D volumes (Z before Y, X): also train on their ZX and ZY planes, resampled "
+                        "to cubic voxels, where cells were painted on two or more planes (for predict --volume "
+                        "orthogonal)")
+    p.add_argument("--voxel-size", default=None, metavar="Z,Y,X",
+                   help="with --side-views: voxel size along Z, Y, X (default: the first TIFF's pixel size and Z "
+                        "spacing, else cubic)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -107,7 +114,15 @@ def _config(args):
 
     kw = {"mode": args.mode, "seed": args.seed, "device": args.device, "precision": args.precision,
           "iterations": args.iterations, "max_time": args.max_time, "augment": not args.no_augment,
-          "threads": args.threads, "rescale": not args.no_rescale}
+          "threads": args.threads, "rescale": not args.no_rescale, "side_views": args.side_views}
+    if args.voxel_size is not None:
+        if not args.side_views:
+            raise ValueError("--voxel-size is for --side-views (training on the volumes' side views)")
+        try:
+            kw["voxel_size"] = tuple(float(v) for v in args.voxel_size.split(","))
+        except ValueError:
+            raise ValueError(f"--voxel-size {args.voxel_size}: give three positive numbers Z,Y,X, e.g. 2,0.5,0.5"
+                             ) from None
     if args.optimizer == "sgd" and args.lr is None:
         kw["learning_rate"] = 0.01  # as the widget's SGD preset: Adam's rate is far too small for SGD
     for name, value in (("patch_size", args.patch_size), ("batch_size", args.batch_size),
@@ -227,10 +242,15 @@ def _run(args, ctx, catch_signals: bool = False) -> int:
         config = _config(args)
         images, labels = [], []
         for img_path, lab_path in pairs:
-            img, _ = read_image(img_path)
+            img, info = read_image(img_path)
             lab, _ = read_image(lab_path)
             images.append(img)
             labels.append(lab)
+            if config.side_views and config.voxel_size is None and "Z" in info.scale:
+                import dataclasses
+
+                y = info.scale.get("Y", info.scale.get("X", 1.0))
+                config = dataclasses.replace(config, voxel_size=(info.scale["Z"], y, info.scale.get("X", y)))
 
     from .data import TrainingDataError
     from .distributed import DistributedError

@@ -7,6 +7,7 @@ guessing (see :mod:`napari_unet.io`). Imports neither torch nor Qt.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,17 @@ class _DictMixin:
         """Build from a dictionary, ignoring unknown keys (files written by newer versions)."""
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _voxel_size(value: Any) -> tuple[float, float, float]:
+    """``(Z, Y, X)`` voxel size as three positive floats, or :class:`ConfigError`."""
+    try:
+        vs = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        vs = ()
+    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+        raise ConfigError(f"voxel_size must be three positive numbers (Z, Y, X), got {value!r}")
+    return vs  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,14 @@ class TrainConfig(_DictMixin):
         blend keeps that prior and scored higher on the few-shot benchmark. Validation, the
         preview and the result all use the blend. 0 keeps only the trained weights; a new
         network, or an output layer replaced for other classes, is not blended.
+    side_views : bool
+        Stacks are volumes (Z = the axis before Y, X): besides the painted YX planes, the
+        ZX and ZY planes of each volume resampled to cubic voxels (``voxel_size``) train
+        too, where they cross cells painted on two or more planes
+        (:func:`napari_unet.training_data.side_planes`). For the ``"orthogonal"`` volume
+        prediction, which shows the network those side views.
+    voxel_size : (float, float, float) or None
+        Voxel size along Z, Y, X for ``side_views`` (``None``: cubic).
     """
 
     mode: str = "instances"
@@ -208,8 +228,12 @@ class TrainConfig(_DictMixin):
     keep_pretrained: float = 0.3
     check_painted: bool = True
     rescale: bool = True
+    side_views: bool = False
+    voxel_size: tuple[float, float, float] | None = None
 
     def __post_init__(self):
+        if self.voxel_size is not None:
+            object.__setattr__(self, "voxel_size", _voxel_size(self.voxel_size))
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be a positive integer, got {self.threads}")
         if self.mode not in ("instances", "semantic"):
@@ -295,6 +319,21 @@ class PredictConfig(_DictMixin):
         Resize each plane by this factor before the network (the probabilities are resized
         back, so labels have the image's shape). ``None``: the model file's ``scale`` (what
         training chose so that the painted cells had the size the model knew), else 1.
+    axes : str or None
+        What the image's axes are, channel axis left out: letters ending in ``YX``, e.g.
+        ``"ZYX"`` (one volume), ``"TYX"`` (frames), ``"TZYX"`` (a time series of volumes).
+        ``Z`` makes the stack a volume segmented in 3D (see ``volume``); every other
+        leading axis (``T``, or anything else) holds independent planes or volumes, each
+        with ids of its own. ``None``: every leading axis holds independent planes.
+    voxel_size : (float, float, float) or None
+        Size of a voxel along Z, Y, X (any unit; only the ratios matter): the Z step makes
+        the side views isotropic and turns the 2D size limits into volumes. ``None``: cubic.
+    volume : str
+        How a volume (``Z`` in ``axes``) is segmented: ``"3d"`` (probabilities of every YX
+        plane, then seeds and watershed in 3D), ``"orthogonal"`` (also the ZX and ZY planes
+        of the volume resampled to cubic voxels, the three averaged, then 3D; about 1 +
+        2 x the Z step x the compute) or ``"stitch"`` (2D objects per plane, linked to the
+        plane above by overlap: the simple baseline).
     """
 
     output: str | None = None
@@ -309,8 +348,24 @@ class PredictConfig(_DictMixin):
     min_size: int | None = None
     flips: bool = False
     scale: float | None = None
+    axes: str | None = None
+    voxel_size: tuple[float, float, float] | None = None
+    volume: str = "3d"
 
     def __post_init__(self):
+        if self.axes is not None:
+            if not isinstance(self.axes, str):
+                raise ConfigError(f"axes must be letters such as 'ZYX' or 'TZYX', got {self.axes!r}")
+            axes = self.axes.upper()
+            if (not axes.isalpha() or not axes.endswith("YX") or len(set(axes)) != len(axes)
+                    or "C" in axes or "S" in axes):
+                raise ConfigError(f"axes must be distinct letters ending in YX, without the channel axis (e.g. "
+                                  f"'ZYX', 'TYX', 'TZYX'), got {self.axes!r}")
+            object.__setattr__(self, "axes", axes)
+        if self.voxel_size is not None:
+            object.__setattr__(self, "voxel_size", _voxel_size(self.voxel_size))
+        if self.volume not in ("3d", "orthogonal", "stitch"):
+            raise ConfigError(f"volume must be '3d', 'orthogonal' or 'stitch', got {self.volume!r}")
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and 0.05 <= self.scale <= 20):
             raise ConfigError(f"scale must be between 0.05 and 20, or None (the model's), got {self.scale!r}")
         if self.output not in (None, "instances", "semantic"):

@@ -688,7 +688,16 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         file when ``model`` is a path, else :func:`napari_unet.io.default_metadata`.
     planes : iterable, optional
         Restrict a stack to these planes: flat indices over the leading axes (in C order)
-        or index tuples. Other planes get label 0 (and probability 0).
+        or index tuples. Other planes get label 0 (and probability 0). Planes are always
+        segmented in 2D, even those of a volume (a quick look at one plane).
+
+    Volumes: with a ``Z`` in ``config.axes`` (e.g. ``"ZYX"``, ``"TZYX"``), each volume is
+    segmented as one 3D object set (``config.volume``): the network's probabilities of its
+    YX planes (and, for ``"orthogonal"``, of its ZX and ZY planes once resampled to cubic
+    voxels with ``config.voxel_size``, averaged with them) kept in float16, then seeds,
+    watershed, size filter and hole filling in 3D, in bands of rows so that memory stays
+    bounded (:func:`napari_unet.postprocess.instance_labels`); ids run on across volumes
+    (frames of a time series), so no object spans two frames.
 
     Yields
     ------
@@ -708,10 +717,14 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
         Out of memory even with the smallest tile.
     """
     job = _PredictJob(model, image, config or PredictConfig(), metadata, planes)
-    for k, idx in enumerate(job.selected):
-        acc = yield from job.plane_probabilities(k, idx)
-        job.store(idx, acc)
-        del acc  # before the next plane's: planes can be large
+    if job.volumes is None:
+        for k, idx in enumerate(job.selected):
+            acc = yield from job.plane_probabilities(k, idx)
+            job.store(idx, acc)
+            del acc  # before the next plane's: planes can be large
+    else:
+        for kv, vidx in enumerate(job.volumes):
+            yield from job.volume(kv, vidx)
     yield job.progress(job.done, max(job.n_planes - 1, 0), "done")
     return job.prediction()
 
@@ -743,7 +756,7 @@ class _PredictJob:
     def __init__(self, model, image, config: PredictConfig, metadata, planes):
         from .data import scaled_shape
         from .device import resolve_device, select_precision
-        from .postprocess import StackLabels, label_dtype
+        from .postprocess import StackLabels, label_dtype, volume_size_limits
 
         self.config = config
         model, meta = _load(model, metadata)
@@ -759,6 +772,16 @@ class _PredictJob:
         lead = self.prep.lead_shape
         self.selected = _selected_planes(lead, planes)
         self.n_planes = len(self.selected)
+        if config.axes is not None and len(config.axes) != len(lead) + 2:
+            raise ValueError(f"axes {config.axes!r} do not match the image: it has {len(lead) + 2} axes besides its "
+                             f"channels ({(*lead, *self.prep.plane_shape)})")
+        # Volumes: the Z axis among the leading axes, and the index tuples of the others.
+        self.z = config.axes.index("Z") if config.axes and "Z" in config.axes else None
+        self.volumes = None
+        if self.z is not None and planes is None:
+            self.volumes = list(np.ndindex(*(n for i, n in enumerate(lead) if i != self.z)))
+        vs = config.voxel_size or (1.0, 1.0, 1.0)
+        self.anisotropy = float(vs[0]) / (0.5 * (float(vs[1]) + float(vs[2])))
 
         device = resolve_device(config.device)
         self.devices = _device_list(device)
@@ -771,7 +794,7 @@ class _PredictJob:
 
         # Each plane is resized by `scale` before the network and its probabilities back: the
         # cells then have the size the model was trained on; the size limits are in image pixels.
-        scale = float(config.scale if config.scale is not None else (meta.get("scale") or 1.0))
+        scale = self.scale = float(config.scale if config.scale is not None else (meta.get("scale") or 1.0))
         self.plane_shape = self.prep.plane_shape
         self.net_shape = scaled_shape(self.plane_shape, scale) if scale != 1.0 else self.plane_shape
         # The precision is chosen at the tile shape the job will run (an fp32-sized tile), then
@@ -785,6 +808,8 @@ class _PredictJob:
         self.tile, self.batch = tile, batch
         area = meta.get("object_area")
         self.min_size, self.min_seed_size = instance_size_limits(config.min_size, area / scale ** 2 if area else None)
+        self.min_volume, self.min_seed_volume = volume_size_limits(self.min_size, self.min_seed_size,
+                                                                   self.anisotropy)
         self.want_probs = bool(config.probabilities)
         self.n_out = mcfg.n_classes if (self.want_probs or output == "semantic") else 2
         fg_pair = output == "instances" and not self.want_probs
@@ -800,6 +825,23 @@ class _PredictJob:
             self.sem = np.zeros((*lead, *self.plane_shape), label_dtype(mcfg.n_classes - 1, "semantic"))
         self.done = 0
         self.total = self.n_tiles(tile) * self.n_planes
+        if self.volumes is not None and config.volume == "orthogonal":
+            n_z = self._iso_depth(lead[self.z])
+            h, w = self.plane_shape
+            side = h * self.n_tiles(tile, self._net((n_z, w))) + w * self.n_tiles(tile, self._net((n_z, h)))
+            self.total += side * len(self.volumes)
+            self.n_planes += (h + w) * len(self.volumes)
+        self.k = 0  # 2D planes done (YX planes, then the side views' planes)
+
+    def _net(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """A plane's shape as the network sees it (resized by the model's scale)."""
+        from .data import scaled_shape
+
+        return scaled_shape(shape, self.scale) if self.scale != 1.0 else tuple(shape)
+
+    def _iso_depth(self, n_z: int) -> int:
+        """Planes of a volume of ``n_z`` planes once resampled to cubic voxels."""
+        return max(1, int(round(n_z * self.anisotropy)))
 
     # ---- tiles ------------------------------------------------------------------------------
 
@@ -809,14 +851,15 @@ class _PredictJob:
             return 0
         return max(min(int(self.config.overlap), tile - 2 * self.margin - self.multiple), 0)
 
-    def plane_tile(self, tile: int) -> tuple[int, int]:
-        return _plane_tile(self.model, tile, self.net_shape, self.overlap(tile), self.multiple)
+    def plane_tile(self, tile: int, net_shape: tuple[int, int] | None = None) -> tuple[int, int]:
+        return _plane_tile(self.model, tile, net_shape or self.net_shape, self.overlap(tile), self.multiple)
 
-    def n_tiles(self, tile: int) -> int:
-        pt = self.plane_tile(tile)
+    def n_tiles(self, tile: int, net_shape: tuple[int, int] | None = None) -> int:
+        net_shape = net_shape or self.net_shape
+        pt = self.plane_tile(tile, net_shape)
         oh, ow = pt[0] - 2 * self.margin, pt[1] - 2 * self.margin
-        return len(_positions(self.net_shape[0], oh, self.overlap(tile), self.multiple)) * len(
-            _positions(self.net_shape[1], ow, self.overlap(tile), self.multiple))
+        return len(_positions(net_shape[0], oh, self.overlap(tile), self.multiple)) * len(
+            _positions(net_shape[1], ow, self.overlap(tile), self.multiple))
 
     def progress(self, done: int, k: int, message: str) -> PredictProgress:
         return PredictProgress(done, self.total, k, self.n_planes, self.dev_name, self.precision, message)
@@ -826,20 +869,31 @@ class _PredictJob:
     def plane_probabilities(self, k: int, idx: tuple[int, ...]) -> Generator[PredictProgress, None, np.ndarray]:
         """The network's output over plane ``idx`` (the ``k``-th selected), at the image's pixels; a
         generator of progress. Out of memory: retried with half the batch, then smaller tiles."""
-        from .data import normalize_like, resize_plane
+        from .data import normalize_like
 
-        many = self.n_planes > 1
-        yield self.progress(self.done, k, f"plane {k + 1}/{self.n_planes}" if many else "segmenting")
+        label = f"plane {k + 1}/{self.n_planes}" if self.n_planes > 1 else "segmenting"
+        yield self.progress(self.done, k, label)
         x = normalize_like(self.prep.plane(idx), self.meta.get("normalization"), channel_axis=0)
-        if self.net_shape != self.plane_shape:
-            x = resize_plane(x, self.net_shape, channel_axis=0)
         # Accumulated in place in the returned probabilities, unless they are resized afterwards.
-        direct = self.want_probs and self.net_shape == self.plane_shape
+        direct = self.want_probs and self.net_shape == self.plane_shape and self.volumes is None
+        out = self.probs[(slice(None), *idx)] if direct else None
+        return (yield from self.array_probabilities(x, k, label, out))
+
+    def array_probabilities(self, x: np.ndarray, k: int, label: str, out: np.ndarray | None = None
+                            ) -> Generator[PredictProgress, None, np.ndarray]:
+        """The network's output ``(n_out, H, W)`` over a normalised plane ``x`` ``(C, H, W)`` (a YX plane,
+        or a side view of a volume), resized by the model's scale and back; out-of-memory retries."""
+        from .data import resize_plane
+
+        shape = tuple(x.shape[-2:])
+        net_shape = self._net(shape)
+        if net_shape != shape:
+            x = resize_plane(x, net_shape, channel_axis=0)
+            out = None
         while True:
-            acc = self.probs[(slice(None), *idx)] if direct else None
-            gen = tiled_predict_iter(self.predictors, x, self.plane_tile(self.tile), self.overlap(self.tile),
+            gen = tiled_predict_iter(self.predictors, x, self.plane_tile(self.tile, net_shape), self.overlap(self.tile),
                                      self.batch, self.blending, self.margin, self.n_out, multiple=self.multiple,
-                                     out=acc)
+                                     out=out)
             plane_done = 0
             try:
                 while True:
@@ -848,8 +902,8 @@ class _PredictJob:
                     except StopIteration as stop:
                         acc = stop.value
                         break
-                    yield self.progress(self.done + plane_done, k, f"plane {k + 1}/{self.n_planes}, tile "
-                                        f"{plane_done}" if many else f"tile {plane_done}")
+                    yield self.progress(self.done + plane_done, k, f"{label}, tile {plane_done}" if self.n_planes > 1
+                                        else f"tile {plane_done}")
                 break
             except Exception as e:  # noqa: BLE001 - only out-of-memory errors are retried
                 if not is_out_of_memory(e):
@@ -860,9 +914,99 @@ class _PredictJob:
             yield self.progress(self.done, k, message)
         self.done += plane_done
         del x
-        if self.net_shape != self.plane_shape:  # back to the image's pixels (linear: probabilities stay in [0, 1])
-            acc = resize_plane(acc, self.plane_shape, channel_axis=0)
+        if net_shape != shape:  # back to the image's pixels (linear: probabilities stay in [0, 1])
+            acc = resize_plane(acc, shape, channel_axis=0)
         return acc
+
+    # ---- volumes ----------------------------------------------------------------------------
+
+    def _volume_index(self, vidx: tuple[int, ...], z) -> tuple:
+        return (*vidx[:self.z], z, *vidx[self.z:])
+
+    def volume(self, kv: int, vidx: tuple[int, ...]) -> Generator[PredictProgress, None, None]:
+        """Segment volume ``vidx`` (the index over the leading axes other than Z) in 3D."""
+        n_z = self.prep.lead_shape[self.z]
+        slab = self._volume_index(vidx, slice(None))
+        if self.config.volume == "stitch":
+            base = self.stack.offset if self.stack is not None else 0
+            for z in range(n_z):
+                acc = yield from self.plane_probabilities(self.k, self._volume_index(vidx, z))
+                self.k += 1
+                self.store(self._volume_index(vidx, z), acc)
+            if self.stack is not None:
+                from .postprocess import stitch_planes
+
+                linked = stitch_planes(self.stack.labels[slab])
+                self.stack.offset = base
+                self.stack.put(slab, linked)
+            return
+        maps = None
+        for z in range(n_z):
+            acc = yield from self.plane_probabilities(self.k, self._volume_index(vidx, z))
+            self.k += 1
+            if maps is None:  # float16: the probabilities of a whole volume, at half the memory
+                maps = np.empty((acc.shape[0], n_z, *self.plane_shape), np.float16)
+            maps[:, z] = acc
+            del acc
+        if self.config.volume == "orthogonal":
+            yield from self._side_views(vidx, maps)
+        self._store_volume(slab, maps)
+
+    def _side_views(self, vidx: tuple[int, ...], maps: np.ndarray) -> Generator[PredictProgress, None, None]:
+        """Add the ZX and ZY planes' probabilities to ``maps`` (the YX planes'), then average the three.
+
+        The volume is normalised plane by plane as the YX planes were, resampled along Z to
+        cubic voxels (linear, scipy), cut into ZX and ZY planes for the network, and each
+        plane's output resampled back to the volume's Z step.
+        """
+        from scipy import ndimage as ndi
+
+        from .data import normalize_like
+
+        n_z, h, w = maps.shape[1:]
+        vol = np.empty((self.model.config.in_channels, n_z, h, w), np.float32)
+        for z in range(n_z):
+            vol[:, z] = normalize_like(self.prep.plane(self._volume_index(vidx, z)), self.meta.get("normalization"),
+                                       channel_axis=0)
+        n_iso = self._iso_depth(n_z)
+        if n_iso != n_z:
+            vol = ndi.zoom(vol, (1, n_iso / n_z, 1, 1), order=1, grid_mode=True, mode="nearest")
+
+        def back(acc):
+            if n_iso == n_z:
+                return acc
+            return ndi.zoom(acc, (1, n_z / n_iso, 1), order=1, grid_mode=True, mode="nearest")
+
+        for y in range(h):
+            acc = yield from self.array_probabilities(np.ascontiguousarray(vol[:, :, y, :]), self.k,
+                                                      f"side view ZX {y + 1}/{h}")
+            self.k += 1
+            maps[:, :, y, :] += back(acc)
+        for x in range(w):
+            acc = yield from self.array_probabilities(np.ascontiguousarray(vol[:, :, :, x]), self.k,
+                                                      f"side view ZY {x + 1}/{w}")
+            self.k += 1
+            maps[:, :, :, x] += back(acc)
+        del vol
+        maps *= np.float16(1.0 / 3.0)
+
+    def _store_volume(self, slab: tuple, maps: np.ndarray) -> None:
+        """A volume's probabilities ``(n_out, Z, Y, X)`` into the outputs: 3D instances, or classes."""
+        from .postprocess import BOUNDARY, INTERIOR, instance_labels
+
+        if self.want_probs:
+            self.probs[(slice(None), *slab)] = maps
+        if self.output == "instances":
+            if self.want_probs:
+                interior, fg = maps[INTERIOR], maps[INTERIOR] + maps[BOUNDARY]
+            else:
+                interior, fg = maps[0], maps[1]
+            self.stack.put(slab, instance_labels(interior, fg, min_size=self.min_volume,
+                                                 min_seed_size=self.min_seed_volume))
+        else:
+            dst = self.sem[slab]
+            for z in range(dst.shape[0]):
+                dst[z] = maps[:, z].argmax(axis=0)
 
     def _smaller_job(self, k: int) -> str:
         """After an out-of-memory error on plane ``k``: half the batch, else half the tile; what changed."""

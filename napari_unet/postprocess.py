@@ -12,6 +12,9 @@ Two outputs, matching the two training modes:
 
 Stacks (``(..., Y, X)``) are post-processed plane by plane; instance ids are offset so
 that they are unique across the whole stack (plane 0 has ids 1..n0, plane 1 n0+1.., ...).
+Volumes (``(Z, Y, X)``) can instead be post-processed in 3D (:func:`instance_labels` takes
+3D probabilities), or plane by plane and then linked across planes by overlap
+(:func:`stitch_planes`, the simple baseline).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = [
-    "semantic_labels", "instance_labels", "labels_from_probabilities", "label_dtype",
-    "INTERIOR", "BOUNDARY",
+    "semantic_labels", "instance_labels", "labels_from_probabilities", "label_dtype", "stitch_planes",
+    "volume_size_limits", "INTERIOR", "BOUNDARY",
 ]
 
 #: Class indices of an instance-mode model: 0 background, 1 cell interior, 2 cell boundary.
@@ -54,15 +57,20 @@ def semantic_labels(probabilities: np.ndarray) -> np.ndarray:
 
 def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float = 0.5,
                     foreground_threshold: float = 0.5, min_size: int = 15, min_seed_size: int = 0,
-                    fill_holes: bool = True, block: int = 2048, halo: int = 128) -> np.ndarray:
-    """Instances of one 2D plane from interior and foreground probabilities.
+                    fill_holes: bool = True, block: int | None = None, halo: int | None = None) -> np.ndarray:
+    """Instances of one 2D plane, or of one 3D volume, from interior and foreground probabilities.
+
+    The same steps in 2D and 3D: seeds are the connected interiors (face connectivity), a
+    watershed grows them into the foreground, small objects go, holes are filled, ids are
+    made consecutive. In 3D every step is 3D, so one nucleus spanning many planes is one
+    object; sizes are then counted in voxels (:func:`volume_size_limits` converts areas).
 
     Parameters
     ----------
     interior : numpy.ndarray
-        ``(Y, X)`` probability of the cell-interior class.
+        ``(Y, X)`` or ``(Z, Y, X)`` probability of the cell-interior class (float16 is fine).
     foreground : numpy.ndarray
-        ``(Y, X)`` probability of interior + boundary (i.e. 1 - background).
+        Same shape: probability of interior + boundary (i.e. 1 - background).
     threshold : float
         Interior probability above which a pixel seeds a cell (seeds = connected components).
     foreground_threshold : float
@@ -75,32 +83,39 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
         broken in two by a dark nucleolus, a speck at a boundary).
     fill_holes : bool
         Fill holes inside each cell.
-    block, halo : int
-        Images taller than ``block`` rows are flooded in bands of ``block`` rows, each
+    block, halo : int, optional
+        Images taller than ``block`` rows (Y) are flooded in bands of ``block`` rows, each
         with ``halo`` rows of context above and below, so the watershed's float64 copies
-        stay small whatever the image size. Seeds are labelled globally first, so ids
-        agree between bands; the result equals the whole-image watershed for cells
-        smaller than the halo.
+        stay small whatever the image size (2D: 2048 and 128; 3D: bands of about 16 M
+        voxels, halo 64). Seeds are labelled globally first, so ids agree between bands
+        and no seam needs merging; the result equals the whole-image watershed for
+        cells smaller than the halo.
 
     Returns
     -------
     numpy.ndarray
-        ``(Y, X)`` labels: 0 background, 1..N cells, uint16 (uint32 beyond 65535 cells).
+        Labels of the input's shape: 0 background, 1..N cells, uint16 (uint32 beyond 65535 cells).
     """
     from skimage.morphology import remove_small_objects
     from skimage.segmentation import relabel_sequential, watershed
 
     interior = np.asarray(interior)
     foreground = np.asarray(foreground)
-    if interior.ndim != 2 or interior.shape != foreground.shape:
-        raise ValueError(f"interior and foreground must be 2D of the same shape, got {interior.shape} "
+    if interior.ndim not in (2, 3) or interior.shape != foreground.shape:
+        raise ValueError(f"interior and foreground must be 2D or 3D of the same shape, got {interior.shape} "
                          f"and {foreground.shape}")
+    if block is None:
+        per_row = int(np.prod(interior.shape)) // interior.shape[-2]
+        block = 2048 if interior.ndim == 2 else max(32, (1 << 24) // max(per_row, 1))
+    if halo is None:
+        halo = 128 if interior.ndim == 2 else 64
     seeds = interior > threshold
     mask = (foreground > foreground_threshold) | seeds
     labels, n = ndi.label(seeds)  # int32, labelled in place by the watershed below
     del seeds
-    h = labels.shape[0]
+    h = labels.shape[-2]
     block = max(int(block), 1)
+    rows = (slice(None),) * (labels.ndim - 2)  # the leading (Z) axis whole: bands run along Y
     if n and min_seed_size > 1:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -112,8 +127,9 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
             # Flood from the seeds in order of decreasing interior probability; boundary
             # pixels between touching cells go to the nearer seed. Rows above this band
             # are final already and act as markers too.
-            ws = watershed(-interior[lo:hi], labels[lo:hi], mask=mask[lo:hi])
-            labels[top:min(top + block, h)] = ws[top - lo:top - lo + min(block, h - top)]
+            band, keep = (*rows, slice(lo, hi)), (*rows, slice(top - lo, top - lo + min(block, h - top)))
+            ws = watershed(-np.asarray(interior[band], np.float32), labels[band], mask=mask[band])
+            labels[(*rows, slice(top, min(top + block, h)))] = ws[keep]
             del ws
     del mask
     if min_size > 1 and n:
@@ -123,14 +139,83 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
     if fill_holes and n:
         for top in range(0, h, block):
             lo, hi = max(top - halo, 0), min(top + block + halo, h)
-            filled = fill_enclosed_holes(labels[lo:hi])
-            labels[top:min(top + block, h)] = filled[top - lo:top - lo + min(block, h - top)]
+            filled = fill_enclosed_holes(labels[(*rows, slice(lo, hi))])
+            keep = (*rows, slice(top - lo, top - lo + min(block, h - top)))
+            labels[(*rows, slice(top, min(top + block, h)))] = filled[keep]
     labels, _, _ = relabel_sequential(labels)
     return labels.astype(label_dtype(int(labels.max()) if labels.size else 0), copy=False)
 
 
+def volume_size_limits(min_size: int, min_seed_size: int, anisotropy: float = 1.0) -> tuple[int, int]:
+    """2D size limits (pixels) as 3D ones (voxels): the ball with the disc's radius.
+
+    A cell of area ``A`` in a plane has radius ``sqrt(A / pi)``; a ball of that radius
+    holds ``4/3 pi r^3`` cubic pixels, i.e. that over ``anisotropy`` (the Z step over the
+    Y/X pixel size) voxels.
+    """
+    def ball(area: int) -> int:
+        if area <= 1:
+            return int(area)
+        r = np.sqrt(area / np.pi)
+        return int(round(4.0 / 3.0 * np.pi * r ** 3 / max(float(anisotropy), 1e-6)))
+
+    return ball(int(min_size)), ball(int(min_seed_size))
+
+
+def stitch_planes(labels: np.ndarray, iou_threshold: float = 0.25) -> np.ndarray:
+    """Link the 2D objects of consecutive planes of a ``(Z, Y, X)`` volume into 3D objects.
+
+    Plane by plane, each object takes the id of the object of the plane above that it
+    overlaps most, if their IoU is at least ``iou_threshold`` and no other object of its
+    plane took that id first (pairs by decreasing IoU); the rest start objects of their
+    own. Ids may repeat between planes on input; the result has consecutive ids over the
+    volume (uint16, or uint32 beyond 65535 objects). This is the simple baseline of
+    cellpose's ``stitch_threshold`` (written here: no maintained library has it; a few
+    lines of numpy). Touching objects can be linked wrongly where one overlaps the other's
+    next plane more than its own: :func:`instance_labels` on 3D probabilities does not
+    have that limit.
+    """
+    from skimage.segmentation import relabel_sequential
+
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"stitch_planes needs a (Z, Y, X) volume, got shape {labels.shape}")
+    out = np.zeros(labels.shape, np.int64)
+    top = 0
+    for z in range(labels.shape[0]):
+        here, _, _ = relabel_sequential(labels[z])
+        here = here.astype(np.int64)
+        n = int(here.max()) if here.size else 0
+        lut = np.zeros(n + 1, np.int64)
+        lut[1:] = np.arange(top + 1, top + n + 1)  # new objects by default
+        if z and n:
+            above = out[z - 1]
+            both = (above > 0) & (here > 0)
+            if both.any():
+                pairs, inter = np.unique(np.stack([here[both], above[both]]), axis=1, return_counts=True)
+                size_here = np.bincount(here.ravel(), minlength=n + 1)
+                ids_above, size_above = np.unique(above[above > 0], return_counts=True)
+                a = size_here[pairs[0]]
+                b = size_above[np.searchsorted(ids_above, pairs[1])]
+                iou = inter / (a + b - inter)
+                linked, taken = set(), set()
+                for i in np.argsort(-iou, kind="stable"):
+                    if iou[i] < iou_threshold:
+                        break
+                    h, t = int(pairs[0, i]), int(pairs[1, i])
+                    if h in linked or t in taken:
+                        continue
+                    lut[h] = t
+                    linked.add(h)
+                    taken.add(t)
+        out[z] = lut[here]
+        top += n
+    out, _, _ = relabel_sequential(out)
+    return out.astype(label_dtype(int(out.max()) if out.size else 0), copy=False)
+
+
 def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
-    """Give each background region enclosed by a single object to that object (a copy).
+    """Give each background region enclosed by a single object to that object (a copy; 2D or 3D).
 
     Vectorised over all holes at once (scipy's ``binary_fill_holes`` on the union of the
     objects, then the objects touching each hole); a per-object loop took seconds on
@@ -143,13 +228,16 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
     if not holes.any():
         return out
     hole_ids, n_holes = ndi.label(holes)
-    # Pair every hole pixel with its 4-neighbours' object ids (shifted views, no copies).
+    # Pair every hole pixel with its face neighbours' object ids (shifted views, no copies).
     pairs = []
-    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-        a = hole_ids[max(dy, 0):hole_ids.shape[0] + min(dy, 0), max(dx, 0):hole_ids.shape[1] + min(dx, 0)]
-        b = labels[max(-dy, 0):labels.shape[0] + min(-dy, 0), max(-dx, 0):labels.shape[1] + min(-dx, 0)]
-        sel = (a > 0) & (b > 0)
-        pairs.append(np.stack([a[sel], b[sel].astype(a.dtype)], axis=1))
+    for axis in range(labels.ndim):
+        for d in (1, -1):
+            a = hole_ids[tuple(slice(max(d, 0), n + min(d, 0)) if i == axis else slice(None)
+                               for i, n in enumerate(labels.shape))]
+            b = labels[tuple(slice(max(-d, 0), n + min(-d, 0)) if i == axis else slice(None)
+                             for i, n in enumerate(labels.shape))]
+            sel = (a > 0) & (b > 0)
+            pairs.append(np.stack([a[sel], b[sel].astype(a.dtype)], axis=1))
     pairs = np.unique(np.concatenate(pairs), axis=0)
     hole, count = np.unique(pairs[:, 0], return_counts=True)
     single = hole[count == 1]

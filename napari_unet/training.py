@@ -547,7 +547,8 @@ class _Run:
             border_weights=border_weights, w0=config.w0, sigma=config.sigma,
             class_balance_power=config.class_balance, boundary_width=config.boundary_width, seed=config.seed,
             n_classes=target_classes, model_channels=None if model is None else model.config.in_channels,
-            target_area=prior.get("object_area") if (config.rescale and model is not None) else None)
+            target_area=prior.get("object_area") if (config.rescale and model is not None) else None,
+            side_views=(config.voxel_size or (1.0, 1.0, 1.0)) if config.side_views else None)
         self.messages.extend(data.messages)
         if config.seed is not None:
             torch.manual_seed(config.seed)

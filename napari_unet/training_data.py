@@ -37,8 +37,8 @@ from .data import (
     to_grey,
 )
 
-__all__ = ["prepare_training_data", "TrainingData", "Sampler", "val_crops", "crop_mirrored", "INSTANCE_CLASS_NAMES",
-           "NORMALIZATION"]
+__all__ = ["prepare_training_data", "side_planes", "TrainingData", "Sampler", "val_crops", "crop_mirrored",
+           "INSTANCE_CLASS_NAMES", "NORMALIZATION"]
 
 INSTANCE_CLASS_NAMES = ["background", "cell", "boundary"]
 #: How training normalises images (recorded in model files; prediction does the same).
@@ -118,7 +118,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
                           min_val_objects: int = 8, border_weights: bool | None = None, w0: float = 10.0,
                           sigma: float = 5.0, class_balance_power: float = 1.0, n_classes: int | None = None,
                           boundary_width: int = 3, seed: int | None = 0,
-                          model_channels: int | None = None, target_area: float | None = None) -> TrainingData:
+                          model_channels: int | None = None, target_area: float | None = None,
+                          side_views: tuple[float, float, float] | None = None) -> TrainingData:
     """Check images and painted labels and turn them into training planes; raise :class:`TrainingDataError`.
 
     Parameters
@@ -156,6 +157,13 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         ``object_area``). The planes are resized so that the painted cells' median area
         matches it (:func:`napari_unet.data.rescale_factor`; ``TrainingData.scale``), and
         prediction resizes images by the same factor (the model file's ``scale``).
+    side_views : (float, float, float), optional
+        The voxel size (Z, Y, X) of volumes: stacks are then volumes (Z = the axis before
+        Y, X), and besides the painted YX planes, the ZX and ZY planes of each volume
+        resampled to cubic voxels train too, where they cross cells painted on at least two
+        planes (:func:`side_planes`): a cell painted over several planes teaches the network
+        what cells look like from the side, as the ``"orthogonal"`` volume prediction sees
+        them.
 
     This is cheap enough to call on the GUI thread to check the input before training.
     """
@@ -214,6 +222,12 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         im_p = _planes_2d(norm, lab.ndim)
         for p in has:
             raw.append((im_p[p], lab_p[p], (i, int(p))))
+        if side_views is not None and lab.ndim >= 3:
+            side = side_planes(norm, lab, side_views)
+            raw.extend((im_s, lab_s, (i, -1)) for im_s, lab_s in side)
+            if side:
+                messages.append(f"image{suffix(i)}: {len(side)} side-view planes (ZX, ZY) of the painted volume train "
+                                "too")
     if not raw:
         raise TrainingDataError("the labels are empty: paint background (1) and objects (2, 3, ...)")
     values = set()
@@ -313,6 +327,40 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     return TrainingData(planes=planes, in_channels=int(in_channels), n_classes=n_cls, mode=mode,
                         class_names=class_names, n_objects=len(objects), n_val_objects=n_val, shapes=shapes,
                         class_weights=cw, messages=messages, object_area=object_area, scale=scale)
+
+
+def side_planes(image: np.ndarray, labels: np.ndarray, voxel_size: tuple[float, float, float]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ZX and ZY planes of painted volumes, at cubic voxels: ``[(image (Z', W, C), labels (Z', W)), ...]``.
+
+    ``image`` is ``(..., Z, Y, X, C)`` (normalised), ``labels`` ``(..., Z, Y, X)``; leading
+    axes hold independent volumes. Each volume is resampled along Z by the Z step over the
+    Y/X pixel size (image: linear, scipy; labels: nearest plane), and a side plane is kept
+    where it crosses labels painted on at least two of the volume's planes (unpainted
+    planes stay 0: ignored, as everywhere). Volumes whose resampled depth is under
+    :data:`~napari_unet.data.MIN_IMAGE_SIZE` give none.
+    """
+    vz, vy, vx = (float(v) for v in voxel_size)
+    anisotropy = vz / (0.5 * (vy + vx))
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for vidx in np.ndindex(*labels.shape[:-3]):
+        lab = labels[vidx]
+        n_z = lab.shape[0]
+        painted = lab > 0
+        rows = np.flatnonzero(painted.any(axis=2).sum(axis=0) >= 2)   # ZX planes: y crossing 2+ painted planes
+        cols = np.flatnonzero(painted.any(axis=1).sum(axis=0) >= 2)   # ZY planes: x
+        n_iso = max(1, int(round(n_z * anisotropy)))
+        if n_iso < MIN_IMAGE_SIZE or not (len(rows) or len(cols)):
+            continue
+        img = image[vidx]
+        if n_iso != n_z:
+            img = ndi.zoom(img, (n_iso / n_z, 1, 1, 1), order=1, grid_mode=True, mode="nearest").astype(np.float32)
+        src = np.minimum(((np.arange(n_iso) + 0.5) * n_z / n_iso).astype(int), n_z - 1)
+        for y in rows:
+            out.append((np.ascontiguousarray(img[:, y]), np.ascontiguousarray(lab[src, y])))
+        for x in cols:
+            out.append((np.ascontiguousarray(img[:, :, x]), np.ascontiguousarray(lab[src, :, x])))
+    return out
 
 
 # ---- patches ----------------------------------------------------------------------------------

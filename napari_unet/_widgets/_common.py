@@ -34,7 +34,8 @@ __all__ = [
     "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
     "connect_while_alive", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
     "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel", "State", "TRANSITIONS",
-    "MODEL_FILE_FILTER", "layer_channel_axis",
+    "MODEL_FILE_FILTER", "layer_channel_axis", "STACK_KINDS", "stack_kind_from_axis_labels", "stack_axes",
+    "output_axis_labels", "parse_voxel_size",
 ]
 
 #: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
@@ -230,6 +231,57 @@ def layer_channel_axis(shape: tuple[int, ...], rgb: bool, in_channels: int) -> i
         raise ValueError(f"the model takes {in_channels} channels but no axis of the image (shape {tuple(shape)}) "
                          f"has {in_channels} entries; pick a {in_channels}-channel image")
     return leading[0]
+
+
+#: What the leading axes of an image layer are (the Segment widget's "Stack is").
+STACK_KINDS = ("independent planes", "3D volume", "time series")
+
+
+def stack_kind_from_axis_labels(axis_labels: tuple[str, ...] | None) -> str:
+    """"3D volume" when a leading axis is labelled z, "time series" for t, else "independent planes"."""
+    letters = [str(a).strip().lower()[:1] for a in (axis_labels or ())[:-2]]
+    if "z" in letters:
+        return "3D volume"
+    if "t" in letters:
+        return "time series"
+    return "independent planes"
+
+
+def stack_axes(kind: str, n_spatial: int) -> str | None:
+    """:attr:`~napari_unet.config.PredictConfig.axes` for ``n_spatial`` non-channel axes of a stack of ``kind``.
+
+    A volume's Z is the axis before Y, X (napari shows the last two as Y, X); axes before
+    it are frames (``TZYX``). Planes and time series are segmented plane by plane: ``None``.
+    """
+    if kind != "3D volume" or n_spatial < 3:
+        return None
+    return "QPT"[3 - (n_spatial - 3):] + "ZYX" if n_spatial > 3 else "ZYX"
+
+
+def output_axis_labels(kind: str, ndim: int, image_labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """Axis labels for a result layer of ``ndim`` dims: the image's when it has its own, else from ``kind``."""
+    labels = tuple(str(a) for a in (image_labels or ()))
+    if len(labels) >= ndim and not all(a.lstrip("-").isdigit() for a in labels[-ndim:]):
+        return labels[-ndim:]
+    if ndim < 3 or kind == "independent planes":
+        return None
+    lead = ["z"] if kind == "3D volume" else ["t"]
+    if kind == "3D volume" and ndim > 3:
+        lead = ["t", "z"] if ndim == 4 else [f"axis {i}" for i in range(ndim - 4)] + ["t", "z"]
+    elif kind == "time series" and ndim > 3:
+        lead = [f"axis {i}" for i in range(ndim - 3)] + ["t"]
+    return (*lead, "y", "x")
+
+
+def parse_voxel_size(text: str) -> tuple[float, float, float]:
+    """"3, 1, 1" -> ``(3.0, 1.0, 1.0)``; a one-line ``ValueError`` otherwise."""
+    try:
+        vs = tuple(float(v) for v in str(text).replace(";", ",").split(","))
+    except ValueError:
+        vs = ()
+    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
+        raise ValueError(f"voxel size {text!r}: give three positive numbers Z, Y, X, e.g. 3, 1, 1")
+    return vs  # type: ignore[return-value]
 
 
 def copy_layer_data(layer) -> np.ndarray:

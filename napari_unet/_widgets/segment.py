@@ -7,7 +7,7 @@ from typing import Any
 
 import napari.layers
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, RadioButtons, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, RadioButtons, SpinBox
 from napari.utils import progress
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
@@ -114,7 +114,7 @@ def _update_labels_undoably(layer, new: np.ndarray, index: tuple = ()) -> None:
 
 
 def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, config, rgb: bool,
-                 current: tuple[int, ...] | None):
+                 current: tuple[int, ...] | None, stack_kind: str = "independent planes"):
     """Worker thread: load the model if needed, then drain :func:`predict` (yielding its events).
 
     Returns ``(prediction, plane_index, metadata)``; ``plane_index`` is the index over the
@@ -131,7 +131,8 @@ def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, co
     else:
         model = model_source
     channel_axis = _common.layer_channel_axis(image.shape, rgb, model.config.in_channels)
-    config = dataclasses.replace(config, channel_axis=channel_axis)
+    axes = _common.stack_axes(stack_kind, image.ndim - (channel_axis is not None))
+    config = dataclasses.replace(config, channel_axis=channel_axis, axes=axes)
     planes = plane = None
     if current is not None:
         spatial = [a for a in range(image.ndim) if a != channel_axis][-2:]
@@ -186,6 +187,20 @@ class SegmentWidget(QWidget):
                                       "does not help every model (see docs/design.md).")
         self.scope = RadioButtons(label="Planes", choices=["current plane", "whole stack"], value="whole stack",
                                   orientation="horizontal")
+        self.stack_kind = ComboBox(label="Stack is", choices=list(_common.STACK_KINDS), value="independent planes",
+                                   tooltip="3D volume: each volume is segmented in 3D (one object per cell across "
+                                           "planes); time series and independent planes: plane by plane. Set from "
+                                           "the layer's axis labels (z, t) when it has them.")
+        self.volume_method = ComboBox(label="3D method", choices=[("3D watershed", "3d"),
+                                                                  ("orthogonal views (slower)", "orthogonal"),
+                                                                  ("stitch planes", "stitch")], value="3d",
+                                      tooltip="3D watershed: the YX planes' probabilities, seeds and watershed in 3D. "
+                                              "Orthogonal views: also the ZX and ZY planes, averaged (better for "
+                                              "cells touching along Z; several times the time). Stitch planes: 2D "
+                                              "objects linked to the plane above by overlap.")
+        self.voxel_size = LineEdit(label="Voxel size (Z, Y, X)", value="1, 1, 1",
+                                   tooltip="From the layer's scale; the Z step makes the side views isotropic and "
+                                           "the size limits volumes.")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.device_info = QLabel("")
         self.tile_size = SpinBox(label="Tile size (0 = auto)", value=0, min=0, max=8192, step=16)
@@ -204,7 +219,8 @@ class SegmentWidget(QWidget):
         layout.addWidget(Container(widgets=[self.model, self.model_file], labels=True).native)
         layout.addWidget(self.model_info)
         layout.addWidget(Container(widgets=[self.image, self.output, self.probabilities, self.flips, self.scope,
-                                            self.device], labels=True).native)
+                                            self.stack_kind, self.volume_method, self.voxel_size, self.device],
+                                   labels=True).native)
         layout.addWidget(self.device_info)
         advanced = QCollapsible("Options")
         advanced.addWidget(Container(widgets=[self.tile_size, self.precision, self.min_size], labels=True).native)
@@ -221,6 +237,7 @@ class SegmentWidget(QWidget):
 
         self.model.changed.connect(self._on_model)
         self.image.changed.connect(self._on_image)
+        self.stack_kind.changed.connect(self._on_stack_kind)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.to_training_button.clicked.connect(self.make_training_labels)
@@ -296,6 +313,18 @@ class SegmentWidget(QWidget):
         layer = self.image.value
         stack = layer is not None and layer.ndim > 2
         self.scope.enabled = stack
+        self._stack = stack
+        self.stack_kind.visible = stack
+        if stack:
+            self.stack_kind.value = _common.stack_kind_from_axis_labels(tuple(layer.axis_labels))
+            zyx = [abs(float(v)) for v in np.asarray(layer.scale)[-3:]]
+            self.voxel_size.value = ", ".join(f"{v:g}" for v in zyx)
+        self._on_stack_kind()
+
+    def _on_stack_kind(self, *_):
+        volume = self._stack_kind() == "3D volume"
+        self.volume_method.visible = volume
+        self.voxel_size.visible = volume
 
     def _record(self, image_layer) -> _Output | None:
         for rec in self._outputs:
@@ -331,11 +360,17 @@ class SegmentWidget(QWidget):
         """The :class:`~napari_unet.config.PredictConfig` the widget's settings describe."""
         from ..config import PredictConfig
 
+        volume = self._stack_kind() == "3D volume"
         return PredictConfig(output=None if self.output.value == "as trained" else self.output.value,
                              probabilities=bool(self.probabilities.value),
                              tile_size=int(self.tile_size.value) or None, device=self.device.value,
                              precision=self.precision.value, min_size=int(self.min_size.value) or None,
-                             flips=bool(self.flips.value))
+                             flips=bool(self.flips.value), volume=self.volume_method.value,
+                             voxel_size=_common.parse_voxel_size(self.voxel_size.value) if volume else None)
+
+    def _stack_kind(self) -> str:
+        """What the chosen image's leading axes are ("Stack is"); a 2D image has none."""
+        return self.stack_kind.value if getattr(self, "_stack", False) else "independent planes"
 
     def run(self) -> None:
         """Copy the image (main thread) and segment it in a worker thread."""
@@ -359,15 +394,17 @@ class SegmentWidget(QWidget):
             current = tuple(int(np.clip(i, 0, n - 1)) for i, n in zip(idx, shape))
         self._job_layers = (layer,)
         self._job_image = layer
+        kind = self._stack_kind()
         self._job_meta = {"scale": np.asarray(layer.scale), "translate": np.asarray(layer.translate),
-                          "name": layer.name, "rgb": bool(layer.rgb), "data_ndim": image.ndim}
+                          "name": layer.name, "rgb": bool(layer.rgb), "data_ndim": image.ndim, "stack_kind": kind,
+                          "axis_labels": tuple(layer.axis_labels)}
         self._job_result = None
         self._job_entry = self.model.value  # the entry that runs (the user may pick another meanwhile)
         self._set_running(True)
         self.state.set_state("segmenting", layer.name)
         self._pbar = progress(total=100, desc=f"U-Net: {layer.name}")
         rgb = bool(layer.rgb)
-        self.runner.start(lambda: _segment_job(model_source, metadata, image, config, rgb, current),
+        self.runner.start(lambda: _segment_job(model_source, metadata, image, config, rgb, current, kind),
                           yielded=self._on_yielded, returned=self._on_returned, errored=self._on_errored,
                           finished=self._on_finished)
 
@@ -453,7 +490,9 @@ class SegmentWidget(QWidget):
             data = labels if plane is None else np.zeros_like(labels)
             if plane is not None:
                 data[plane] = labels[plane]
-            out = self.viewer.add_labels(data, name=f"{meta['name']} [U-Net]", scale=scale, translate=translate)
+            axis_labels = _common.output_axis_labels(meta["stack_kind"], nd, meta["axis_labels"])
+            out = self.viewer.add_labels(data, name=f"{meta['name']} [U-Net]", scale=scale, translate=translate,
+                                         **({"axis_labels": axis_labels} if axis_labels else {}))
             rec = _Output(image=image_layer, labels=out)
             self._outputs = [r for r in self._outputs if not (image_layer is not None and r.image == image_layer)]
             if image_layer is not None:

@@ -78,7 +78,9 @@ def train_config_from(s: dict[str, Any]):
                        max_time=float(s["budget"]) if seconds else None, patch_size=int(s["patch_size"]),
                        batch_size=int(s["batch_size"]), learning_rate=float(s["learning_rate"]), optimizer=optimizer,
                        augment=bool(s["augment"]), device=s["device"], rescale=bool(s.get("rescale", True)),
-                       threads=int(s.get("threads") or 0) or None)  # None: the job picks, see gui_threads
+                       threads=int(s.get("threads") or 0) or None,  # None: the job picks, see gui_threads
+                       side_views=bool(s.get("side_views", False)),
+                       voxel_size=tuple(s["voxel_size"]) if s.get("side_views") and s.get("voxel_size") else None)
 
 
 def model_config_from(s: dict[str, Any]):
@@ -215,6 +217,10 @@ class TrainWidget(QWidget):
         self.rescale = CheckBox(label="Match cell size to the model", value=DEFAULTS.rescale,
                                 tooltip="Fine-tuning: resize the images so that your painted cells have the size "
                                         "of the cells the starting model knows; Segment then resizes the same way.")
+        self.side_views = CheckBox(label="3D volume: learn side views too", value=DEFAULTS.side_views,
+                                   tooltip="The image is a 3D volume (Z before Y, X): also train on its ZX and ZY "
+                                           "planes (resampled with the layer's Z scale) where cells were painted "
+                                           "on two or more planes; for Segment's 'orthogonal views' 3D method.")
         self.patch_size = SpinBox(label="Patch size", value=DEFAULTS.patch_size, min=32, max=1024, step=16)
         self.batch_size = SpinBox(label="Batch size", value=DEFAULTS.batch_size, min=1, max=64)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
@@ -249,7 +255,7 @@ class TrainWidget(QWidget):
                                             self.budget_kind, self.budget], labels=True).native)
         advanced = QCollapsible("Advanced options")
         advanced.addWidget(Container(widgets=[self.optimizer, self.learning_rate, self.augment, self.rescale,
-                                              self.patch_size,
+                                              self.side_views, self.patch_size,
                                               self.batch_size, self.device, self.threads, self.live_preview],
                                      labels=True).native)
         layout.addWidget(advanced)
@@ -332,7 +338,15 @@ class TrainWidget(QWidget):
                 "augment": self.augment.value, "rescale": self.rescale.value, "device": self.device.value,
                 "depth": self.depth.value,
                 "width": self.width.value, "padding": self.padding.value, "batch_norm": self.batch_norm.value,
-                "threads": self.threads.value}
+                "threads": self.threads.value, "side_views": self.side_views.value,
+                "voxel_size": self._voxel_size()}
+
+    def _voxel_size(self) -> tuple[float, float, float] | None:
+        """The image layer's scale along its last three axes (Z, Y, X), if it has three."""
+        layer = self.image.value
+        if layer is None or layer.ndim < 3:
+            return None
+        return tuple(abs(float(v)) or 1.0 for v in np.asarray(layer.scale)[-3:])  # type: ignore[return-value]
 
     def reset_choices(self, *_):
         self.image.reset_choices()
