@@ -8,7 +8,8 @@ It opens napari as ``napari-unet gui --sample`` does, then: paints one more cell
 the packaged cell model for ``--seconds`` (screenshot during training, with the live preview), segments with the
 trained model, corrects a cell and turns the result into training labels, and exports the
 masks to a temporary folder. With ``--data ../shared/data`` it takes instead the "Where to
-paint next" picture on a real image (``07_paint_next.png``). The images go to ``docs/``.
+paint next" picture on a real image (``07_paint_next.png``); with ``--volume`` the volume
+sample segmented in 3D, in napari's 3D view (``08_volume_3d.png``). The images go to ``docs/``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of fine-tuning, then Where to paint next")
     parser.add_argument("--real-image", default="dsb2018_stage1/aa58ba4512955771",
                         help="with --data: which image (a name as benchmarks/fewshot.py prints it)")
+    parser.add_argument("--volume", action="store_true",
+                        help="instead, take 08_volume_3d.png: the volume sample segmented in 3D (orthogonal views) "
+                             "with the packaged model, in napari's 3D view")
     args = parser.parse_args(argv)
 
     import napari
@@ -60,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         settings.gui_notification_level = level
     viewer.window.resize(1560, 960)
-    if args.data is not None:
-        _paint_next_shot(viewer, args)
+    if args.data is not None or args.volume:
+        (_volume_shot if args.volume else _paint_next_shot)(viewer, args)
         viewer.close()
         return 0
     viewer.open_sample("napari-unet", "cells")
@@ -134,6 +138,29 @@ def main(argv: list[str] | None = None) -> int:
     shot("06_exported.png")
     viewer.close()
     return 0
+
+
+def _volume_shot(viewer, args) -> None:
+    """The volume sample, segmented in 3D through the Segment widget, shown in napari's 3D view."""
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    viewer.open_sample("napari-unet", "volume")
+    segment = viewer.window.add_plugin_dock_widget("napari-unet", "Segment with U-Net")[1]
+    assert segment.stack_kind.value == "3D volume", segment.stack_kind.value
+    segment.volume_method.value = "orthogonal"
+    segment.run_button.click()
+    _wait_until(app, lambda: not segment.runner.running, 600)
+    out = viewer.layers["nuclei volume [U-Net]"]
+    viewer.layers["nuclei volume"].visible = False
+    viewer.dims.ndisplay = 3
+    viewer.reset_view()
+    viewer.camera.angles = (-25, 40, 120)  # oblique: the nuclei's extent along Z shows
+    viewer.camera.zoom *= 0.85
+    viewer.layers.selection.active = out
+    _wait_until(app, lambda: False, 1.0)
+    viewer.screenshot(str(DOCS / "08_volume_3d.png"), canvas_only=False)
+    print("wrote", DOCS / "08_volume_3d.png", "-", segment.state.text())
 
 
 def _paint_next_shot(viewer, args) -> None:

@@ -45,3 +45,11 @@ def stack_sample():
 
     frames = [make_nuclei((256, 256), seed=100 + t)[0] for t in range(4)]
     return [(np.stack(frames), {"name": "nuclei stack", "axis_labels": ("t", "y", "x")}, "image")]
+
+
+def volume_sample():
+    """A synthetic 3D volume of touching nuclei (24 x 192 x 192 uint16, Z step 3 pixels), to try 3D segmentation."""
+    from .synthetic import make_nuclei_3d
+
+    image, _ = make_nuclei_3d((24, 192, 192), (3.0, 1.0, 1.0), seed=11)
+    return [(image, {"name": "nuclei volume", "scale": (3.0, 1.0, 1.0), "axis_labels": ("z", "y", "x")}, "image")]

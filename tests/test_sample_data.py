@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_unet._sample_data import cells_sample, sample_model_path, stack_sample
+from napari_unet._sample_data import cells_sample, sample_model_path, stack_sample, volume_sample
 
 
 def test_cells_sample_is_deterministic_and_follows_the_convention():
@@ -21,6 +21,13 @@ def test_stack_sample():
     [(stack, meta, kind)] = stack_sample()
     assert kind == "image" and stack.shape == (4, 256, 256) and meta["axis_labels"] == ("t", "y", "x")
     assert not np.array_equal(stack[0], stack[1])
+
+
+def test_volume_sample_says_it_is_a_volume():
+    [(volume, meta, kind)] = volume_sample()
+    assert kind == "image" and volume.shape == (24, 192, 192) and volume.dtype == np.uint16
+    assert meta["axis_labels"] == ("z", "y", "x") and meta["scale"] == (3.0, 1.0, 1.0)
+    np.testing.assert_array_equal(volume_sample()[0][0], volume)  # deterministic
 
 
 def test_packaged_model_segments_the_sample_image():

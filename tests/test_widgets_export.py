@@ -97,7 +97,7 @@ def test_manifest_contributes_the_three_widgets_writer_and_samples():
 
     contrib = PluginManifest.from_distribution("napari-unet").contributions
     assert [w.display_name for w in contrib.widgets] == ["Train U-Net", "Segment with U-Net", "Export masks"]
-    assert [s.key for s in contrib.sample_data] == ["cells", "stack"]
+    assert [s.key for s in contrib.sample_data] == ["cells", "stack", "volume"]
     assert contrib.writers[0].layer_types == ["labels"] and ".tif" in contrib.writers[0].filename_extensions
 
 
