@@ -694,10 +694,10 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     Volumes: with a ``Z`` in ``config.axes`` (e.g. ``"ZYX"``, ``"TZYX"``), each volume is
     segmented as one 3D object set (``config.volume``): the network's probabilities of its
     YX planes (and, for ``"orthogonal"``, of its ZX and ZY planes once resampled to cubic
-    voxels with ``config.voxel_size``, averaged with them) kept in float16, then seeds,
-    watershed, size filter and hole filling in 3D, in bands of rows so that memory stays
-    bounded (:func:`napari_unet.postprocess.instance_labels`); ids run on across volumes
-    (frames of a time series), so no object spans two frames.
+    voxels with ``config.voxel_size``, averaged with them) kept in float16, smoothed in 3D
+    (``config.volume_smoothing``), then seeds, watershed, size filter and hole filling in 3D,
+    in bands of rows so that memory stays bounded (:func:`napari_unet.postprocess.instance_labels`);
+    ids run on across volumes (frames of a time series), so no object spans two frames.
 
     Yields
     ------
@@ -950,6 +950,12 @@ class _PredictJob:
             del acc
         if self.config.volume == "orthogonal":
             yield from self._side_views(vidx, maps)
+        sigma = float(self.config.volume_smoothing)
+        if sigma > 0:  # one map at a time, in float32 (scipy), back into the float16 maps
+            from scipy import ndimage as ndi
+
+            for c in range(maps.shape[0]):
+                maps[c] = ndi.gaussian_filter(maps[c].astype(np.float32), (sigma / self.anisotropy, sigma, sigma))
         self._store_volume(slab, maps)
 
     def _side_views(self, vidx: tuple[int, ...], maps: np.ndarray) -> Generator[PredictProgress, None, None]:
