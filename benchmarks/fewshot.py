@@ -352,6 +352,19 @@ def forest_baseline(image: np.ndarray, painted: np.ndarray, objects: np.ndarray,
 
 # ---- the U-Net --------------------------------------------------------------------------------
 
+def dark_cells(image: np.ndarray, painted: np.ndarray) -> bool:
+    """Whether the painted cells are darker (grey mean) than the painted background."""
+    g = grey(image).astype(np.float64)
+    return bool(g[painted >= 2].mean() < g[painted == 1].mean())
+
+
+def inverted(image: np.ndarray) -> np.ndarray:
+    """The image's intensities mirrored within its range (per channel), same dtype: dark cells become bright."""
+    axes = tuple(range(image.ndim - 1)) if image.ndim == 3 else None
+    lo, hi = image.min(axis=axes), image.max(axis=axes)
+    return (hi.astype(np.float64) + lo - image).astype(image.dtype)
+
+
 def _drained(gen):
     """Run a training generator to its end; its result."""
     from napari_unet.jobs import drain
@@ -571,6 +584,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TrainConfig field, e.g. --set ema=0 --set min_val_objects=3 (repeatable)")
     ap.add_argument("--flips", action="store_true", help="also score the same networks with test-time flips")
+    ap.add_argument("--invert-dark", action="store_true",
+                    help="where the painted cells are darker than the painted background (H&E, brightfield), "
+                         "also train and segment on the inverted image (a candidate default, on the same paintings)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="simulated correction rounds after each U-Net run: paint the --round-k objects the result "
                          "gets most wrong, Continue for --round-time s; all rounds scored on the objects never painted")
@@ -657,6 +673,11 @@ def main(argv=None) -> int:
                         runs.append((label, partial(unet, image, painted, seed, args.max_time, spec, args.threads,
                                                     args.iterations, init=init, overrides=overrides,
                                                     flips=args.flips)))
+                        if args.invert_dark and dark_cells(image, painted):
+                            runs.append((label + ", dark cells inverted",
+                                         partial(unet, inverted(image), painted, seed, args.max_time, spec,
+                                                 args.threads, args.iterations, init=init, overrides=overrides,
+                                                 flips=args.flips)))
                 for label, run in runs:
                     t0 = time.perf_counter()
                     pred, flipped, info = run()

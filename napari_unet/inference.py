@@ -875,7 +875,7 @@ class _PredictJob:
         yield self.progress(self.done, k, label)
         x = normalize_like(self.prep.plane(idx), self.meta.get("normalization"), channel_axis=0)
         # Accumulated in place in the returned probabilities, unless they are resized afterwards.
-        direct = self.want_probs and self.net_shape == self.plane_shape and self.volumes is None
+        direct = self.direct = self.want_probs and self.net_shape == self.plane_shape and self.volumes is None
         out = self.probs[(slice(None), *idx)] if direct else None
         return (yield from self.array_probabilities(x, k, label, out))
 
@@ -1034,7 +1034,7 @@ class _PredictJob:
         """Plane ``idx``'s probabilities into the outputs: labels (and the probabilities asked for)."""
         from .postprocess import BOUNDARY, INTERIOR, instance_labels
 
-        if self.want_probs and self.net_shape != self.plane_shape:
+        if self.want_probs and not self.direct:  # not written in place by the tiles
             self.probs[(slice(None), *idx)] = acc
         if self.output == "instances":
             if self.want_probs:

@@ -181,6 +181,9 @@ def test_volume_probabilities_semantic_output_and_a_time_series(volume, sample_m
     res = predict_all(model, image[:, :48, :48], cfg, meta)
     assert res.probabilities.shape == (3, 14, 48, 48) and res.probabilities.dtype == np.float32
     np.testing.assert_allclose(res.probabilities.sum(axis=0), 1.0, atol=2e-2)  # the mean of three views
+    stitched = predict_all(model, image[:, :48, :48], PredictConfig(axes="ZYX", probabilities=True, volume="stitch",
+                                                                    precision="fp32"), meta)
+    np.testing.assert_allclose(stitched.probabilities.sum(axis=0), 1.0, atol=1e-3)  # every plane's, as predicted
     sem = predict_all(model, image[:, :48, :48], PredictConfig(axes="ZYX", output="semantic", precision="fp32"),
                       meta)
     assert sem.labels.shape == (14, 48, 48) and sem.labels.dtype == np.uint8 and sem.labels.max() <= 2
