@@ -133,19 +133,15 @@ def _file_axes(args, info, shape: tuple[int, ...]) -> str | None:
 
 def _voxel_size(args, info) -> tuple[float, float, float] | None:
     """``--voxel-size Z,Y,X``, else the file's pixel size and Z spacing, else ``None`` (cubic)."""
+    from .config import ConfigError, parse_voxel_size
+
     if args.voxel_size is not None:
         try:
-            vs = tuple(float(v) for v in args.voxel_size.split(","))
-        except ValueError:
-            vs = ()
-        if len(vs) != 3 or not all(v > 0 for v in vs):
-            raise ValueError(f"--voxel-size {args.voxel_size}: give three positive numbers Z,Y,X, e.g. 2,0.5,0.5")
-        return vs  # type: ignore[return-value]
-    scale = info.scale or {}
-    if "Z" not in scale:
-        return None
-    y = scale.get("Y", scale.get("X", 1.0))
-    return float(scale["Z"]), float(y), float(scale.get("X", y))
+            return parse_voxel_size(args.voxel_size)
+        except ConfigError:
+            raise ValueError(f"--voxel-size {args.voxel_size}: give three positive numbers Z,Y,X, e.g. 2,0.5,0.5"
+                             ) from None
+    return info.voxel_size()
 
 
 def _predict_axes(axes: str | None, ndim: int, channel_axis: int | None) -> str | None:
@@ -307,6 +303,8 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
         gen.close()
         if bar is not None:
             bar.close()
+    if args.voxel_size is not None and voxel_size is not None:  # the voxel size the user gave is the file's now
+        info.scale = {**info.scale, "Z": voxel_size[0], "Y": voxel_size[1], "X": voxel_size[2]}
     axes = _label_axes(info, image.ndim, cax, result.labels.ndim)
     write_labels_tiff(dst, result.labels, axes=axes, scale=info.scale, unit=info.unit or "um",
                       overwrite=args.overwrite)

@@ -118,9 +118,11 @@ def _config(args):
     if args.voxel_size is not None:
         if not args.side_views:
             raise ValueError("--voxel-size is for --side-views (training on the volumes' side views)")
+        from .config import ConfigError, parse_voxel_size
+
         try:
-            kw["voxel_size"] = tuple(float(v) for v in args.voxel_size.split(","))
-        except ValueError:
+            kw["voxel_size"] = parse_voxel_size(args.voxel_size)
+        except ConfigError:
             raise ValueError(f"--voxel-size {args.voxel_size}: give three positive numbers Z,Y,X, e.g. 2,0.5,0.5"
                              ) from None
     if args.optimizer == "sgd" and args.lr is None:
@@ -246,11 +248,10 @@ def _run(args, ctx, catch_signals: bool = False) -> int:
             lab, _ = read_image(lab_path)
             images.append(img)
             labels.append(lab)
-            if config.side_views and config.voxel_size is None and "Z" in info.scale:
+            if config.side_views and config.voxel_size is None and info.voxel_size() is not None:
                 import dataclasses
 
-                y = info.scale.get("Y", info.scale.get("X", 1.0))
-                config = dataclasses.replace(config, voxel_size=(info.scale["Z"], y, info.scale.get("X", y)))
+                config = dataclasses.replace(config, voxel_size=info.voxel_size())
 
     from .data import TrainingDataError
     from .distributed import DistributedError

@@ -29,14 +29,17 @@ class _DictMixin:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _voxel_size(value: Any) -> tuple[float, float, float]:
-    """``(Z, Y, X)`` voxel size as three positive floats, or :class:`ConfigError`."""
+def parse_voxel_size(value: Any) -> tuple[float, float, float]:
+    """``(Z, Y, X)`` voxel size, from three numbers or a text ``"3, 1, 1"``, as positive floats; else a
+    one-line :class:`ConfigError` (the CLI, the widgets and the configs share it)."""
+    if isinstance(value, str):
+        value = value.replace(";", ",").split(",")
     try:
         vs = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         vs = ()
     if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
-        raise ConfigError(f"voxel_size must be three positive numbers (Z, Y, X), got {value!r}")
+        raise ConfigError(f"voxel size {value!r}: give three positive numbers Z, Y, X, e.g. 3, 1, 1")
     return vs  # type: ignore[return-value]
 
 
@@ -233,7 +236,7 @@ class TrainConfig(_DictMixin):
 
     def __post_init__(self):
         if self.voxel_size is not None:
-            object.__setattr__(self, "voxel_size", _voxel_size(self.voxel_size))
+            object.__setattr__(self, "voxel_size", parse_voxel_size(self.voxel_size))
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be a positive integer, got {self.threads}")
         if self.mode not in ("instances", "semantic"):
@@ -373,7 +376,7 @@ class PredictConfig(_DictMixin):
                                   f"'ZYX', 'TYX', 'TZYX'), got {self.axes!r}")
             object.__setattr__(self, "axes", axes)
         if self.voxel_size is not None:
-            object.__setattr__(self, "voxel_size", _voxel_size(self.voxel_size))
+            object.__setattr__(self, "voxel_size", parse_voxel_size(self.voxel_size))
         if self.volume not in ("3d", "orthogonal", "stitch"):
             raise ConfigError(f"volume must be '3d', 'orthogonal' or 'stitch', got {self.volume!r}")
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and 0.05 <= self.scale <= 20):

@@ -955,8 +955,9 @@ class _PredictJob:
             from scipy import ndimage as ndi
 
             for c in range(maps.shape[0]):
+                yield self.progress(self.done, self.k, "smoothing the volume's probabilities")
                 maps[c] = ndi.gaussian_filter(maps[c].astype(np.float32), (sigma / self.anisotropy, sigma, sigma))
-        self._store_volume(slab, maps)
+        yield from self._store_volume(slab, maps)
 
     def _side_views(self, vidx: tuple[int, ...], maps: np.ndarray) -> Generator[PredictProgress, None, None]:
         """Add the ZX and ZY planes' probabilities to ``maps`` (the YX planes'), then average the three.
@@ -996,9 +997,10 @@ class _PredictJob:
         del vol
         maps *= np.float16(1.0 / 3.0)
 
-    def _store_volume(self, slab: tuple, maps: np.ndarray) -> None:
-        """A volume's probabilities ``(n_out, Z, Y, X)`` into the outputs: 3D instances, or classes."""
-        from .postprocess import BOUNDARY, INTERIOR, instance_labels
+    def _store_volume(self, slab: tuple, maps: np.ndarray) -> Generator[PredictProgress, None, None]:
+        """A volume's probabilities ``(n_out, Z, Y, X)`` into the outputs: 3D instances (a progress
+        event after every band of the watershed and hole filling), or classes."""
+        from .postprocess import BOUNDARY, INTERIOR, iter_instance_labels
 
         if self.want_probs:
             self.probs[(slice(None), *slab)] = maps
@@ -1007,8 +1009,16 @@ class _PredictJob:
                 interior, fg = maps[INTERIOR], maps[INTERIOR] + maps[BOUNDARY]
             else:
                 interior, fg = maps[0], maps[1]
-            self.stack.put(slab, instance_labels(interior, fg, min_size=self.min_volume,
-                                                 min_seed_size=self.min_seed_volume))
+            steps = iter_instance_labels(interior, fg, min_size=self.min_volume, min_seed_size=self.min_seed_volume)
+            while True:
+                yield self.progress(self.done, self.k, "3D seeds and watershed")
+                try:
+                    step = next(steps)
+                except StopIteration as stop:
+                    labels = stop.value
+                    break
+                yield self.progress(self.done, self.k, f"3D {step}")
+            self.stack.put(slab, labels)
         else:
             dst = self.sem[slab]
             for z in range(dst.shape[0]):

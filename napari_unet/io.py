@@ -312,6 +312,14 @@ class ImageInfo:
     scale: dict[str, float] = field(default_factory=dict)
     unit: str | None = None
 
+    def voxel_size(self) -> tuple[float, float, float] | None:
+        """``(Z, Y, X)`` from the Z spacing and pixel size; ``None`` without a Z spacing (Y/X default to
+        each other, then to 1)."""
+        if "Z" not in self.scale:
+            return None
+        y = self.scale.get("Y", self.scale.get("X", 1.0))
+        return float(self.scale["Z"]), float(y), float(self.scale.get("X", y))
+
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
     """Read an image file: TIFF with tifffile (axes and pixel size kept), others with imageio.
@@ -343,7 +351,28 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
     return data, ImageInfo(axes=axes)
 
 
+def _read_ome_scale(tif, info: ImageInfo) -> bool:
+    """OME-TIFF: PhysicalSizeX/Y/Z of the first image (tifffile's XML parser); whether there were any."""
+    import tifffile
+
+    try:
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return False
+    for letter in "XYZ":
+        size = pixels.get(f"PhysicalSize{letter}")
+        if size:
+            info.scale[letter] = float(size)
+    unit = pixels.get("PhysicalSizeXUnit", "\u00b5m")
+    if info.scale:
+        info.unit = "um" if unit in ("\u00b5m", "µm", "um") else str(unit)
+    return bool(info.scale)
+
+
 def _read_tiff_scale(tif, info: ImageInfo) -> None:
+    if getattr(tif, "is_ome", False) and tif.ome_metadata and _read_ome_scale(tif, info):
+        return
     page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
     ij = tif.imagej_metadata or {}
     for letter, tag in (("X", "XResolution"), ("Y", "YResolution")):

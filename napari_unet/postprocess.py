@@ -20,6 +20,7 @@ Volumes (``(Z, Y, X)``) can instead be post-processed in 3D (:func:`instance_lab
 from __future__ import annotations
 
 import warnings
+from collections.abc import Generator
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -96,6 +97,22 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
     numpy.ndarray
         Labels of the input's shape: 0 background, 1..N cells, uint16 (uint32 beyond 65535 cells).
     """
+    gen = iter_instance_labels(interior, foreground, threshold=threshold, foreground_threshold=foreground_threshold,
+                               min_size=min_size, min_seed_size=min_seed_size, fill_holes=fill_holes, block=block,
+                               halo=halo)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float = 0.5,
+                         foreground_threshold: float = 0.5, min_size: int = 15, min_seed_size: int = 0,
+                         fill_holes: bool = True, block: int | None = None, halo: int | None = None
+                         ) -> Generator[str, None, np.ndarray]:
+    """:func:`instance_labels` as a generator: yields the step's name after every band (so that a
+    volume's post-processing can report progress and be stopped), returns the labels."""
     from skimage.morphology import remove_small_objects
     from skimage.segmentation import relabel_sequential, watershed
 
@@ -131,6 +148,7 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
             ws = watershed(-np.asarray(interior[band], np.float32), labels[band], mask=mask[band])
             labels[(*rows, slice(top, min(top + block, h)))] = ws[keep]
             del ws
+            yield "watershed"
     del mask
     if min_size > 1 and n:
         with warnings.catch_warnings():  # "only one label": a single cell is a fine label image here
@@ -142,6 +160,7 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
             filled = fill_enclosed_holes(labels[(*rows, slice(lo, hi))])
             keep = (*rows, slice(top - lo, top - lo + min(block, h - top)))
             labels[(*rows, slice(top, min(top + block, h)))] = filled[keep]
+            yield "filling holes"
     labels, _, _ = relabel_sequential(labels)
     return labels.astype(label_dtype(int(labels.max()) if labels.size else 0), copy=False)
 

@@ -787,9 +787,10 @@ class _Run:
 
         self.finish()
         try:
-            # The planes are already at the network's scale.
+            # The planes are already at the network's scale; the YX planes only, not side views.
             check = painted_check(self.model, {**self.result.metadata, "scale": 1.0},
-                                  [(p.image, p.painted) for p in self.data.planes], device=str(self.device))
+                                  [(p.image, p.painted) for p in self.data.planes if p.source[1] >= 0],
+                                  device=str(self.device))
         except Exception as e:  # noqa: BLE001 - an advisory check must never cost the run its result
             return f"painted-cell check skipped: {first_line(e)}", True
         self.painted_check = check.to_dict()

@@ -250,7 +250,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         raise TrainingDataError(f"mode must be 'instances' or 'semantic', got {mode!r}")
     scale = 1.0
     if mode == "instances" and target_area:
-        lab_planes = [lab for _, lab, _ in raw]
+        lab_planes = [lab for _, lab, src in raw if src[1] >= 0]  # side views show cells cut off: not their size
         area = painted_area(lab_planes)
         scale = rescale_factor(area, target_area, min_side=min(min(lab.shape) for lab in lab_planes))
         if scale != 1.0:
@@ -267,8 +267,10 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     # Hold out whole objects (with a margin) for validation.
     objects = []  # (raw index, value or component mask id)
     comps = []
-    for r, (_, lab, _) in enumerate(raw):
-        if mode == "instances":
+    for r, (_, lab, src) in enumerate(raw):
+        if src[1] < 0:  # side views: their cells are the YX planes' ones (held out with them, below)
+            comps.append(None)
+        elif mode == "instances":
             for v in np.unique(lab[lab >= 2]):
                 objects.append((r, int(v)))
             comps.append(None)
@@ -284,20 +286,36 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         messages.append(f"{len(objects)} painted object(s): all used for training, validation skipped (it holds "
                         f"objects out from {min_val_objects} on)")
     val_set = {objects[k] for k in rng.choice(len(objects), size=n_val, replace=False)} if n_val else set()
+    held_in_image: dict[int, set[int]] = {}  # instance ids held out, by image: kept out of its side views too
+    for rr, v in val_set:
+        held_in_image.setdefault(raw[rr][2][0], set()).add(v)
 
     planes = []
     targets = []
     cells_list = []
     cells_all = []
     for r, (im, lab, src) in enumerate(raw):
+        side = src[1] < 0
         if mode == "instances":
             target, cells = instance_targets(lab, boundary_width)
-            cells_all.append(cells)  # before the held-out objects are removed: all painted cells count
+            if side:
+                # A cell painted on a few planes ends, in a side view, at unpainted rows: that edge is
+                # where the painting stops, not the cell's boundary. Not learnt either way.
+                near_unpainted = ndi.distance_transform_edt(lab != 0) <= boundary_width
+                target[(target == 2) & near_unpainted] = IGNORE
+            else:
+                cells_all.append(cells)  # before the held-out objects are removed: all painted cells count
         else:
             target, cells = semantic_targets(lab), None
         val_target = None
         held = [v for (rr, v) in val_set if rr == r]
-        if held:
+        if side and mode == "instances":
+            hidden = np.isin(lab, sorted(held_in_image.get(src[0], ())))
+            if hidden.any():  # a held-out cell must not train from the side
+                zone = ndi.distance_transform_edt(~hidden) <= val_margin
+                target = np.where(zone, IGNORE, target).astype(np.uint8)
+                cells = np.where(zone, 0, cells)
+        elif held:
             obj = np.isin(lab, held) if mode == "instances" else np.isin(comps[r], held)
             zone = ndi.distance_transform_edt(~obj) <= val_margin
             val_target = np.where(zone, target, IGNORE).astype(np.uint8)
@@ -329,15 +347,16 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
                         class_weights=cw, messages=messages, object_area=object_area, scale=scale)
 
 
-def side_planes(image: np.ndarray, labels: np.ndarray, voxel_size: tuple[float, float, float]
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
+def side_planes(image: np.ndarray, labels: np.ndarray, voxel_size: tuple[float, float, float],
+                max_planes: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
     """The ZX and ZY planes of painted volumes, at cubic voxels: ``[(image (Z', W, C), labels (Z', W)), ...]``.
 
     ``image`` is ``(..., Z, Y, X, C)`` (normalised), ``labels`` ``(..., Z, Y, X)``; leading
-    axes hold independent volumes. Each volume is resampled along Z by the Z step over the
-    Y/X pixel size (image: linear, scipy; labels: nearest plane), and a side plane is kept
-    where it crosses labels painted on at least two of the volume's planes (unpainted
-    planes stay 0: ignored, as everywhere). Volumes whose resampled depth is under
+    axes hold independent volumes. A side plane is kept where it crosses cells (labels >= 2)
+    painted on at least two of the volume's planes; at most ``max_planes`` per volume and
+    direction, evenly spread. Along Z the image is resampled by the Z step over the Y/X
+    pixel size (linear, scipy), the labels take the nearest plane; unpainted planes stay 0
+    (ignored, as everywhere). Volumes whose resampled depth is under
     :data:`~napari_unet.data.MIN_IMAGE_SIZE` give none.
     """
     vz, vy, vx = (float(v) for v in voxel_size)
@@ -346,20 +365,27 @@ def side_planes(image: np.ndarray, labels: np.ndarray, voxel_size: tuple[float, 
     for vidx in np.ndindex(*labels.shape[:-3]):
         lab = labels[vidx]
         n_z = lab.shape[0]
-        painted = lab > 0
-        rows = np.flatnonzero(painted.any(axis=2).sum(axis=0) >= 2)   # ZX planes: y crossing 2+ painted planes
-        cols = np.flatnonzero(painted.any(axis=1).sum(axis=0) >= 2)   # ZY planes: x
         n_iso = max(1, int(round(n_z * anisotropy)))
-        if n_iso < MIN_IMAGE_SIZE or not (len(rows) or len(cols)):
+        if n_iso < MIN_IMAGE_SIZE:
             continue
-        img = image[vidx]
-        if n_iso != n_z:
-            img = ndi.zoom(img, (n_iso / n_z, 1, 1, 1), order=1, grid_mode=True, mode="nearest").astype(np.float32)
+        cells = lab >= 2
         src = np.minimum(((np.arange(n_iso) + 0.5) * n_z / n_iso).astype(int), n_z - 1)
-        for y in rows:
-            out.append((np.ascontiguousarray(img[:, y]), np.ascontiguousarray(lab[src, y])))
-        for x in cols:
-            out.append((np.ascontiguousarray(img[:, :, x]), np.ascontiguousarray(lab[src, :, x])))
+        img = image[vidx]
+        for axis in (1, 2):  # ZX planes (one per y), then ZY planes (one per x)
+            across = cells.any(axis=3 - axis).sum(axis=0)  # per y (or x): painted planes holding a cell
+            keep = np.flatnonzero(across >= 2)
+            if len(keep) > max_planes:
+                keep = keep[np.linspace(0, len(keep) - 1, max_planes).round().astype(int)]
+            if not len(keep):
+                continue
+            sub = np.take(img, keep, axis=axis)  # only the planes kept are resampled
+            if n_iso != n_z:
+                sub = ndi.zoom(sub, (n_iso / n_z, 1, 1, 1), order=1, grid_mode=True, mode="nearest")
+            sub = sub.astype(np.float32, copy=False)
+            lab_sub = np.take(lab, keep, axis=axis)[src]
+            for j in range(len(keep)):
+                out.append((np.ascontiguousarray(np.take(sub, j, axis=axis)),
+                            np.ascontiguousarray(np.take(lab_sub, j, axis=axis))))
     return out
 
 

@@ -110,9 +110,9 @@ def test_volume_options_are_checked():
     for bad in ("ZXY", "CZYX", "ZZYX", "Z1YX"):
         with pytest.raises(ConfigError, match="axes"):
             PredictConfig(axes=bad)
-    with pytest.raises(ConfigError, match="voxel_size"):
+    with pytest.raises(ConfigError, match="voxel size"):
         PredictConfig(voxel_size=(1, 0, 1))
-    with pytest.raises(ConfigError, match="voxel_size"):
+    with pytest.raises(ConfigError, match="voxel size"):
         TrainConfig(voxel_size=(1, 1))
     with pytest.raises(ConfigError, match="volume"):
         PredictConfig(volume="4d")
@@ -211,12 +211,14 @@ def test_side_views_train_where_cells_were_painted_on_several_planes():
         labels[z][truth[z] == cell] = 2
     norm = image[..., None].astype(np.float32)
     side = side_planes(norm, labels, (2, 1, 1))
-    zx_rows = np.flatnonzero((labels > 0).any(axis=2).sum(axis=0) >= 2)
-    assert len(side) == 2 * 64 == len(zx_rows) + 64  # every row and column crosses the 3 painted planes
+    ys = np.flatnonzero((labels >= 2).any(axis=2).sum(axis=0) >= 2)  # rows crossing the cell on 2+ planes
+    xs = np.flatnonzero((labels >= 2).any(axis=1).sum(axis=0) >= 2)
+    assert len(ys) >= 5 and len(side) == len(ys) + len(xs)  # only planes through the painted cell
     img0, lab0 = side[0]
     assert img0.shape == (24, 64, 1) and lab0.shape == (24, 64)  # Z resampled to cubic voxels
-    painted_rows = np.flatnonzero(lab0.any(axis=1))
-    assert list(painted_rows) == list(range(10, 16))  # planes 5-7 at 2 rows each
+    np.testing.assert_array_equal(lab0, np.repeat(labels[:, ys[0], :], 2, axis=0))  # planes at 2 rows each
+    assert list(np.flatnonzero(lab0.any(axis=1))) == list(range(10, 16))  # planes 5-7
+    assert len(side_planes(norm, labels, (2, 1, 1), max_planes=3)) == 6
     assert side_planes(norm, labels, (0.5, 1, 1)) == []  # too few planes once resampled (6 < 16)
     one_plane = np.zeros_like(labels)
     one_plane[6] = labels[6]
@@ -224,9 +226,20 @@ def test_side_views_train_where_cells_were_painted_on_several_planes():
 
     flat = prepare_training_data(image, labels)
     both = prepare_training_data(image, labels, side_views=(2, 1, 1))
-    assert len(flat.planes) == 3 and len(both.planes) == 3 + 128
+    assert len(flat.planes) == 3 and len(both.planes) == 3 + len(side)
     assert any("side-view planes" in m for m in both.messages)
-    assert {p.image.shape for p in both.planes} == {(1, 64, 64), (1, 24, 64)}
+    # The side views add planes, not cells: same count, same cell size (for resizing and size limits).
+    assert both.n_objects == flat.n_objects and both.object_area == flat.object_area
+    # Where the painting stops (unpainted rows above and below the cell) is not taught as a boundary.
+    from napari_unet.data import IGNORE
+
+    sides = [p for p in both.planes if p.source[1] < 0]
+    ignored_edges = 0
+    for pl in sides:
+        unpainted_near = ndi.distance_transform_edt(pl.painted != 0) <= 3  # the default boundary width
+        assert not ((pl.target == 2) & unpainted_near).any()
+        ignored_edges += int(((pl.target == IGNORE) & (pl.painted >= 2)).sum())
+    assert ignored_edges > 0 and any((pl.target == 1).any() for pl in sides)  # cell pixels still train
 
 
 def test_training_with_side_views_runs(tmp_path):
@@ -284,6 +297,30 @@ def test_cli_segments_a_tiff_volume_in_3d_and_keeps_axes_and_voxel_size(tmp_path
         per_plane = tif.asarray()
         assert tif.series[0].axes == "TYX"
     assert max(len(np.unique(np.nonzero(per_plane == i)[0])) for i in range(1, per_plane.max() + 1)) == 1
+
+
+def test_cli_voxel_size_given_is_written_and_ome_sizes_are_read(tmp_path, volume):
+    from napari_unet._sample_data import sample_model_path
+    from napari_unet.io import read_image
+
+    image = volume[0][:, :48, :48]
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, image)  # no axes, no sizes: said on the command line
+    out = tmp_path / "plain_labels.tif"
+    assert _cli("predict", "--model", str(sample_model_path()), "--image", str(plain), "--out", str(out),
+                "--axes", "ZYX", "--voxel-size", "2.5,0.5,0.5", "--quiet") == 0
+    with tifffile.TiffFile(out) as tif:
+        assert tif.series[0].axes == "ZYX" and tif.imagej_metadata["spacing"] == 2.5
+        xres = tif.pages[0].tags["XResolution"].value
+    assert xres[0] / xres[1] == 2.0
+    _, info = read_image(out)
+    assert info.voxel_size() == (2.5, 0.5, 0.5)
+
+    ome = tmp_path / "vol.ome.tif"
+    tifffile.imwrite(ome, image, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25,
+                                                     "PhysicalSizeZ": 1.0})
+    _, info = read_image(ome)
+    assert info.axes == "ZYX" and info.voxel_size() == (1.0, 0.25, 0.25) and info.unit == "um"
 
 
 def test_cli_volume_options_fail_with_one_line(tmp_path, volume, capsys):
@@ -350,6 +387,30 @@ def test_segment_widget_segments_a_volume_in_3d(make_napari_viewer, qtbot, volum
     # Told it is a time series: plane by plane.
     seg.stack_kind.value = "time series"
     assert seg.prediction_config().voxel_size is None
+
+
+def test_stack_axes_follow_the_z_label():
+    from napari_unet._widgets._common import stack_axes
+
+    assert stack_axes("3D volume", 3) == "ZYX" and stack_axes("3D volume", 4) == "TZYX"
+    assert stack_axes("3D volume", 4, ("z", "t", "y", "x")) == "ZTYX"
+    assert stack_axes("time series", 4) is None and stack_axes("3D volume", 2) is None
+    many = stack_axes("3D volume", 7)
+    assert len(many) == 7 and len(set(many)) == 7 and many.endswith("ZYX")
+
+
+def test_a_large_changed_volume_replaces_the_layer_data(make_napari_viewer, monkeypatch):
+    from napari_unet._widgets import segment
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(np.zeros((4, 16, 16), np.uint16))
+    segment._update_labels_undoably(layer, np.ones((4, 16, 16), np.uint16))  # small: an undo step
+    layer.undo()
+    assert not layer.data.any()
+    monkeypatch.setattr(segment, "UNDO_LIMIT", 100)
+    new = np.full((4, 16, 16), 3, np.uint16)
+    segment._update_labels_undoably(layer, new)  # 1024 changed voxels > 100: replaced
+    np.testing.assert_array_equal(layer.data, new)
 
 
 def test_segment_widget_voxel_size_is_checked(make_napari_viewer, notes):

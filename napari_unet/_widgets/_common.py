@@ -247,15 +247,21 @@ def stack_kind_from_axis_labels(axis_labels: tuple[str, ...] | None) -> str:
     return "independent planes"
 
 
-def stack_axes(kind: str, n_spatial: int) -> str | None:
+def stack_axes(kind: str, n_spatial: int, axis_labels: tuple[str, ...] | None = None) -> str | None:
     """:attr:`~napari_unet.config.PredictConfig.axes` for ``n_spatial`` non-channel axes of a stack of ``kind``.
 
-    A volume's Z is the axis before Y, X (napari shows the last two as Y, X); axes before
-    it are frames (``TZYX``). Planes and time series are segmented plane by plane: ``None``.
+    A volume's Z is the axis labelled ``z`` when the labels (of those axes) have one, else
+    the axis before Y, X (napari shows the last two as Y, X); the other leading axes are
+    frames (``TZYX``). Planes and time series are segmented plane by plane: ``None``.
     """
     if kind != "3D volume" or n_spatial < 3:
         return None
-    return "QPT"[3 - (n_spatial - 3):] + "ZYX" if n_spatial > 3 else "ZYX"
+    z = n_spatial - 3
+    letters = [str(a).strip().lower()[:1] for a in (axis_labels or ())]
+    if len(letters) == n_spatial and "z" in letters[:-2]:
+        z = letters[:-2].index("z")
+    others = iter("TQPONMLKJIHGFEDBA")  # distinct letters, none of C, S, Z, Y, X
+    return "".join("Z" if i == z else next(others) for i in range(n_spatial - 2)) + "YX"
 
 
 def output_axis_labels(kind: str, ndim: int, image_labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -275,13 +281,9 @@ def output_axis_labels(kind: str, ndim: int, image_labels: tuple[str, ...] | Non
 
 def parse_voxel_size(text: str) -> tuple[float, float, float]:
     """"3, 1, 1" -> ``(3.0, 1.0, 1.0)``; a one-line ``ValueError`` otherwise."""
-    try:
-        vs = tuple(float(v) for v in str(text).replace(";", ",").split(","))
-    except ValueError:
-        vs = ()
-    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
-        raise ValueError(f"voxel size {text!r}: give three positive numbers Z, Y, X, e.g. 3, 1, 1")
-    return vs  # type: ignore[return-value]
+    from ..config import parse_voxel_size as parse
+
+    return parse(text)
 
 
 def copy_layer_data(layer) -> np.ndarray:

@@ -94,11 +94,17 @@ def training_labels_from_corrected(current: np.ndarray, predicted: np.ndarray | 
     return out
 
 
+#: Beyond this many changed voxels a new result replaces the layer's data without an undo step.
+UNDO_LIMIT = 1 << 24
+
+
 def _update_labels_undoably(layer, new: np.ndarray, index: tuple = ()) -> None:
     """Write ``new`` into ``layer.data[index]`` through ``Labels.data_setitem`` so napari's undo works.
 
     Only the changed pixels are written (one undo step). A shape or dtype change replaces
-    the data instead (napari then starts a fresh undo history).
+    the data instead (napari then starts a fresh undo history), and so does a change of
+    more than :data:`UNDO_LIMIT` voxels (a volume segmented again: napari's undo step would
+    hold three int64 indices per changed voxel, gigabytes for a large volume).
     """
     current = layer.data[index] if index else layer.data
     if current.shape != new.shape or int(new.max(initial=0)) > np.iinfo(layer.data.dtype).max:
@@ -106,7 +112,12 @@ def _update_labels_undoably(layer, new: np.ndarray, index: tuple = ()) -> None:
             raise ValueError("the output layer no longer fits the image; delete it and segment again")
         layer.data = new
         return
-    changed = np.nonzero(current != new)
+    diff = current != new
+    if not index and int(np.count_nonzero(diff)) > UNDO_LIMIT:
+        layer.data = new
+        return
+    changed = np.nonzero(diff)
+    del diff
     if changed[0].size == 0:
         return
     full = tuple(np.full(changed[0].shape, i, dtype=np.intp) for i in index) + changed
@@ -114,7 +125,8 @@ def _update_labels_undoably(layer, new: np.ndarray, index: tuple = ()) -> None:
 
 
 def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, config, rgb: bool,
-                 current: tuple[int, ...] | None, stack_kind: str = "independent planes"):
+                 current: tuple[int, ...] | None, stack_kind: str = "independent planes",
+                 axis_labels: tuple[str, ...] = ()):
     """Worker thread: load the model if needed, then drain :func:`predict` (yielding its events).
 
     Returns ``(prediction, plane_index, metadata)``; ``plane_index`` is the index over the
@@ -131,7 +143,10 @@ def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, co
     else:
         model = model_source
     channel_axis = _common.layer_channel_axis(image.shape, rgb, model.config.in_channels)
-    axes = _common.stack_axes(stack_kind, image.ndim - (channel_axis is not None))
+    labels = list(axis_labels) + (["c"] if rgb else [])  # one per data axis (an RGB layer's colours are not dims)
+    if channel_axis is not None and len(labels) == image.ndim:
+        del labels[channel_axis]
+    axes = _common.stack_axes(stack_kind, image.ndim - (channel_axis is not None), tuple(labels))
     config = dataclasses.replace(config, channel_axis=channel_axis, axes=axes)
     planes = plane = None
     if current is not None:
@@ -404,7 +419,8 @@ class SegmentWidget(QWidget):
         self.state.set_state("segmenting", layer.name)
         self._pbar = progress(total=100, desc=f"U-Net: {layer.name}")
         rgb = bool(layer.rgb)
-        self.runner.start(lambda: _segment_job(model_source, metadata, image, config, rgb, current, kind),
+        axis_labels = tuple(layer.axis_labels)
+        self.runner.start(lambda: _segment_job(model_source, metadata, image, config, rgb, current, kind, axis_labels),
                           yielded=self._on_yielded, returned=self._on_returned, errored=self._on_errored,
                           finished=self._on_finished)
 
