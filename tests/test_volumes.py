@@ -323,6 +323,24 @@ def test_cli_voxel_size_given_is_written_and_ome_sizes_are_read(tmp_path, volume
     assert info.axes == "ZYX" and info.voxel_size() == (1.0, 0.25, 0.25) and info.unit == "um"
 
 
+def test_cli_trains_side_views_with_the_files_voxel_size(tmp_path, capsys):
+    from napari_unet.io import read_model_metadata
+
+    image, truth = make_nuclei_3d((10, 48, 48), (2, 1, 1), seed=5)
+    labels = np.where(truth > 0, truth + 1, 1).astype(np.uint16)
+    labels[:3] = 0
+    _write_volume(tmp_path / "vol.tif", image, spacing=1.0)  # 1.0 um Z step, 0.5 um pixels: 2 pixels
+    tifffile.imwrite(tmp_path / "vol_labels.tif", labels)
+    out = tmp_path / "vol.safetensors"
+    assert _cli("train", "--image", str(tmp_path / "vol.tif"), "--labels", str(tmp_path / "vol_labels.tif"),
+                "--out", str(out), "--iterations", "2", "--side-views", "--quiet") == 0
+    config = read_model_metadata(out)["training"]["config"]
+    assert config["side_views"] is True and list(config["voxel_size"]) == [1.0, 0.5, 0.5]
+    assert _cli("train", "--image", str(tmp_path / "vol.tif"), "--labels", str(tmp_path / "vol_labels.tif"),
+                "--out", str(tmp_path / "x.safetensors"), "--iterations", "2", "--voxel-size", "2,1,1") != 0
+    assert "--voxel-size is for --side-views" in capsys.readouterr().err
+
+
 def test_cli_volume_options_fail_with_one_line(tmp_path, volume, capsys):
     from napari_unet._sample_data import sample_model_path
 
