@@ -997,18 +997,24 @@ class _PredictJob:
         del vol
         maps *= np.float16(1.0 / 3.0)
 
+    def _interior_foreground(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interior and foreground (interior + boundary) maps from the network's output over a plane or volume:
+        all classes when probabilities are asked for, else the (interior, foreground) pair the predictor made."""
+        from .postprocess import BOUNDARY, INTERIOR
+
+        if self.want_probs:
+            return maps[INTERIOR], maps[INTERIOR] + maps[BOUNDARY]
+        return maps[0], maps[1]
+
     def _store_volume(self, slab: tuple, maps: np.ndarray) -> Generator[PredictProgress, None, None]:
         """A volume's probabilities ``(n_out, Z, Y, X)`` into the outputs: 3D instances (a progress
         event after every band of the watershed and hole filling), or classes."""
-        from .postprocess import BOUNDARY, INTERIOR, iter_instance_labels
+        from .postprocess import iter_instance_labels
 
         if self.want_probs:
             self.probs[(slice(None), *slab)] = maps
         if self.output == "instances":
-            if self.want_probs:
-                interior, fg = maps[INTERIOR], maps[INTERIOR] + maps[BOUNDARY]
-            else:
-                interior, fg = maps[0], maps[1]
+            interior, fg = self._interior_foreground(maps)
             steps = iter_instance_labels(interior, fg, min_size=self.min_volume, min_seed_size=self.min_seed_volume)
             while True:
                 yield self.progress(self.done, self.k, "3D seeds and watershed")
@@ -1042,15 +1048,12 @@ class _PredictJob:
 
     def store(self, idx: tuple[int, ...], acc: np.ndarray) -> None:
         """Plane ``idx``'s probabilities into the outputs: labels (and the probabilities asked for)."""
-        from .postprocess import BOUNDARY, INTERIOR, instance_labels
+        from .postprocess import instance_labels
 
         if self.want_probs and not self.direct:  # not written in place by the tiles
             self.probs[(slice(None), *idx)] = acc
         if self.output == "instances":
-            if self.want_probs:
-                interior, fg = acc[INTERIOR], acc[INTERIOR] + acc[BOUNDARY]
-            else:
-                interior, fg = acc[0], acc[1]
+            interior, fg = self._interior_foreground(acc)
             self.stack.put(idx, instance_labels(interior, fg, min_size=self.min_size,
                                                 min_seed_size=self.min_seed_size))
         else:
