@@ -164,7 +164,9 @@ class SegmentWidget(QWidget):
 
     Results go to a Labels layer ``"<image> [U-Net]"`` with the image's scale and
     translate; running again updates that layer (undoably) instead of adding one. The
-    user's own layers are never modified.
+    user's own layers are never modified. A stack set to "3D volume" ("Stack is", from the
+    layer's axis labels) is segmented as 3D objects with the "3D method" and "Voxel size"
+    (:attr:`napari_unet.config.PredictConfig.axes`, ``volume``, ``voxel_size``).
 
     Parameters
     ----------
