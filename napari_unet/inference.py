@@ -17,7 +17,8 @@ Tiling (:func:`tiled_predict`), as in the U-Net paper:
 
 Images: 2D ``(Y, X)``; with channels (``config.channel_axis``, or detected: a last axis
 of size 3/4 is RGB(A), or an axis whose size is the model's ``in_channels``); stacks
-``(Z, Y, X)``, ``(T, Y, X)``, ``(T, Z, Y, X)`` processed plane by plane. An RGB(A) image
+``(Z, Y, X)``, ``(T, Y, X)``, ``(T, Z, Y, X)`` processed plane by plane, unless
+``config.axes`` has a Z: then each volume is put together in 3D (see :func:`predict`). An RGB(A) image
 given to a 1-channel model is converted to grey (luminance, alpha ignored) before
 normalisation. Each 2D plane is normalised on its own with the model file's parameters
 (:func:`napari_unet.data.normalize_like`), so predicting one plane gives the same result
@@ -1015,16 +1016,15 @@ class _PredictJob:
             self.probs[(slice(None), *slab)] = maps
         if self.output == "instances":
             interior, fg = self._interior_foreground(maps)
+            yield self.progress(self.done, self.k, "3D seeds and watershed")
             steps = iter_instance_labels(interior, fg, min_size=self.min_volume, min_seed_size=self.min_seed_volume)
             while True:
-                yield self.progress(self.done, self.k, "3D seeds and watershed")
                 try:
                     step = next(steps)
                 except StopIteration as stop:
-                    labels = stop.value
+                    self.stack.put(slab, stop.value)
                     break
                 yield self.progress(self.done, self.k, f"3D {step}")
-            self.stack.put(slab, labels)
         else:
             dst = self.sem[slab]
             for z in range(dst.shape[0]):

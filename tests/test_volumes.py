@@ -408,7 +408,12 @@ def test_segment_widget_segments_a_volume_in_3d(make_napari_viewer, qtbot, volum
 
 
 def test_stack_axes_follow_the_z_label():
-    from napari_unet._widgets._common import stack_axes
+    from napari_unet._widgets._common import spatial_axis_labels, stack_axes
+
+    # A two-channel (z, c, y, x) layer for a 2-channel model, and an RGB (z, y, x) layer.
+    assert spatial_axis_labels(("z", "c", "y", "x"), False, 1, 4) == ("z", "y", "x")
+    assert spatial_axis_labels(("z", "y", "x"), True, 3, 4) == ("z", "y", "x")
+    assert spatial_axis_labels(("z", "y", "x"), False, None, 4) == ()  # labels that do not fit the data
 
     assert stack_axes("3D volume", 3) == "ZYX" and stack_axes("3D volume", 4) == "TZYX"
     assert stack_axes("3D volume", 4, ("z", "t", "y", "x")) == "ZTYX"

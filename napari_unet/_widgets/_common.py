@@ -35,7 +35,7 @@ __all__ = [
     "connect_while_alive", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
     "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel", "State", "TRANSITIONS",
     "MODEL_FILE_FILTER", "layer_channel_axis", "STACK_KINDS", "stack_kind_from_axis_labels", "stack_axes",
-    "output_axis_labels", "parse_voxel_size",
+    "output_axis_labels", "spatial_axis_labels",
 ]
 
 #: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
@@ -264,6 +264,18 @@ def stack_axes(kind: str, n_spatial: int, axis_labels: tuple[str, ...] | None = 
     return "".join("Z" if i == z else next(others) for i in range(n_spatial - 2)) + "YX"
 
 
+def spatial_axis_labels(axis_labels: tuple[str, ...], rgb: bool, channel_axis: int | None,
+                        ndim: int) -> tuple[str, ...]:
+    """A layer's axis labels for its data's axes other than the channels (an RGB layer's colours
+    are not among its dims; a multi-channel model's channel axis is); ``()`` if they do not fit."""
+    labels = list(axis_labels) + (["c"] if rgb else [])
+    if len(labels) != ndim:
+        return ()
+    if channel_axis is not None:
+        del labels[channel_axis]
+    return tuple(labels)
+
+
 def output_axis_labels(kind: str, ndim: int, image_labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
     """Axis labels for a result layer of ``ndim`` dims: the image's when it has its own, else from ``kind``."""
     labels = tuple(str(a) for a in (image_labels or ()))
@@ -277,13 +289,6 @@ def output_axis_labels(kind: str, ndim: int, image_labels: tuple[str, ...] | Non
     elif kind == "time series" and ndim > 3:
         lead = [f"axis {i}" for i in range(ndim - 3)] + ["t"]
     return (*lead, "y", "x")
-
-
-def parse_voxel_size(text: str) -> tuple[float, float, float]:
-    """"3, 1, 1" -> ``(3.0, 1.0, 1.0)``; a one-line ``ValueError`` otherwise."""
-    from ..config import parse_voxel_size as parse
-
-    return parse(text)
 
 
 def copy_layer_data(layer) -> np.ndarray:

@@ -143,10 +143,8 @@ def _segment_job(model_source: Any, metadata: dict | None, image: np.ndarray, co
     else:
         model = model_source
     channel_axis = _common.layer_channel_axis(image.shape, rgb, model.config.in_channels)
-    labels = list(axis_labels) + (["c"] if rgb else [])  # one per data axis (an RGB layer's colours are not dims)
-    if channel_axis is not None and len(labels) == image.ndim:
-        del labels[channel_axis]
-    axes = _common.stack_axes(stack_kind, image.ndim - (channel_axis is not None), tuple(labels))
+    labels = _common.spatial_axis_labels(axis_labels, rgb, channel_axis, image.ndim)
+    axes = _common.stack_axes(stack_kind, image.ndim - (channel_axis is not None), labels)
     config = dataclasses.replace(config, channel_axis=channel_axis, axes=axes)
     planes = plane = None
     if current is not None:
@@ -375,7 +373,7 @@ class SegmentWidget(QWidget):
 
     def prediction_config(self):
         """The :class:`~napari_unet.config.PredictConfig` the widget's settings describe."""
-        from ..config import PredictConfig
+        from ..config import PredictConfig, parse_voxel_size
 
         volume = self._stack_kind() == "3D volume"
         return PredictConfig(output=None if self.output.value == "as trained" else self.output.value,
@@ -383,7 +381,7 @@ class SegmentWidget(QWidget):
                              tile_size=int(self.tile_size.value) or None, device=self.device.value,
                              precision=self.precision.value, min_size=int(self.min_size.value) or None,
                              flips=bool(self.flips.value), volume=self.volume_method.value,
-                             voxel_size=_common.parse_voxel_size(self.voxel_size.value) if volume else None)
+                             voxel_size=parse_voxel_size(self.voxel_size.value) if volume else None)
 
     def _stack_kind(self) -> str:
         """What the chosen image's leading axes are ("Stack is"); a 2D image has none."""
