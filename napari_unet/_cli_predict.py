@@ -199,10 +199,13 @@ def run(args) -> int:
     from .distributed import init_from_env
 
     ctx = init_from_env(args.device)
+    ok = False
     try:
-        return _run(args, ctx)
+        code = _run(args, ctx)
+        ok = True
+        return code
     finally:
-        ctx.shutdown()
+        ctx.shutdown(wait=ok)
 
 
 def _run(args, ctx) -> int:

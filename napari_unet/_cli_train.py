@@ -197,13 +197,16 @@ def run(args) -> int:
     # Handlers can only be set from the main thread (not when main() is called from another one).
     main_thread = threading.current_thread() is threading.main_thread()
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    ok = False
     try:
-        return _run(args, ctx, catch_signals=main_thread)
+        code = _run(args, ctx, catch_signals=main_thread)
+        ok = True
+        return code
     finally:
         for sig, handler in before.items():
             if handler is not None:
                 signal.signal(sig, handler)
-        ctx.shutdown()  # also on errors and Ctrl-C: no process group left behind
+        ctx.shutdown(wait=ok)  # also on errors and Ctrl-C: no process group left behind
 
 
 def _run(args, ctx, catch_signals: bool = False) -> int:

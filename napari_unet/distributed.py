@@ -179,12 +179,29 @@ class DistContext:
         else:
             self.agree(None)
 
-    def shutdown(self) -> None:
-        """Destroy the process group (safe to call twice, or when not distributed)."""
+    def shutdown(self, wait: bool = False) -> None:
+        """Destroy the process group (safe to call twice, or when not distributed).
+
+        ``wait``: the run ended normally on this rank; wait (at most a minute) until every rank
+        has, before tearing the group down. Without it a rank done early destroyed its Gloo
+        group while rank 0 was still checking and writing the model, and now and then aborted
+        at exit ("terminate called without an active exception", seen once in CI's two-rank
+        test). After an error no rank waits: the others may never arrive.
+        """
         if self.distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if wait:
+                    import datetime
+
+                    try:
+                        if dist.get_backend() == "gloo":
+                            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                        else:
+                            dist.barrier()
+                    except Exception:  # noqa: BLE001 - a rank gone or late: nothing left to wait for
+                        pass
                 dist.destroy_process_group()
 
 
