@@ -26,8 +26,8 @@ Latest results are in docs/gui.md ("Does the viewer stay responsive?"), with wha
 from this script's output, cProfile and py-spy: napari's progress bar ran
 ``QApplication.processEvents()`` on every change (now once per percent); the preview layer
 is made at Start and its transforms set only on a move; worker threads run at a lower OS
-priority; torch's libraries are loaded outside the GIL (``device.import_torch``); the
-garbage collector skips the session's objects while a job runs (``_common.gc_job_started``);
+priority; torch's libraries are loaded outside the GIL (``tuning.import_torch``); the
+garbage collector skips the session's objects while a job runs (``tuning.gc_job_started``);
 training leaves one core to the viewer by default.
 
 Run: ``xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/responsiveness.py``

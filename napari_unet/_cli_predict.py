@@ -211,8 +211,8 @@ def run(args) -> int:
 def _run(args, ctx) -> int:
     from .config import PredictConfig
     from .distributed import shard
-    from .inference import tune_malloc
     from .io import OutputPathError, check_output_path, first_line, load_model
+    from .tuning import tune_malloc
 
     # All ranks check all outputs before any of them writes one (else a slow rank would find a fast
     # one's fresh output "already existing"); a failure on any rank stops all.

@@ -11,57 +11,18 @@ machine (cached on disk) and takes bf16 only if it is clearly faster.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 __all__ = ["resolve_device", "DeviceError", "select_precision", "select_training_setup", "native_bf16", "cpu_name",
-           "cache_dir", "autocast", "PRECISIONS", "import_torch"]
+           "cache_dir", "autocast", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Precision choices of this process, per key (see _cache_key); also kept on disk (see cache_dir).
 _CALIBRATION: dict[str, str] = {}
-
-
-#: torch's own libraries loaded ahead of ``import torch`` by :func:`import_torch`, in order,
-#: with the flags torch itself uses (``libtorch_global_deps`` global, as in torch's
-#: ``_load_global_deps``). libtorch_cpu.so carries most of the load time (its static
-#: initialisers register the operators) and needs no CUDA library.
-_PRELOAD = (("libtorch_global_deps.so", os.RTLD_GLOBAL if hasattr(os, "RTLD_GLOBAL") else 0),
-            ("libc10.so", 0), ("libtorch_cpu.so", 0))
-
-
-def import_torch():
-    """``import torch`` from a worker thread without freezing the GUI thread; returns torch.
-
-    Importing torch loads its shared libraries from inside the import, with Python's GIL
-    held: 0.3-0.6 s during which no other Python thread runs (napari's event loop froze for
-    up to 644 ms on the first Start, ``benchmarks/responsiveness.py``). On Linux the
-    biggest libraries are loaded first with ``dlopen`` called through ctypes, which
-    releases the GIL during the call; ``import torch`` then finds them loaded (the longest
-    pause measured fell to 56-80 ms, CPU build). Only the CPU libraries: a CUDA build still
-    loads ``libtorch_cuda.so`` inside the import (not measured: no GPU machine here).
-    Anything unexpected (another platform, another layout, a library that will not load)
-    falls back to the plain import.
-    """
-    if "torch" not in sys.modules and sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            spec = importlib.util.find_spec("torch")
-            lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
-            dlopen = ctypes.CDLL(None).dlopen  # a ctypes call: the GIL is released while it runs
-            dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
-            for name, flags in _PRELOAD:
-                if (lib / name).is_file():
-                    # The handle is not closed: torch keeps these libraries loaded anyway.
-                    dlopen(os.fsencode(lib / name), os.RTLD_NOW | flags)
-    import torch
-
-    return torch
 
 
 class DeviceError(ValueError):

@@ -52,7 +52,7 @@ from .data import to_grey
 
 __all__ = [
     "predict", "predict_all", "tiled_predict", "tiled_predict_iter", "PredictProgress", "Prediction",
-    "prepare_image", "choose_tile", "is_out_of_memory", "reflect_indices", "tune_malloc", "instance_size_limits",
+    "prepare_image", "choose_tile", "is_out_of_memory", "reflect_indices", "instance_size_limits",
 ]
 
 
@@ -557,37 +557,6 @@ def instance_size_limits(min_size: int | None, object_area: float | None) -> tup
     if min_size is None:
         min_size = round(MIN_SIZE_FRACTION * area) if area else DEFAULT_MIN_SIZE
     return int(min_size), int(round(MIN_SEED_FRACTION * area))
-
-_MALLOC_TUNED = False
-
-
-def tune_malloc(threshold: int = 1 << 30) -> bool:
-    """Keep large freed blocks in the process heap (glibc only); returns whether it applied.
-
-    glibc hands every large tensor back to the OS when it is freed and maps it again on the
-    next forward: 50-170 thousand page faults per tile here, 1.2-1.8x slower on the CPU.
-    Raising the mmap and trim thresholds (``mallopt``) keeps that memory for reuse. It is
-    process-wide and the process then keeps its peak heap, so the command line turns it on
-    (short-lived process) and :func:`predict` does not (napari keeps running).
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        ok = libc.mallopt(m_mmap_threshold, int(threshold)) == 1
-        ok = libc.mallopt(m_trim_threshold, int(2 * threshold)) == 1 and ok
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    _MALLOC_TUNED = ok
-    return ok
-
 
 def _load(model, metadata):
     from .io import default_metadata, load_model

@@ -53,6 +53,7 @@ from .training_data import (
     prepare_training_data,
     val_crops,
 )
+from .tuning import torch_threads
 
 __all__ = ["train", "TrainProgress", "TrainResult", "TrainingDataError", "TrainingData", "prepare_training_data",
            "default_model_config", "paper_preset", "INSTANCE_CLASS_NAMES"]
@@ -422,46 +423,43 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         # The ranks must hold out the same objects and draw one global batch: rank 0's seed for all.
         config = dataclasses.replace(config, seed=dctx.broadcast(int(np.random.SeedSequence().entropy % 2**32)))
     run = _Run(config, dctx, metadata)
-    threads_before = torch.get_num_threads()
-    try:
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        run.prepare(images, labels, model=model, init_from=init_from, model_config=model_config, roi=roi,
-                    channel_axis=channel_axis)
-        run.set_up()
-        yield run.event(0, None, message="; ".join(run.messages) or None)
-        last_preview = time.perf_counter()
-        it = 0
-        while True:
-            loss = run.step(it)
-            it += 1
-            done, stopped = run.after_step(it, stop)
-            val = run.validate(it, done)
-            prev = None
-            if preview is not None and dctx.is_main and (time.perf_counter() - last_preview >= preview_every or done):
-                prev = run.preview(preview)
-                last_preview = time.perf_counter()
-            if done:
-                run.status = "stopped" if stopped else "finished"
-            yield run.event(it, loss, val, None, prev)
-            if done:
-                break
-        if config.check_painted and run.data.mode == "instances" and dctx.is_main and run.status == "finished":
-            # Not after Stop: the user asked for the result now.
-            message, warning = run.check_painted()
-            yield run.event(it, None, message=message, warning=warning)
-        return run.result
-    except (GeneratorExit, KeyboardInterrupt):  # closed (Stop, worker.quit()) or Ctrl-C inside a step
-        run.status = "stopped"
-        raise
-    except Exception as e:
-        if dctx.distributed and not run.agreed:
-            dctx.agree(e)  # the other ranks learn of it in their agree() after set-up; raises on all
-        raise
-    finally:
-        run.finish()
-        if config.threads:
-            torch.set_num_threads(threads_before)
+    with torch_threads(torch, config.threads):  # process-wide: put back when the run ends, however it ends
+        try:
+            run.prepare(images, labels, model=model, init_from=init_from, model_config=model_config, roi=roi,
+                        channel_axis=channel_axis)
+            run.set_up()
+            yield run.event(0, None, message="; ".join(run.messages) or None)
+            last_preview = time.perf_counter()
+            it = 0
+            while True:
+                loss = run.step(it)
+                it += 1
+                done, stopped = run.after_step(it, stop)
+                val = run.validate(it, done)
+                prev = None
+                due = time.perf_counter() - last_preview >= preview_every or done
+                if preview is not None and dctx.is_main and due:
+                    prev = run.preview(preview)
+                    last_preview = time.perf_counter()
+                if done:
+                    run.status = "stopped" if stopped else "finished"
+                yield run.event(it, loss, val, None, prev)
+                if done:
+                    break
+            if config.check_painted and run.data.mode == "instances" and dctx.is_main and run.status == "finished":
+                # Not after Stop: the user asked for the result now.
+                message, warning = run.check_painted()
+                yield run.event(it, None, message=message, warning=warning)
+            return run.result
+        except (GeneratorExit, KeyboardInterrupt):  # closed (Stop, worker.quit()) or Ctrl-C inside a step
+            run.status = "stopped"
+            raise
+        except Exception as e:
+            if dctx.distributed and not run.agreed:
+                dctx.agree(e)  # the other ranks learn of it in their agree() after set-up; raises on all
+            raise
+        finally:
+            run.finish()
 
 
 class _Run:

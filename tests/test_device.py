@@ -142,7 +142,7 @@ sys.meta_path.insert(0, Probe())
 if sys.argv[1] == "broken":  # a layout import_torch does not know: the plain import still works
     real = importlib.util.find_spec
     importlib.util.find_spec = lambda name, *a: None if name == "torch" else real(name, *a)
-from napari_unet.device import import_torch
+from napari_unet.tuning import import_torch
 torch = import_torch()
 assert torch is sys.modules["torch"] and float(torch.ones(3).sum()) == 3.0
 print(seen[-1])

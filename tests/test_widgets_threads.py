@@ -1,5 +1,5 @@
 """What the widgets' worker threads do for the viewer's sake: a lower OS priority, and no
-garbage-collector pass over the whole session while a job runs (see ``_widgets/_common.py``)."""
+garbage-collector pass over the whole session while a job runs (see ``napari_unet/tuning.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import threading
 import pytest
 from qtpy.QtWidgets import QWidget
 
+from napari_unet import tuning
 from napari_unet._widgets import _common
 
 
@@ -112,7 +113,7 @@ def test_gc_paused_collects_nothing_and_freezes_what_it_made_during_a_job(qtbot)
     def job():
         yield
         before = gc.get_freeze_count()
-        with _common.gc_paused():
+        with tuning.gc_paused():
             enabled = gc.isenabled()
             made = [[i] for i in range(5000)]  # lists are always tracked by the collector
         return enabled, gc.isenabled(), gc.get_freeze_count() - before, len(made)
@@ -125,7 +126,7 @@ def test_gc_paused_collects_nothing_and_freezes_what_it_made_during_a_job(qtbot)
 
 def test_gc_paused_outside_a_job_only_pauses():
     was = gc.isenabled()
-    with _common.gc_paused():
+    with tuning.gc_paused():
         assert not gc.isenabled()
     assert gc.isenabled() == was and gc.get_freeze_count() == 0
 
@@ -137,4 +138,4 @@ def test_jobs_run_at_a_lower_priority_than_the_gui_thread(qtbot):
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     gui = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert _run_job(qtbot, job) >= min(gui + _common.WORKER_NICENESS, 19)
+    assert _run_job(qtbot, job) >= min(gui + tuning.WORKER_NICENESS, 19)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from napari_unet import tuning
 from napari_unet._sample_data import SAMPLE_MODEL_PATH
 from napari_unet._widgets import TrainWidget
 from napari_unet._widgets.train import START_NEW, START_SAMPLE
@@ -160,7 +161,6 @@ def test_gui_training_leaves_a_core_to_the_viewer(monkeypatch, torch_threads, us
 def test_the_job_trains_with_all_cores_but_one_by_default(make_napari_viewer, qtbot, small_cells, monkeypatch,
                                                          no_threads_left):
     """Threads "0": the job passes gui_threads(torch's own count) to the engine, run after run."""
-    from napari_unet._widgets import _common
     from napari_unet._widgets.train import gui_threads
 
     seen = []
@@ -172,7 +172,7 @@ def test_the_job_trains_with_all_cores_but_one_by_default(make_napari_viewer, qt
 
     monkeypatch.setattr("napari_unet.training.train", fake_train)
     # As on an 8-core machine: torch's own count, read by the first job, is what counts.
-    monkeypatch.setattr(_common, "_TORCH_THREADS", 8)
+    monkeypatch.setattr(tuning, "_TORCH_THREADS", 8)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     image, labels = small_cells
     viewer, train = _setup(make_napari_viewer, image, labels, iterations=2)
@@ -182,16 +182,6 @@ def test_the_job_trains_with_all_cores_but_one_by_default(make_napari_viewer, qt
     train.threads.value = 3
     _run(qtbot, train, train.start_button)
     assert seen[-1] == 3
-
-
-def test_torch_threads_are_read_once(monkeypatch):
-    from types import SimpleNamespace
-
-    from napari_unet._widgets import _common
-
-    monkeypatch.setattr(_common, "_TORCH_THREADS", None)
-    assert _common.torch_default_threads(SimpleNamespace(get_num_threads=lambda: 4)) == 4
-    assert _common.torch_default_threads(SimpleNamespace(get_num_threads=lambda: 2)) == 4
 
 
 def test_widget_starts_from_the_engines_defaults(make_napari_viewer):

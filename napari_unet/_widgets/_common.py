@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import gc
 import re
-import sys
-import threading
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -29,6 +26,14 @@ from qtpy.QtWidgets import QFileDialog, QLabel, QMessageBox, QWidget
 from .._writer import axes_letters
 from ..errors import BAD_INPUT_ERRORS
 from ..io import first_line
+from ..tuning import (
+    background_priority,
+    gc_job_ended,
+    gc_job_started,
+    gc_paused,
+    import_torch,
+    torch_default_threads,
+)
 
 __all__ = [
     "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
@@ -328,118 +333,9 @@ class _Failed:
     error: BaseException
 
 
-#: How much lower (in nice steps) the worker threads run than the GUI thread, see background_priority().
-WORKER_NICENESS = 5
-
-
-def background_priority() -> None:
-    """Lower the OS priority of the calling (worker) thread, on Linux; call it before torch is used.
-
-    With as many busy torch threads as cores, the GUI thread had to wait for a core and the
-    viewer stuttered. A lower priority (nice) gives the GUI thread the CPU as soon as it needs
-    it, and costs training nothing while the GUI is idle. torch's intra-op threads are created
-    by the first thread that runs a parallel op and inherit its priority. On Linux ``nice`` is
-    per thread; elsewhere this does nothing. A pool thread keeps the lower priority until Qt
-    retires it (30 s idle): fine for the background jobs it runs.
-    """
-    import os
-    import threading
-
-    if not (sys.platform.startswith("linux") and hasattr(os, "setpriority")):
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        if current < WORKER_NICENESS:
-            os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICENESS)
-
-
-# ---- the garbage collector ------------------------------------------------------------------------
-#
-# CPython's cyclic garbage collector stops every thread while it runs. A full pass over a
-# napari session with torch loaded (about 0.5 M tracked objects) took 150-400 ms here, and
-# the allocations of a job (torch's own imports above all) triggered several: they were the
-# event-loop freezes of the first Start (benchmarks/responsiveness.py). While jobs run:
-# - the objects that existed when the first one started are frozen (gc.freeze: collections
-#   skip them; reference counting still frees them);
-# - full (generation 2) collections are put off; generations 0 and 1 still collect the
-#   jobs' short-lived cycles.
-# When the last job ends everything is unfrozen and the thresholds restored. A full pass
-# during a job would also have reset the collector's count of long-lived objects to the
-# few unfrozen ones, and the next full pass, over everything, would have come right after.
-# (gc.unfreeze also unfreezes what the host application may have frozen itself.)
-
-_GC_LOCK = threading.Lock()
-_GC_JOBS = 0
-_GC_THRESHOLDS: tuple[int, ...] | None = None
-#: Generation-2 threshold while jobs run: in effect, no full collection.
-_NO_FULL_COLLECTION = 1 << 30
-
-
-def gc_job_started() -> None:
-    """A job starts (main thread): see above."""
-    global _GC_JOBS, _GC_THRESHOLDS
-    with _GC_LOCK:
-        if _GC_JOBS == 0:
-            _GC_THRESHOLDS = gc.get_threshold()
-            gc.set_threshold(_GC_THRESHOLDS[0], _GC_THRESHOLDS[1], _NO_FULL_COLLECTION)
-        _GC_JOBS += 1
-        gc.freeze()
-
-
-def gc_job_ended() -> None:
-    """A job ended, however it ended: the last one unfreezes and restores the thresholds."""
-    global _GC_JOBS, _GC_THRESHOLDS
-    with _GC_LOCK:
-        if _GC_JOBS == 0:
-            return
-        _GC_JOBS -= 1
-        if _GC_JOBS == 0:
-            gc.unfreeze()
-            if _GC_THRESHOLDS is not None:
-                gc.set_threshold(*_GC_THRESHOLDS)
-                _GC_THRESHOLDS = None
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """No collection at all for a burst of allocations (imports); what it made is then frozen
-    too (see :func:`gc_job_started`), so the first collection afterwards does not scan it.
-
-    Never wrap a ``yield`` in it: a job stopped there would leave the collector disabled.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            if _GC_JOBS:
-                gc.freeze()
-        if was_enabled:
-            gc.enable()
-
-
-_TORCH_THREADS: int | None = None
-
-
-def torch_default_threads(torch) -> int:
-    """torch's own thread count, read once (by the first job, before any run changed it).
-
-    Read again later it could be what a stopped run left in a reused worker thread (the
-    engine restores its setting where its generator is closed, on the main thread).
-    """
-    global _TORCH_THREADS
-    if _TORCH_THREADS is None:
-        _TORCH_THREADS = torch.get_num_threads()
-    return _TORCH_THREADS
-
-
 def import_engine(training: bool = False):
     """Worker thread, first thing in a job: import torch and the engine without freezing the
     viewer (torch's libraries loaded outside the GIL, no garbage collection); returns torch."""
-    from ..device import import_torch
-
     with gc_paused():
         torch = import_torch()
         from .. import inference, io  # noqa: F401 - imported here, under the pause
