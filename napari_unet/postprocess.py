@@ -240,6 +240,11 @@ def stitch_planes(labels: np.ndarray, iou_threshold: float = 0.25) -> np.ndarray
     return out.astype(label_dtype(int(out.max()) if out.size else 0), copy=False)
 
 
+#: Above this many regions between seeds, :func:`_flood` floods them in one call over the band
+#: instead of one call per bounding box (about 0.3 ms of overhead each).
+_MANY_REGIONS = 300
+
+
 def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.ndarray:
     """``seeded`` with the pixels of ``todo`` flooded from the seeds (a copy).
 
@@ -262,7 +267,12 @@ def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.nda
     seed_ids, region_ids = _touching_pairs(np.nonzero(rim), seeded, region)
     owner, shared = _sole_owner(region_ids, seed_ids, n, out.dtype)
     out[todo] = owner[region[todo]]
-    if shared.size:
+    if shared.size > _MANY_REGIONS:  # confetti (an untrained network): one flood beats thousands of small ones
+        inside = np.isin(region, shared)
+        edge = rim & _face_neighbours(inside)
+        ws = watershed(-np.asarray(interior, np.float32), np.where(edge, seeded, 0), mask=inside | edge)
+        out[inside] = ws[inside]
+    elif shared.size:
         boxes = ndi.find_objects(region)
         for r in shared:
             box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[r - 1])  # + the seeds' edge

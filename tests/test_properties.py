@@ -5,6 +5,7 @@ dtypes and values. (test_inference.py has those of mirroring and of tiled predic
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -298,9 +299,10 @@ def _reference_instances(interior, foreground, min_size, min_seed_size, fill):
 
 @given(seed=st.integers(0, 2**16), shape=st.sampled_from([(23, 31), (40, 17), (6, 9, 11)]),
        sigma=st.floats(0.5, 3.0), extra=st.floats(0, 0.4), min_size=st.integers(0, 20),
-       min_seed_size=st.integers(0, 6), fill=st.booleans())
+       min_seed_size=st.integers(0, 6), fill=st.booleans(), one_flood=st.booleans())
 @FAST
-def test_instance_labels_equal_the_plain_scikit_image_steps(seed, shape, sigma, extra, min_size, min_seed_size, fill):
+def test_instance_labels_equal_the_plain_scikit_image_steps(seed, shape, sigma, extra, min_size, min_seed_size, fill,
+                                                            one_flood):
     """The fast flood (only the regions between seeds, in their bounding boxes), the one-pass size
     filter and renumbering and the hole filling from the holes' own pixels give exactly the labels
     of the plain whole-image steps (values made distinct: exact ties may be broken either way)."""
@@ -311,6 +313,9 @@ def test_instance_labels_equal_the_plain_scikit_image_steps(seed, shape, sigma, 
     interior = (rankdata(field, method="ordinal").reshape(shape) / field.size).astype(np.float32)
     interior = np.where(field > 0.55, interior, interior * 0.5)  # seeds where the field is high
     foreground = np.clip(field + extra, 0, 1).astype(np.float32)
-    got = pp.instance_labels(interior, foreground, min_size=min_size, min_seed_size=min_seed_size, fill_holes=fill)
+    # one_flood: the regions between seeds flooded in one call (as for confetti), not one call per region
+    with mock.patch.object(pp, "_MANY_REGIONS", 0 if one_flood else pp._MANY_REGIONS):
+        got = pp.instance_labels(interior, foreground, min_size=min_size, min_seed_size=min_seed_size,
+                                 fill_holes=fill)
     want = _reference_instances(interior, foreground, min_size, min_seed_size, fill)
     np.testing.assert_array_equal(got, want)
