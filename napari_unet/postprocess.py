@@ -268,7 +268,9 @@ def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.nda
     owner, shared = _sole_owner(region_ids, seed_ids, n, out.dtype)
     out[todo] = owner[region[todo]]
     if shared.size > _MANY_REGIONS:  # confetti (an untrained network): one flood beats thousands of small ones
-        inside = np.isin(region, shared)
+        is_shared = np.zeros(n + 1, bool)
+        is_shared[shared] = True
+        inside = is_shared[region]  # a lookup: np.isin over the whole band took 3x longer
         edge = rim & _face_neighbours(inside)
         ws = watershed(-np.asarray(interior, np.float32), np.where(edge, seeded, 0), mask=inside | edge)
         out[inside] = ws[inside]
