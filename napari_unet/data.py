@@ -22,29 +22,63 @@ def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, channel_a
 
     Per channel when ``channel_axis`` is given. NaN and Inf are ignored for the
     percentiles and set to 0 afterwards; a constant image maps to zeros.
+    (:func:`normalization_params` and :func:`apply_normalization`, the same in two steps:
+    prediction applies the second tile by tile instead of copying a huge image.)
     """
+    return apply_normalization(image, normalization_params(image, low, high, channel_axis, eps), channel_axis)
+
+
+def normalization_params(image: np.ndarray, low: float = 1.0, high: float = 99.8, channel_axis: int | None = None,
+                         eps: float = 1e-6) -> list[tuple[float, float]]:
+    """``[(low value, span), ...]``, one per channel (one when ``channel_axis`` is None), from the
+    finite values' ``low`` and ``high`` percentiles: what :func:`apply_normalization` applies."""
+    x = np.asarray(image)
+    planes = [x] if channel_axis is None else [np.take(x, c, axis=channel_axis) for c in range(x.shape[channel_axis])]
+    params = []
+    for p in planes:
+        p = np.asarray(p, dtype=np.float32)  # percentiles of the float32 values, as the pixels are computed
+        finite = np.isfinite(p)
+        vals = p if finite.all() else p[finite]
+        del finite
+        if vals.size == 0:
+            params.append((0.0, 1.0))  # nothing finite: all zeros
+            continue
+        lo, hi = np.percentile(vals, [low, high])
+        params.append((float(lo), max(float(hi - lo), eps)))
+    return params
+
+
+def apply_normalization(image: np.ndarray, params: list[tuple[float, float]], channel_axis: int | None = None
+                        ) -> np.ndarray:
+    """``(image - low) / span`` per channel as a new float32 array (computed in float64, so that a
+    tile gives exactly the pixels of the whole image), non-finite values 0."""
     x = np.asarray(image, dtype=np.float32)
-    if channel_axis is not None:
-        x = np.moveaxis(x, channel_axis, -1)
-        out = np.stack([normalize(x[..., c], low, high, None, eps) for c in range(x.shape[-1])], axis=-1)
-        return np.moveaxis(out, -1, channel_axis)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return np.zeros_like(x)
-    vals = x[finite] if not finite.all() else x
-    lo, hi = np.percentile(vals, [low, high])
-    out = (x - lo) / max(float(hi - lo), eps)
-    out[~finite] = 0.0
-    return out.astype(np.float32, copy=False)
+    if channel_axis is None:
+        out = ((x - np.float64(params[0][0])) / params[0][1]).astype(np.float32)
+    else:
+        ax = channel_axis % x.ndim
+        out = np.empty(x.shape, np.float32)
+        for c, (low, span) in enumerate(params):
+            idx = (slice(None),) * ax + (c,)
+            out[idx] = (x[idx] - np.float64(low)) / span
+    if not np.isfinite(out).all():
+        out[~np.isfinite(out)] = 0.0
+    return out
 
 
 def normalize_like(image: np.ndarray, params: dict[str, Any] | None, channel_axis: int | None = None) -> np.ndarray:
     """Normalise ``image`` as described by a model file's ``metadata["normalization"]``."""
+    return apply_normalization(image, normalization_params_like(image, params, channel_axis), channel_axis)
+
+
+def normalization_params_like(image: np.ndarray, params: dict[str, Any] | None,
+                              channel_axis: int | None = None) -> list[tuple[float, float]]:
+    """:func:`normalization_params` as a model file's ``metadata["normalization"]`` describes them."""
     params = params or {}
     method = params.get("method", "percentile")
     if method != "percentile":
         raise ValueError(f"unknown normalisation method {method!r} in the model file")
-    return normalize(image, float(params.get("low", 1.0)), float(params.get("high", 99.8)), channel_axis)
+    return normalization_params(image, float(params.get("low", 1.0)), float(params.get("high", 99.8)), channel_axis)
 
 
 #: RGB -> grey weights (``skimage.color.rgb2gray``'s), for a one-channel model given an RGB(A) image.

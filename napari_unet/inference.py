@@ -184,6 +184,7 @@ def _as_chw(image) -> np.ndarray:
 def tiled_predict_iter(predictor: Callable | Sequence[Callable], image, tile: int | tuple[int, int],
                        overlap: int = 0, batch_size: int = 1, blending: str = "gaussian", margin: int = 0,
                        output_channels: int | None = None, *, multiple: int = 1, out: np.ndarray | None = None,
+                       transform: Callable[[np.ndarray], np.ndarray] | None = None,
                        ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Sliding-window prediction as a generator: yields ``(tiles_done, tiles_total)``, returns the output.
 
@@ -218,6 +219,10 @@ def tiled_predict_iter(predictor: Callable | Sequence[Callable], image, tile: in
         neighbouring tiles disagree everywhere, not only near their borders).
     out : numpy.ndarray, optional
         Preallocated float32 ``(K, H, W)`` to accumulate into (e.g. a slice of a bigger array).
+    transform : callable, optional
+        Applied to each batch of input tiles ``(N, C, th, tw)`` (in the image's dtype) before
+        the predictor, returning float32: e.g. the normalisation, so that a huge image is
+        never copied whole.
 
     Returns
     -------
@@ -249,7 +254,8 @@ def tiled_predict_iter(predictor: Callable | Sequence[Callable], image, tile: in
     ix = {x: reflect_indices(x - margin, x - margin + tw, w) for x in xs}
 
     def read(batch):
-        arr = np.stack([img[:, iy[y][:, None], ix[x][None, :]] for y, x in batch]).astype(np.float32, copy=False)
+        arr = np.stack([img[:, iy[y][:, None], ix[x][None, :]] for y, x in batch])
+        arr = transform(arr) if transform is not None else arr.astype(np.float32, copy=False)
         return torch.from_numpy(arr)
 
     def write(batch, pred):
@@ -358,6 +364,16 @@ class _Prepared:
     to_grey: bool              # RGB(A) for a 1-channel model
     lead_shape: tuple[int, ...]
     plane_shape: tuple[int, int]
+
+    def raw_plane(self, index: tuple[int, ...]) -> np.ndarray:
+        """The plane ``(C, Y, X)`` (C = model channels) without a copy where it can be: a view in the
+        image's dtype, or the grey float32 plane of an RGB(A) image for a 1-channel model."""
+        p = self.image[index]
+        if not self.has_channels:
+            return np.asarray(p)[None]
+        if self.to_grey:
+            return to_grey(p)[..., 0][None]
+        return np.moveaxis(np.asarray(p), -1, 0)
 
     def plane(self, index: tuple[int, ...]) -> np.ndarray:
         """The raw plane ``(C, Y, X)`` (C = model channels), float32."""
@@ -839,31 +855,40 @@ class _PredictJob:
     def plane_probabilities(self, k: int, idx: tuple[int, ...]) -> Generator[PredictProgress, None, np.ndarray]:
         """The network's output over plane ``idx`` (the ``k``-th selected), at the image's pixels; a
         generator of progress. Out of memory: retried with half the batch, then smaller tiles."""
-        from .data import normalize_like
+        from .data import apply_normalization, normalization_params_like
 
         label = f"plane {k + 1}/{self.n_planes}" if self.n_planes > 1 else "segmenting"
         yield self.progress(self.done, k, label)
-        x = normalize_like(self.prep.plane(idx), self.meta.get("normalization"), channel_axis=0)
+        raw = self.prep.raw_plane(idx)
+        params = normalization_params_like(raw, self.meta.get("normalization"), channel_axis=0)
         # Accumulated in place in the returned probabilities, unless they are resized afterwards.
         direct = self.direct = self.want_probs and self.net_shape == self.plane_shape and self.volumes is None
         out = self.probs[(slice(None), *idx)] if direct else None
-        return (yield from self.array_probabilities(x, k, label, out))
+        if self.net_shape != self.plane_shape:  # resized whole first: normalised whole
+            return (yield from self.array_probabilities(apply_normalization(raw, params, 0), k, label, out))
+        # Normalised tile by tile: no float32 copy of the whole plane (1 GB for a 16k x 16k image).
+        return (yield from self.array_probabilities(raw, k, label, out,
+                                                    transform=lambda t: apply_normalization(t, params, 1)))
 
-    def array_probabilities(self, x: np.ndarray, k: int, label: str, out: np.ndarray | None = None
+    def array_probabilities(self, x: np.ndarray, k: int, label: str, out: np.ndarray | None = None,
+                            transform: Callable[[np.ndarray], np.ndarray] | None = None,
                             ) -> Generator[PredictProgress, None, np.ndarray]:
         """The network's output ``(n_out, H, W)`` over a normalised plane ``x`` ``(C, H, W)`` (a YX plane,
-        or a side view of a volume), resized by the model's scale and back; out-of-memory retries."""
+        or a side view of a volume), resized by the model's scale and back; out-of-memory retries.
+        With ``transform``, ``x`` is the raw plane and each batch of tiles is normalised by it."""
         from .data import resize_plane
 
         shape = tuple(x.shape[-2:])
         net_shape = self._net(shape)
         if net_shape != shape:
+            if transform is not None:
+                x, transform = transform(x[None])[0], None
             x = resize_plane(x, net_shape, channel_axis=0)
             out = None
         while True:
             gen = tiled_predict_iter(self.predictors, x, self.plane_tile(self.tile, net_shape), self.overlap(self.tile),
                                      self.batch, self.blending, self.margin, self.n_out, multiple=self.multiple,
-                                     out=out)
+                                     out=out, transform=transform)
             plane_done = 0
             try:
                 while True:

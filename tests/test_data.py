@@ -237,3 +237,27 @@ def test_small_cells_keep_an_interior_inside_a_wide_band():
     small_interior = (target == 1) & (lab == 2)
     assert small_interior.sum() == 16  # the 1 px ring only: 4 x 4 inside
     assert ((target == 1) & (lab == 3)).sum() == 10 * 10
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+def test_normalisation_in_two_steps_is_exact_on_any_crop(dtype):
+    """normalize == apply_normalization(normalization_params): prediction normalises tile by tile
+    with the whole image's percentiles and must get exactly the whole image's pixels."""
+    from napari_unet.data import apply_normalization, normalization_params, normalize
+
+    rng = np.random.default_rng(3)
+    img = (rng.random((2, 40, 50)) * 300).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        img[0, 3, 4], img[1, 7, 8] = np.nan, np.inf  # ignored for the percentiles, 0 afterwards
+    whole = normalize(img, channel_axis=0)
+    params = normalization_params(img, channel_axis=0)
+    crop = apply_normalization(img[None, :, 10:30, 5:45], params, channel_axis=1)[0]
+    assert crop.dtype == np.float32
+    np.testing.assert_array_equal(crop, whole[:, 10:30, 5:45])
+    assert np.isfinite(whole).all()
+    lo, hi = np.percentile(img[0][np.isfinite(img[0])].astype(np.float32), [1, 99.8])
+    np.testing.assert_allclose(whole[0][np.isfinite(img[0])], (img[0][np.isfinite(img[0])] - lo) / (hi - lo),
+                               rtol=1e-5, atol=1e-6)
+    before = img.copy()
+    apply_normalization(img, params, channel_axis=0)
+    np.testing.assert_array_equal(img, before)  # the caller's array is never changed

@@ -402,3 +402,18 @@ def test_plane_tile_takes_the_smallest_tile_that_needs_no_more_tiles(padding, de
     assert all(n(t) > n(th) for t in smaller)  # ... and no smaller valid tile does as well
     if side == 1024:
         assert th <= 600  # two tiles of ~550 per axis, not two of 880
+
+
+def test_tiles_normalised_one_by_one_match_the_image_normalised_first():
+    """predict normalises each batch of tiles with the whole plane's percentiles (no float32 copy of
+    a huge image): exactly the output of tiling the plane normalised first."""
+    from napari_unet.data import normalize
+
+    net = _net("same", depth=3, width=4, bn=True)
+    img = np.random.default_rng(5).integers(0, 4000, size=(90, 130)).astype(np.uint16)
+    job = inf._PredictJob(net, img, PredictConfig(precision="fp32", tile_size=48, output="semantic"),
+                          {"mode": "semantic"}, None)
+    assert job.n_tiles(job.tile) > 4  # several tiles, overlapping
+    got = drain(job.plane_probabilities(0, ()))
+    want = drain(job.array_probabilities(normalize(img)[None], 0, "whole"))
+    np.testing.assert_array_equal(got, want)
