@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="compute precision (auto: the fastest safe choice for this machine)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
+                   help="what runs the network on the CPU (auto: OpenVINO where installed and measured faster "
+                        "here, else torch)")
     p.add_argument("--tile", type=int, default=None, metavar="N", help="tile side in pixels (default: from memory)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="tiles per batch (default: from memory)")
     p.add_argument("--overlap", type=int, default=None, metavar="PX",
@@ -244,8 +247,9 @@ def _run(args, ctx) -> int:
                             "min_size": args.min_size, "scale": args.scale}.items() if v is not None}
     if args.voxel_size is not None:
         _voxel_size(args, None)
+    # A bad option fails now, once, not for every image.
     PredictConfig(output=args.output, probabilities=args.probabilities, precision=args.precision,
-                  flips=args.flips, volume=args.volume, **kw)  # a bad option fails now, once, not for every image
+                  backend=args.backend, flips=args.flips, volume=args.volume, **kw)
     show = not args.quiet and ctx.is_main  # one progress bar, not one per rank on the same terminal
     failed = 0
     for src, dst in mine:
@@ -280,7 +284,7 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
         raise ValueError(f"{src}: {e}") from None
     cax = _channel_axis(args, info, image.ndim)
     config = PredictConfig(output=args.output, probabilities=args.probabilities, device=device,
-                           precision=args.precision, channel_axis=cax, flips=args.flips,
+                           precision=args.precision, backend=args.backend, channel_axis=cax, flips=args.flips,
                            axes=_predict_axes(info.axes, image.ndim, cax), voxel_size=voxel_size,
                            volume=args.volume, **kw)
     gen = predict(model, image, config, meta)
@@ -294,7 +298,8 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
                 bar = tqdm(total=ev.total, desc=src.name, unit="tile", file=sys.stderr, leave=False)
             bar.total = ev.total
             bar.n = ev.done
-            bar.set_postfix_str(f"{ev.device} {ev.precision}", refresh=False)
+            bar.set_postfix_str(f"{ev.device} {ev.precision}{' OpenVINO' if ev.backend == 'openvino' else ''}",
+                                refresh=False)
             bar.refresh()
 
         result = drain(gen, show_progress if show else None)
@@ -318,4 +323,5 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
     what = f"{n} cells" if result.output == "instances" else f"classes up to {n}"
     if config.axes and "Z" in config.axes:
         what += f" in 3D ({config.volume})"
-    print(f"{dst}: {what} ({result.device}, {result.precision})", file=sys.stderr)
+    print(f"{dst}: {what} ({result.device}, {result.precision}"
+          f"{', OpenVINO' if result.backend == 'openvino' else ''})", file=sys.stderr)

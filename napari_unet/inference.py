@@ -72,6 +72,8 @@ class PredictProgress:
         ``"fp32"``, ``"bf16"`` or ``"fp16"``.
     message : str
         A short human-readable status line.
+    backend : str
+        What runs the network: ``"torch"`` or ``"openvino"``.
     """
 
     done: int
@@ -81,6 +83,7 @@ class PredictProgress:
     device: str
     precision: str
     message: str = ""
+    backend: str = "torch"
 
 
 @dataclass
@@ -101,6 +104,8 @@ class Prediction:
         Side of the input tiles finally used (after any out-of-memory retry).
     output : str
         ``"instances"`` or ``"semantic"``.
+    backend : str
+        What ran the network: ``"torch"`` or ``"openvino"`` (see ``PredictConfig.backend``).
     """
 
     labels: np.ndarray
@@ -109,6 +114,7 @@ class Prediction:
     precision: str
     tile_size: int
     output: str = "instances"
+    backend: str = "torch"
 
 
 # ---- tiling core ----------------------------------------------------------------------------
@@ -799,9 +805,6 @@ class _PredictJob:
         self.want_probs = bool(config.probabilities)
         self.n_out = mcfg.n_classes if (self.want_probs or output == "semantic") else 2
         fg_pair = output == "instances" and not self.want_probs
-        self.predictors = [_make_predictor(r, d, self.precision, fg_pair, config.flips)
-                           for r, d in zip(replicas, self.devices)]
-
         self.probs = (np.zeros((mcfg.n_classes, *lead, *self.plane_shape), np.float32) if self.want_probs
                       else None)
         if output == "instances":
@@ -818,6 +821,19 @@ class _PredictJob:
             self.total += side * len(self.volumes)
             self.n_planes += (h + w) * len(self.volumes)
         self.k = 0  # 2D planes done (YX planes, then the side views' planes)
+        self.backend = "torch"
+        if config.backend != "torch" and len(self.devices) == 1:
+            from .openvino_backend import openvino_runner, select_backend
+
+            shape = (self.batch, mcfg.in_channels, *self.plane_tile(tile))
+            n_batches = -(-self.total // max(self.batch, 1))  # every tile of the job, side views included
+            self.backend = select_backend(config.backend, self.devices[0], replicas[0], shape, self.precision,
+                                          _make_predictor(replicas[0], self.devices[0], self.precision, False),
+                                          n_batches=n_batches)
+            if self.backend == "openvino":
+                replicas = [openvino_runner(replicas[0], mcfg.in_channels, self.precision)]
+        self.predictors = [_make_predictor(r, d, self.precision, fg_pair, config.flips)
+                           for r, d in zip(replicas, self.devices)]
 
     def _net(self, shape: tuple[int, int]) -> tuple[int, int]:
         """A plane's shape as the network sees it (resized by the model's scale)."""
@@ -848,7 +864,7 @@ class _PredictJob:
             _positions(net_shape[1], ow, self.overlap(tile), self.multiple))
 
     def progress(self, done: int, k: int, message: str) -> PredictProgress:
-        return PredictProgress(done, self.total, k, self.n_planes, self.dev_name, self.precision, message)
+        return PredictProgress(done, self.total, k, self.n_planes, self.dev_name, self.precision, message, self.backend)
 
     # ---- one plane --------------------------------------------------------------------------
 
@@ -1058,7 +1074,7 @@ class _PredictJob:
     def prediction(self) -> Prediction:
         labels = self.stack.labels if self.output == "instances" else self.sem
         return Prediction(labels=labels, probabilities=self.probs, device=self.dev_name, precision=self.precision,
-                          tile_size=self.tile, output=self.output)
+                          tile_size=self.tile, output=self.output, backend=self.backend)
 
 
 def predict_all(model, image: np.ndarray, config: PredictConfig | None = None,

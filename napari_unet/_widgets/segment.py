@@ -437,7 +437,8 @@ class SegmentWidget(QWidget):
             value = int(100 * ev.done / ev.total)
             if value != pbar.n:
                 pbar.update(value - pbar.n)
-        self.device_info.setText(f"{self.device.value} \u2192 {ev.device} ({ev.precision})")
+        backend = ", OpenVINO" if ev.backend == "openvino" else ""
+        self.device_info.setText(f"{self.device.value} \u2192 {ev.device} ({ev.precision}{backend})")
         if self.state.state == "segmenting":
             self.state.set_state("segmenting", ev.message)
 
