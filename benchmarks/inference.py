@@ -12,7 +12,7 @@ In one run, with the same weights:
   float32 NCHW forward of each under ``torch.no_grad``, argmax per tile;
 * (b) :func:`napari_unet.inference.predict` with its defaults (instance output, so the
   watershed post-processing is included), and the same with semantic output (argmax only,
-  the work (a) does), and with :func:`~napari_unet.inference.tune_malloc` as the CLI does.
+  the work (a) does), and with :func:`~napari_unet.tuning.tune_malloc` as the CLI does.
 
 Models: depth 4 / width 8 (the training engine's default) and depth 5 / width 32, padded
 convolutions with batch norm, trained for ``--steps`` quick steps on synthetic nuclei so
@@ -168,8 +168,8 @@ def load_line() -> str:
 def part_speed(args) -> dict:
     import torch
 
-    from napari_unet.inference import tune_malloc
     from napari_unet.postprocess import semantic_labels
+    from napari_unet.tuning import tune_malloc
 
     print(f"\n### Speed: {args.size} x {args.size} synthetic nuclei, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
@@ -220,6 +220,12 @@ def part_speed(args) -> dict:
     print("|---|---|---|---|---|---|")
     for name, label, t, speed, ratio, gf in rows:
         print(f"| {name} | {label} | {t:.2f} | {speed:.3f} | {ratio:.2f}x | {gf:.0f} ({100 * gf / peak32:.0f} %) |")
+    for name in dict.fromkeys(r[0] for r in rows):
+        inst = next(r[2] for r in rows if r[0] == name and "instances" in r[1])
+        sem = next(r[2] for r in rows if r[0] == name and "semantic" in r[1])
+        print(f"\n{name}: post-processing (instances minus semantic) {inst - sem:.2f} s, "
+              f"{100 * (inst - sem) / inst:.0f} % of the instance time", end="")
+    print()
     print(f"\nMask agreement (same image, bf16 on its top-left {args.agreement_size} px; the models trained "
           "briefly on other synthetic nuclei):\n")
     print("| model | training steps | training s | bf16 vs fp32 argmax pixels equal | bf16 vs fp32 instances "
@@ -236,7 +242,7 @@ def part_avx2(args) -> None:
     """The speed comparison for the default model in a subprocess limited to AVX2."""
     env = dict(os.environ, **AVX2_ENV)
     cmd = [sys.executable, os.path.abspath(__file__), "--child-avx2", "--size", str(min(args.size, 1024)),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--steps", str(args.steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-3000:])
@@ -244,50 +250,60 @@ def part_avx2(args) -> None:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\n### Without bf16 hardware (AVX2 forced: {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}); "
           f"{load_line()}\n")
-    print(f"CPU capability seen by torch: {res['capability']}; {res['size']} x {res['size']} image, model 16/4\n")
-    print("| path | precision | time (s, median) | Mpx/s | ratio to (a) |")
-    print("|---|---|---|---|---|")
-    for label, prec, t in res["rows"]:
-        print(f"| {label} | {prec} | {t:.2f} | {res['mpx'] / t:.3f} | {res['rows'][0][2] / t:.2f}x |")
+    print(f"CPU capability seen by torch: {res['capability']}; {res['size']} x {res['size']} image\n")
+    print("| model | path | precision | time (s, median) | Mpx/s | ratio to (a) |")
+    print("|---|---|---|---|---|---|")
+    for name, label, prec, t, t_a in res["rows"]:
+        print(f"| {name} | {label} | {prec} | {t:.2f} | {res['mpx'] / t:.3f} | {t_a / t:.2f}x |")
 
 
 def child_avx2(args) -> None:
     import torch
 
-    net = train_quickly(16, 4, 1)
     image, _ = make_data(args.size, seed=7)
-    run_predict(net, image[:256, :256])
-    plain_tiled(net, image[:512, :512])
-    t_a, _ = median_time(lambda: plain_tiled(net, image), args.repeats)
-    t_b, res = median_time(lambda: run_predict(net, image, output="semantic"), args.repeats)
-    t_16, _ = median_time(lambda: run_predict(net, image, output="semantic", precision="bf16"), 1)
-    rows = [("(a) plain fp32 NCHW, 512 tiles", "fp32", t_a), ("(b) predict defaults, semantic", res.precision, t_b),
-            ("predict forced bf16, semantic", "bf16", t_16)]
+    rows = []
+    for width, depth in MODELS:
+        # Trained a little, as in the speed part: an untrained network's confetti is not what the
+        # post-processing of a real model does.
+        net = train_quickly(width, depth, args.steps if (width, depth) == MODELS[0] else args.steps // 2)
+        run_predict(net, image[:256, :256])
+        plain_tiled(net, image[:512, :512])
+        name = f"{width}/{depth}"
+        t_a, _ = median_time(lambda n=net: plain_tiled(n, image), args.repeats)
+        t_i, res_i = median_time(lambda n=net: run_predict(n, image), args.repeats)
+        t_b, res = median_time(lambda n=net: run_predict(n, image, output="semantic"), args.repeats)
+        t_16, _ = median_time(lambda n=net: run_predict(n, image, output="semantic", precision="bf16"), 1)
+        rows += [(name, "(a) plain fp32 NCHW, 512 tiles", "fp32", t_a, t_a),
+                 (name, "(b) predict defaults, instances", res_i.precision, t_i, t_a),
+                 (name, "(b) predict defaults, semantic", res.precision, t_b, t_a),
+                 (name, "predict forced bf16, semantic", "bf16", t_16, t_a)]
     print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "size": args.size,
                       "mpx": image.size / 1e6, "rows": rows}))
 
 
 def part_memory(args) -> None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", "--memory-size", str(args.memory_size),
-           "--memory-model", args.memory_model]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        print(out.stderr[-3000:])
-        raise SystemExit("memory subprocess failed")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
     gb = 1e9
-    print(f"\n### Memory: {r['size']} x {r['size']} float32 image, model {r['model']} (instances, predict defaults: "
-          f"tile {r['tile']}, {r['precision']}); {load_line()}\n")
-    print("| quantity | GB |")
-    print("|---|---|")
-    print(f"| input array | {r['input'] / gb:.2f} |")
-    print(f"| output labels ({r['labels_dtype']}) | {r['output'] / gb:.2f} |")
-    print(f"| process RSS before predict (interpreter, torch, model, input) | {r['rss_before'] / gb:.2f} |")
-    print(f"| peak RSS during predict (sampled every 20 ms) | {r['rss_peak'] / gb:.2f} |")
-    print(f"| peak RSS of the process (getrusage ru_maxrss) | {r['maxrss'] / gb:.2f} |")
-    print(f"| **peak above input + output** (peak - RSS before - output) | "
-          f"**{(r['rss_peak'] - r['rss_before'] - r['output']) / gb:.2f}** |")
-    print(f"\ntime {r['time']:.0f} s ({r['size'] ** 2 / 1e6 / r['time']:.2f} Mpx/s), {r['cells']} cells")
+    rows = []
+    for model in [m.strip() for m in args.memory_model.split(",") if m.strip()]:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", "--memory-size", str(args.memory_size),
+               "--memory-model", model, "--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:])
+            raise SystemExit("memory subprocess failed")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\n### Memory: {args.memory_size} x {args.memory_size} float32 image, instances, predict defaults, "
+          f"each model in a fresh process; {load_line()}\n")
+    print("| model | tile, precision | input (GB) | output labels (GB) | RSS before predict (GB) | peak RSS, sampled "
+          "every 20 ms (GB) | ru_maxrss (GB) | **peak above input + output** (GB) | time (s) | cells |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['tile']}, {r['precision']} | {r['input'] / gb:.2f} | {r['output'] / gb:.2f} "
+              f"({r['labels_dtype']}) | {r['rss_before'] / gb:.2f} | {r['rss_peak'] / gb:.2f} | "
+              f"{r['maxrss'] / gb:.2f} | **{(r['rss_peak'] - r['rss_before'] - r['output']) / gb:.2f}** | "
+              f"{r['time']:.0f} | {r['cells']} |")
+    print("\nRSS before predict: interpreter, torch, the model and the input, after a small prediction "
+          "(torch's one-time allocations); the peak above it less the output is what predict itself needs.")
 
 
 def child_memory(args) -> None:
@@ -310,6 +326,7 @@ def child_memory(args) -> None:
     trained = train_quickly(width, depth, max(args.steps // 4, 10))
     net.load_state_dict(trained.state_dict())
     del trained
+    run_predict(net, image[:64, :64].copy())  # torch's one-time allocations belong to the baseline
     import gc
 
     gc.collect()
@@ -449,7 +466,8 @@ def main() -> None:
     p.add_argument("--agreement-size", type=int, default=256, help="side of the crop where bf16 is compared")
     p.add_argument("--steps", type=int, default=100, help="quick training steps (the default model; half for width 32)")
     p.add_argument("--memory-size", type=int, default=8192)
-    p.add_argument("--memory-model", default="32/5", help="width/depth of the memory-test model")
+    p.add_argument("--memory-model", default="8/4,32/5",
+                   help="width/depth of the memory-test models, comma-separated (each in a fresh process)")
     p.add_argument("--child-avx2", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

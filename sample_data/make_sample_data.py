@@ -26,6 +26,7 @@ varied nuclei, on whole cells and on the held-out real images, and stores them i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", type=int, default=len(CELL_SEEDS),
                         help=f"whole-cell images added to the {len(TRAIN_SEEDS)} nuclei images "
                              f"(default and most: {len(CELL_SEEDS)})")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="a fixed number of steps instead of the time budget (the same run on a loaded machine)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="base filters of the network (default: the engine's default network's)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="levels of the network (default: the engine's default network's)")
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = 1500.0 if args.data else 2400.0
@@ -133,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         labels.append(np.where(truth > 0, truth + 1, 1).astype(np.uint16))  # fully painted: 1 bg, 2.. cells
     print(f"{len(made)} training images ({len(real)} real), {len(held)} real ones held out", flush=True)
     if real:  # thousands of objects: hold few out, validate rarely (validating is costly)
-        config = TrainConfig(mode="instances", max_time=args.seconds, seed=0, val_every=250, val_fraction=0.02,
-                             lr_schedule="cosine")
+        config = TrainConfig(mode="instances", max_time=None if args.iterations else args.seconds,
+                             iterations=args.iterations, seed=0, val_every=250, val_fraction=0.02, lr_schedule="cosine")
     else:
         # Validation every 50 steps: with 64 images, validating every 10 took most of the time.
         # ema=0: the settings the synthetic-only file was made with (before weight averaging was the default).
         config = TrainConfig(mode="instances", max_time=args.seconds, seed=0, val_every=50, ema=0.0)
     arch = default_model_config()
+    arch = dataclasses.replace(arch, base_filters=args.width or arch.base_filters, depth=args.depth or arch.depth)
     t0 = time.perf_counter()
     from napari_unet.jobs import drain
 
