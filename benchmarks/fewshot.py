@@ -570,6 +570,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="with --data: only images whose name contains one of these "
                                                  "comma-separated strings")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds run are first-seed .. first-seed + seeds - 1 (to add seeds to an earlier run)")
     ap.add_argument("--k", default="5", help="painted objects per run; several give the annotation curve, e.g. 5,10,20")
     ap.add_argument("--max-time", type=float, default=60.0)
     ap.add_argument("--unet", action="append", default=None,
@@ -654,7 +656,7 @@ def main(argv=None) -> int:
         if max(ks) >= len(big):  # the same images for every K, else the curve compares other images
             print(f"  {name}: left out, {len(big)} usable objects for K up to {max(ks)}", flush=True)
             continue
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             order = np.random.default_rng(seed).permutation(big)  # K=10 paints K=5's objects and 5 more
             for k in ks:
                 train_ids = order[:k]
