@@ -156,6 +156,11 @@ def matched_fraction(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> float:
     return len(np.unique(uniq[ious > iou, 0])) / n
 
 
+def _path(res) -> str:
+    """What ran the network: the precision, and OpenVINO when ``backend="auto"`` took it."""
+    return res.precision + (", OpenVINO" if getattr(res, "backend", "torch") == "openvino" else "")
+
+
 def load_line() -> str:
     try:
         return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
@@ -200,8 +205,8 @@ def part_speed(args) -> dict:
         csem32, csem16 = semantic_labels(c32.probabilities), semantic_labels(c16.probabilities)
         name = f"{width}/{depth}"
         for label, t in (("(a) plain fp32 NCHW, 512 tiles, argmax", t_a),
-                         (f"(b) predict defaults, instances ({res_b.precision}, tile {res_b.tile_size})", t_b),
-                         (f"(b) predict defaults, semantic ({res_s.precision})", t_s)):
+                         (f"(b) predict defaults, instances ({_path(res_b)}, tile {res_b.tile_size})", t_b),
+                         (f"(b) predict defaults, semantic ({_path(res_s)})", t_s)):
             rows.append((name, label, t, mpx / t, t_a / t, fpp * image.size / t / 1e9))
         agree_rows.append((name, steps, t_train, float((csem16 == csem32).mean()),
                            matched_fraction(c32.labels, c16.labels), float((sem_a == sem32).mean()),
@@ -213,7 +218,7 @@ def part_speed(args) -> dict:
         t_b, res_b = median_time(lambda n=net: run_predict(n, image), args.repeats)
         rows.append((f"{width}/{depth}", "(a) plain, after tune_malloc (as the CLI runs)", t_a, mpx / t_a, 1.0,
                      flops_per_pixel(net) * image.size / t_a / 1e9))
-        rows.append((f"{width}/{depth}", f"(b) predict defaults + tune_malloc ({res_b.precision})", t_b, mpx / t_b,
+        rows.append((f"{width}/{depth}", f"(b) predict defaults + tune_malloc ({_path(res_b)})", t_b, mpx / t_b,
                      t_a / t_b, flops_per_pixel(net) * image.size / t_b / 1e9))
     print("| model (width/depth) | path | time (s, median) | Mpx/s | ratio to (a) | effective GFLOP/s "
           f"(% of fp32 matmul peak {peak32:.0f}) |")
@@ -274,8 +279,8 @@ def child_avx2(args) -> None:
         t_b, res = median_time(lambda n=net: run_predict(n, image, output="semantic"), args.repeats)
         t_16, _ = median_time(lambda n=net: run_predict(n, image, output="semantic", precision="bf16"), 1)
         rows += [(name, "(a) plain fp32 NCHW, 512 tiles", "fp32", t_a, t_a),
-                 (name, "(b) predict defaults, instances", res_i.precision, t_i, t_a),
-                 (name, "(b) predict defaults, semantic", res.precision, t_b, t_a),
+                 (name, "(b) predict defaults, instances", _path(res_i), t_i, t_a),
+                 (name, "(b) predict defaults, semantic", _path(res), t_b, t_a),
                  (name, "predict forced bf16, semantic", "bf16", t_16, t_a)]
     print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "size": args.size,
                       "mpx": image.size / 1e6, "rows": rows}))
@@ -348,7 +353,7 @@ def child_memory(args) -> None:
     stop.set()
     th.join()
     print(json.dumps({
-        "size": args.memory_size, "model": args.memory_model, "tile": res.tile_size, "precision": res.precision,
+        "size": args.memory_size, "model": args.memory_model, "tile": res.tile_size, "precision": _path(res),
         "input": image.nbytes, "output": res.labels.nbytes, "labels_dtype": str(res.labels.dtype),
         "rss_before": rss_before, "rss_peak": peak[0],
         "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "time": elapsed,
