@@ -309,9 +309,11 @@ class PredictConfig(_DictMixin):
         ``"auto"`` (fastest safe choice for this machine), ``"fp32"``, ``"bf16"``, ``"fp16"``.
     backend : str
         What runs the network on the CPU: ``"torch"``, ``"openvino"`` (the optional
-        ``napari-unet[openvino]`` extra) or ``"auto"``: OpenVINO where it is installed and
-        measures at least 1.25x faster than torch at the job's tile shape on this machine
-        (measured once, cached), else torch. GPUs always run torch.
+        ``napari-unet[openvino]`` extra) or ``"auto"``: OpenVINO where it is installed, the
+        job feeds the network at least 4 megapixels, and the job's batches plus OpenVINO's
+        set-up (compiling; converting a network the first time) measure at most 0.8 of
+        torch's time on this machine (per-batch times measured once per shape, cached),
+        else torch. GPUs always run torch.
     channel_axis : int or None
         Axis of the image's channels; ``None`` detects it (RGB(A) last axis, or none).
     min_size : int or None

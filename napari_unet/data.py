@@ -53,6 +53,9 @@ def apply_normalization(image: np.ndarray, params: list[tuple[float, float]], ch
     """``(image - low) / span`` per channel as a new float32 array (computed in float64, so that a
     tile gives exactly the pixels of the whole image), non-finite values 0."""
     x = np.asarray(image, dtype=np.float32)
+    n = 1 if channel_axis is None else x.shape[channel_axis]
+    if len(params) != n:
+        raise ValueError(f"{len(params)} normalisation parameter pairs for {n} channel(s)")
     if channel_axis is None:
         out = ((x - np.float64(params[0][0])) / params[0][1]).astype(np.float32)
     else:

@@ -610,7 +610,8 @@ def _make_predictor(runner, device, precision: str, fg_pair: bool, flips: bool =
 
     from .device import autocast
 
-    cpu_or_cuda = device.type in ("cpu", "cuda")
+    # channels-last feeds torch's kernels; another runner (OpenVINO) takes the tensor as it is
+    cpu_or_cuda = device.type in ("cpu", "cuda") and isinstance(runner, torch.nn.Module)
 
     def probabilities(x):
         if cpu_or_cuda:

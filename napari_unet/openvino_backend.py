@@ -103,25 +103,37 @@ def _converted(model, in_channels: int):
     if xml.is_file() and (folder / "model.bin").is_file():
         try:
             return core.read_model(str(xml))
-        except Exception:  # noqa: BLE001 - a damaged cache entry: convert again
+        except Exception:  # noqa: BLE001 - a damaged cache entry: set aside below, convert again
             pass
+    side = model.valid_input_size(64) if getattr(model, "config", None) and model.config.padding == "valid" else 64
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace's deprecation, inside OpenVINO's converter
-        converted = ov.convert_model(model, example_input=torch.zeros(1, in_channels, 64, 64),
+        converted = ov.convert_model(model, example_input=torch.zeros(1, in_channels, side, side),
                                      input=[(-1, in_channels, -1, -1)])
-    try:
-        tmp = folder.with_name(folder.name + f".{threading.get_native_id()}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process stored it first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:  # a read-only cache: convert again next time
-        pass
+    _store(converted, folder)
     return converted
+
+
+def _store(converted, folder: Path) -> None:
+    """Save a converted network into ``folder`` atomically (a complete folder or none); a
+    damaged entry there is replaced; failing to store (read-only or full disk) only means
+    converting again next time."""
+    import shutil
+    import tempfile
+
+    ov = import_openvino()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
+            if folder.exists():  # damaged (it could not be read): out of the way first
+                shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        except Exception:  # noqa: BLE001 - another process stored it first, or the disk refused
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def openvino_runner(model, in_channels: int, precision: str) -> Callable:
@@ -205,7 +217,10 @@ def select_backend(requested: str, device, model, shape: tuple[int, ...], precis
     pixels = int(n_batches) * int(np.prod([shape[0], *shape[2:]]))
     if not usable or torch_forward is None or pixels < MIN_PIXELS:
         return "torch"
-    t = _timings(model, shape, precision, torch_forward)
+    try:
+        t = _timings(model, shape, precision, torch_forward)
+    except Exception:  # noqa: BLE001 - an OpenVINO that is installed but will not load: torch, as without it
+        return "torch"
     if not t:
         return "torch"
     setup = t["compile"] + (0.0 if is_converted(model) else t["convert"])
@@ -245,7 +260,10 @@ def _timings(model, shape: tuple[int, ...], precision: str, torch_forward: Calla
         t0 = time.perf_counter()
         ov_run = _compiled_runner(converted, precision)
         compile_s = time.perf_counter() - t0
-        times = _best_times({"torch": lambda: torch_forward(x), "openvino": lambda: ov_run(x)}, repeats=3)
+        # Both as the job runs them: torch_forward is predict's own predictor (layout, autocast,
+        # softmax); OpenVINO's output goes through the same softmax.
+        times = _best_times({"torch": lambda: torch_forward(x),
+                             "openvino": lambda: torch.softmax(ov_run(x), dim=1)}, repeats=3)
     except Exception:  # noqa: BLE001 - a network OpenVINO cannot convert or run: torch, as before
         times, known, convert, compile_s = {}, True, 0.0, 0.0
     if "torch" not in times or "openvino" not in times:

@@ -110,8 +110,9 @@ def painted_check(model, metadata: dict, planes, max_planes: int = 4, device: st
     for image, lab in planes[:max_planes]:
         image = image[0] if image.shape[0] == 1 else image
         axis = None if image.ndim == 2 else 0
-        pred = predict_all(model, image, PredictConfig(output="instances", channel_axis=axis, device=device),
-                           metadata).labels
+        # torch: the check must not convert each freshly trained network for OpenVINO
+        config = PredictConfig(output="instances", channel_axis=axis, device=device, backend="torch")
+        pred = predict_all(model, image, config, metadata).labels
         cells = np.where(lab >= 2, lab, 0)
         best = match_objects(cells, pred)
         painted += len(best)

@@ -128,7 +128,8 @@ def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_m
         # The crop is normalised on its own (the engine's percentiles); close enough for a
         # preview, while Segment normalises each whole plane.
         pconf = PredictConfig(output=preview_mode, device=config.device,
-                              channel_axis=None if channel_axis is None else -1)
+                              channel_axis=None if channel_axis is None else -1,
+                              backend="torch")
 
         def preview(model):
             crop = state.crop
