@@ -18,7 +18,8 @@ line start from a new network unless told). The sample *images* are not stored:
 napari_unet._sample_data makes them on the fly with the same generator (seeded).
 
 Run it with ``make sample-data DATA=../shared/pretrain`` or ``.venv/bin/python
-sample_data/make_sample_data.py [--data DIR] [--seconds 1500] [--cells 64] [--out PATH]``.
+sample_data/make_sample_data.py [--data DIR] [--seconds 1500] [--cells 64] [--out PATH]
+[--width W] [--depth D] [--iterations N]``.
 It prints the held-out average precision it reaches on the sample's kind of image, on
 varied nuclei, on whole cells and on the held-out real images, and stores them in the file.
 """
