@@ -139,6 +139,7 @@ def run_predict(net, image, **cfg):
     from napari_unet.config import PredictConfig
     from napari_unet.inference import predict_all
 
+    cfg.setdefault("backend", os.environ.get("NAPARI_UNET_BENCH_BACKEND", "auto"))
     return predict_all(net, image, PredictConfig(**cfg), {"mode": "instances"})
 
 
@@ -290,13 +291,15 @@ def part_memory(args) -> None:
     gb = 1e9
     rows = []
     for model in [m.strip() for m in args.memory_model.split(",") if m.strip()]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", "--memory-size", str(args.memory_size),
-               "--memory-model", model, "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:])
-            raise SystemExit("memory subprocess failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for backend in args.memory_backends.split(","):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", "--memory-size", str(args.memory_size),
+                   "--memory-model", model, "--steps", str(args.steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env=dict(os.environ, NAPARI_UNET_BENCH_BACKEND=backend.strip()))
+            if out.returncode != 0:
+                print(out.stderr[-3000:])
+                raise SystemExit("memory subprocess failed")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"\n### Memory: {args.memory_size} x {args.memory_size} float32 image, instances, predict defaults, "
           f"each model in a fresh process; {load_line()}\n")
     print("| model | tile, precision | input (GB) | output labels (GB) | RSS before predict (GB) | peak RSS, sampled "
@@ -471,6 +474,8 @@ def main() -> None:
     p.add_argument("--agreement-size", type=int, default=256, help="side of the crop where bf16 is compared")
     p.add_argument("--steps", type=int, default=100, help="quick training steps (the default model; half for width 32)")
     p.add_argument("--memory-size", type=int, default=8192)
+    p.add_argument("--memory-backends", default="torch,auto",
+                   help="backend= of the memory runs, comma-separated (auto: OpenVINO where it measures faster)")
     p.add_argument("--memory-model", default="8/4,32/5",
                    help="width/depth of the memory-test models, comma-separated (each in a fresh process)")
     p.add_argument("--child-avx2", action="store_true", help=argparse.SUPPRESS)

@@ -87,10 +87,10 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
     block, halo : int, optional
         Images taller than ``block`` rows (Y) are flooded in bands of ``block`` rows, each
         with ``halo`` rows of context above and below, so the watershed's float64 copies
-        stay small whatever the image size (2D: 2048 and 128; 3D: bands of about 16 M
-        voxels, halo 64). Seeds are labelled globally first, so ids agree between bands
-        and no seam needs merging; the result equals the whole-image watershed for
-        cells smaller than the halo.
+        stay small whatever the image size (2D: bands of about 8 M pixels, at least 512 rows,
+        halo 128; 3D: bands of about 16 M voxels, halo 64). Seeds are labelled globally
+        first, so ids agree between bands and no seam needs merging; the result equals the
+        whole-image watershed for cells smaller than the halo.
 
     Returns
     -------
@@ -122,7 +122,9 @@ def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, thresh
                          f"and {foreground.shape}")
     if block is None:
         per_row = int(np.prod(interior.shape)) // interior.shape[-2]
-        block = 2048 if interior.ndim == 2 else max(32, (1 << 24) // max(per_row, 1))
+        # 2D: bands of about 8 M pixels (2048 rows of a 4096 px wide image, 1024 of 8192): the
+        # flood's float64 copies of a band, not of the image, set the peak memory of huge images.
+        block = max(512, (1 << 23) // max(per_row, 1)) if interior.ndim == 2 else max(32, (1 << 24) // max(per_row, 1))
     if halo is None:
         halo = 128 if interior.ndim == 2 else 64
     seeds = interior > threshold
@@ -400,6 +402,11 @@ class StackLabels:
             self.labels[index] = 0
             return
         top = self.offset + n
+        if self.offset == 0 and plane.shape == self.labels.shape and plane.dtype in (np.uint16, np.uint32):
+            # The whole output in one piece (a single image): kept as it is, not copied (the
+            # zeros allocated up front were never touched, so they cost no memory).
+            self.labels, self.offset = plane, top
+            return
         if top > np.iinfo(self.labels.dtype).max:
             self.labels = self.labels.astype(label_dtype(top))
         dst = self.labels[index]
