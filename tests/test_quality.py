@@ -217,3 +217,23 @@ def test_masking_the_predicted_outlines_leaves_the_doubt_inside_cells():
     assert np.hypot(*np.subtract(plain[0].centre, (70, 70))) > 10
     y, x = masked[0].centre
     assert labels[y, x] == 2 and abs(x - 70) <= 10 and abs(y - 70) <= 10
+
+
+@needs_model
+def test_the_painted_check_always_runs_on_torch(monkeypatch):
+    """It runs after every training: it must never convert the freshly trained network for OpenVINO
+    (a 4 Mpx painted image would qualify for backend='auto')."""
+    from napari_unet import inference
+
+    seen = []
+    real = inference._PredictJob.__init__
+
+    def spy(self, model, image, config, *a, **k):
+        seen.append(config.backend)
+        return real(self, model, image, config, *a, **k)
+
+    monkeypatch.setattr(inference._PredictJob, "__init__", spy)
+    (image, _, _), (labels, _, _) = cells_sample()
+    model, meta = load_model(SAMPLE_MODEL_PATH)
+    painted_check(model, meta, [(image[None].astype(np.float32), labels)])
+    assert seen and set(seen) == {"torch"}
