@@ -283,3 +283,20 @@ def test_the_model_list_keeps_the_latest_trained_models_only(make_napari_viewer,
     assert names[:KEEP_TRAINED] == [f"trained model {i}" for i in (4, 3, 2)]
     assert "trained model 1" not in names and names[-2:] == ["sample model: cells (packaged)", "model file..."]
     assert seg.model.value is entries[-1]
+
+
+def test_segment_says_when_openvino_ran(make_napari_viewer, qtbot, small_cells, monkeypatch, no_threads_left):
+    """With 'auto' picking OpenVINO (forced here: the test image is below the size where it would),
+    the network runs on it in the worker thread and the widget's device line says so."""
+    from napari_unet import openvino_backend
+
+    if not openvino_backend.openvino_available():
+        pytest.skip("the openvino extra is not installed")
+    monkeypatch.setattr(openvino_backend, "select_backend", lambda *a, **k: "openvino")
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, image)
+    seg.min_size.value = 1
+    _run(qtbot, seg)
+    assert seg.state.state == "done", seg.state.text()
+    assert "OpenVINO" in seg.device_info.text()
+    assert viewer.layers["cells [U-Net]"].data.max() > 0
