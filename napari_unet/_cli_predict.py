@@ -158,17 +158,6 @@ def _predict_axes(axes: str | None, ndim: int, channel_axis: int | None) -> str 
     return axes if axes.endswith("YX") and len(axes) == len(set(axes)) else None
 
 
-def _channel_axis(args, info, ndim: int) -> int | None:
-    if args.channel_axis is not None:
-        return args.channel_axis
-    axes = info.axes or ""
-    if len(axes) == ndim:
-        for letter in ("S", "C"):
-            if letter in axes:
-                return axes.index(letter)
-    return None
-
-
 def _label_axes(info, ndim_in: int, channel_axis: int | None, ndim_out: int) -> str | None:
     """The input's axis letters without the channel axis, if ImageJ can store them."""
     axes = info.axes
@@ -268,6 +257,7 @@ def _run(args, ctx) -> int:
 
 def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show: bool) -> None:
     from .config import PredictConfig
+    from .data import find_channel_axis
     from .inference import predict
     from .io import first_line, read_image, write_labels_tiff
     from .jobs import drain
@@ -282,7 +272,10 @@ def _predict_one(args, src: Path, dst: Path, model, meta, device, kw: dict, show
         voxel_size = _voxel_size(args, info)
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from None
-    cax = _channel_axis(args, info, image.ndim)
+    try:  # the package's one rule, told the file's axis letters and the model's channels
+        cax = find_channel_axis(image.shape, model.config.in_channels, axes=info.axes, channel_axis=args.channel_axis)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
     config = PredictConfig(output=args.output, probabilities=args.probabilities, device=device,
                            precision=args.precision, backend=args.backend, channel_axis=cax, flips=args.flips,
                            axes=_predict_axes(info.axes, image.ndim, cax), voxel_size=voxel_size,

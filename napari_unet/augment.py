@@ -117,7 +117,7 @@ def warp(array: np.ndarray, coords: np.ndarray, order: int = 1, mode: str = "mir
     ``order=1`` (linear) for images, ``order=0`` (nearest) for labels and weights.
     ``mode="mirror"`` mirrors the image beyond its edges without repeating the edge pixel
     (scipy's ``"mirror"`` is numpy's ``"reflect"``), as prediction's tiles do
-    (:func:`napari_unet.inference.reflect_indices`) and the paper's overlap-tile does. For
+    (:func:`napari_unet.data.reflect_indices`) and the paper's overlap-tile does. For
     labels use ``mode="constant"`` with ``cval`` the ignore value.
     """
     dtype = output_dtype or array.dtype

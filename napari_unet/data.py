@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["normalize", "normalize_like", "LUMINANCE", "to_grey",
+__all__ = ["normalize", "normalize_like", "LUMINANCE", "to_grey", "reflect_indices", "find_channel_axis",
            "IGNORE", "TrainingDataError", "as_list", "check_labels", "split_channels",
            "apply_roi", "instance_targets", "semantic_targets", "class_balance", "border_weight_map",
            "SCALE_LIMITS", "SCALE_TOLERANCE", "painted_area", "rescale_factor", "resize_plane"]
@@ -207,34 +207,87 @@ def check_labels(labels: Any, name: str = "labels") -> np.ndarray:
     return lab
 
 
+def find_channel_axis(shape: tuple[int, ...], n_channels: int | None = None, *,
+                      labels_shape: tuple[int, ...] | None = None, rgb: bool | None = None,
+                      axes: str | None = None, channel_axis: int | None = None) -> int | None:
+    """The channel axis of an image of ``shape`` (``0..ndim-1``), or ``None`` when it has none.
+
+    The one rule of the package (training, prediction, the widgets and the command line all
+    ask it, each giving what it knows), evidence in this order:
+
+    1. ``channel_axis``: the user said so (only checked to be in range).
+    2. ``rgb=True`` (a napari RGB(A) layer): the last axis. ``rgb=False`` (any other napari
+       layer): napari shows the last two axes as ``(Y, X)``, so they are never channels.
+    3. ``axes`` (a file's axis letters, e.g. ``"CYX"``): the axis named ``S`` (samples) or ``C``.
+    4. ``labels_shape`` (training): none when the image has the labels' shape, else the axis
+       the labels do not have, the last axis first.
+    5. ``n_channels`` (the model's): for one channel, a last axis of 3 or 4 entries on an
+       image of 3+ dimensions is RGB(A) (converted to grey), other axes are planes; for
+       ``k > 1``, an axis of ``k`` entries, the last axis first, then from the first on.
+
+    Raises
+    ------
+    ValueError
+        One line naming the shape, when ``channel_axis`` is out of range, or nothing fits the
+        labels' shape or the model's ``k > 1`` channels.
+    """
+    shape = tuple(int(n) for n in shape)
+    nd = len(shape)
+    if channel_axis is not None:
+        if not -nd <= channel_axis < nd:
+            raise ValueError(f"channel_axis {channel_axis} is out of range for an image of shape {shape}")
+        return channel_axis % nd
+    if rgb:
+        return nd - 1
+    allowed = range(nd - 2) if rgb is False else range(nd)
+    order = [a for a in [nd - 1, *range(nd - 1)] if a in allowed]  # the last axis first
+    if axes and len(axes) == nd:
+        for letter in "SC":
+            if letter in axes:
+                return axes.index(letter)
+    if labels_shape is not None:
+        labels_shape = tuple(int(n) for n in labels_shape)
+        if shape == labels_shape:
+            return None
+        fits = [a for a in order if shape[:a] + shape[a + 1:] == labels_shape]
+        if not fits:
+            raise ValueError(f"image shape {shape} and labels shape {labels_shape} differ")
+        return fits[0]
+    if n_channels is None or n_channels <= 1:
+        return nd - 1 if n_channels == 1 and nd >= 3 and nd - 1 in order and shape[-1] in (3, 4) else None
+    fits = [a for a in order if shape[a] == n_channels] if nd >= 3 else []
+    if not fits:
+        raise ValueError(f"the model takes {n_channels} channels but no axis of the image (shape {shape}) has "
+                         f"{n_channels} entries; give the channel axis")
+    return fits[0]
+
+
 def split_channels(image: Any, labels_shape: tuple[int, ...], channel_axis: int | None = None,
                    name: str = "image") -> np.ndarray:
     """The image with its channels as the last axis (``(..., Y, X, C)``), matched to the labels' shape.
 
-    Without ``channel_axis``: an image of the labels' shape has one channel; an image with
-    one extra axis has channels there (the last axis if it fits, e.g. RGB, else the first).
+    The channel axis is :func:`find_channel_axis`'s (``channel_axis``, else the axis the
+    labels do not have, the last axis first, e.g. RGB).
     """
     img = np.asarray(image)
     if img.dtype == bool:
         img = img.astype(np.float32)
     if img.dtype.kind not in "iuf":  # complex counts as a number to numpy, but has no intensity to learn
         raise TrainingDataError(f"{name} is not made of real numbers (dtype {img.dtype})")
-    if channel_axis is not None:
-        if not -img.ndim <= channel_axis < img.ndim:
-            raise TrainingDataError(f"channel_axis {channel_axis} is out of range for {name} of shape {img.shape}")
-        img = np.moveaxis(img, channel_axis, -1)
-        if img.shape[:-1] != tuple(labels_shape):
-            raise TrainingDataError(f"{name} shape {img.shape[:-1]} (without channels) and labels shape "
-                                    f"{tuple(labels_shape)} differ")
-        return img
-    if img.shape == tuple(labels_shape):
+    try:
+        ax = find_channel_axis(img.shape, labels_shape=labels_shape, channel_axis=channel_axis)
+    except ValueError:  # the only two ways it fails here
+        if channel_axis is not None:
+            raise TrainingDataError(f"channel_axis {channel_axis} is out of range for {name} of shape "
+                                    f"{img.shape}") from None
+        raise TrainingDataError(f"{name} shape {img.shape} and labels shape {tuple(labels_shape)} differ") from None
+    if ax is None:
         return img[..., None]
-    if img.ndim == len(labels_shape) + 1:
-        candidates = [ax for ax in range(img.ndim) if img.shape[:ax] + img.shape[ax + 1:] == tuple(labels_shape)]
-        if candidates:
-            ax = img.ndim - 1 if img.ndim - 1 in candidates else candidates[0]
-            return np.moveaxis(img, ax, -1)
-    raise TrainingDataError(f"{name} shape {img.shape} and labels shape {tuple(labels_shape)} differ")
+    img = np.moveaxis(img, ax, -1)
+    if img.shape[:-1] != tuple(labels_shape):
+        raise TrainingDataError(f"{name} shape {img.shape[:-1]} (without channels) and labels shape "
+                                f"{tuple(labels_shape)} differ")
+    return img
 
 
 def apply_roi(labels: np.ndarray, roi: Any) -> np.ndarray:
@@ -378,3 +431,20 @@ def border_weight_map(cells: np.ndarray, target: np.ndarray, class_weights: np.n
         both &= target != skip_class
     w[both] += w0 * np.exp(-((d1[both] + d2[both]) ** 2) / (2 * sigma**2))
     return w
+
+
+def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
+    """Indices ``start..stop-1`` folded into ``[0, n)`` by mirroring without repeating the edge.
+
+    The same values as ``np.pad(mode="reflect")`` (repeated reflection when the pad is
+    longer than the array). The one mirror rule of the package: prediction reads its tiles
+    through it (instead of padding a copy of a possibly huge image), training crops its
+    patches and validation planes through it, and the augmentation's warp (scipy's
+    ``"mirror"``) folds the same way, so training sees the borders prediction will.
+    """
+    i = np.arange(start, stop)
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    i = np.mod(i, period)
+    return np.where(i < n, i, period - i)

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from .config import PredictConfig
-from .data import to_grey
+from .data import find_channel_axis, reflect_indices, to_grey
 
 __all__ = [
     "predict", "predict_all", "tiled_predict", "tiled_predict_iter", "PredictProgress", "Prediction",
@@ -118,21 +118,6 @@ class Prediction:
 
 
 # ---- tiling core ----------------------------------------------------------------------------
-
-def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
-    """Indices ``start..stop-1`` folded into ``[0, n)`` by mirroring without repeating the edge.
-
-    The same values as ``np.pad(mode="reflect")`` (repeated reflection when the pad is
-    longer than the array). Used to read mirrored tiles straight from the image instead of
-    padding a copy of a possibly huge image.
-    """
-    i = np.arange(start, stop)
-    if n == 1:
-        return np.zeros_like(i)
-    period = 2 * (n - 1)
-    i = np.mod(i, period)
-    return np.where(i < n, i, period - i)
-
 
 def _positions(size: int, out_tile: int, overlap: int, multiple: int = 1) -> list[int]:
     """Starts of the output regions along one axis, covering ``[0, size)``.
@@ -394,11 +379,11 @@ class _Prepared:
 def prepare_image(image: np.ndarray, in_channels: int, channel_axis: int | None = None) -> _Prepared:
     """Find the channel axis and the planes of ``image`` for a model taking ``in_channels``.
 
-    Rules: an explicit ``channel_axis`` must have ``in_channels`` entries, or 3/4 (RGB(A))
-    for a 1-channel model (converted to grey). Without one: a 1-channel model takes a
-    last axis of size 3 or 4 (on an image of 3+ dimensions) as RGB(A) and every other
-    axis as planes; a model of ``k > 1`` channels looks for an axis of size ``k``, last
-    axis first, then the first axis. The two last remaining axes are ``(Y, X)``.
+    The channel axis is :func:`napari_unet.data.find_channel_axis`'s for the model's
+    channels (an explicit ``channel_axis``, else for a 1-channel model a last axis of 3 or
+    4 entries as RGB(A), for ``k > 1`` channels an axis of ``k`` entries, the last first).
+    An explicit axis must have ``in_channels`` entries, or 3/4 (RGB(A), converted to grey)
+    for a 1-channel model. The two last remaining axes are ``(Y, X)``.
 
     Raises
     ------
@@ -408,27 +393,12 @@ def prepare_image(image: np.ndarray, in_channels: int, channel_axis: int | None 
     image = np.asarray(image)
     if image.dtype.kind not in "biuf":
         raise ValueError(f"cannot segment an image of dtype {image.dtype}; use integers or floats")
-    nd = image.ndim
+    ax = find_channel_axis(image.shape, in_channels, channel_axis=channel_axis)
     if channel_axis is not None:
-        if not -nd <= channel_axis < nd:
-            raise ValueError(f"channel_axis {channel_axis} is out of range for an image of shape {image.shape}")
-        ax = channel_axis % nd
         n = image.shape[ax]
         if n != in_channels and not (in_channels == 1 and n in (3, 4)):
             raise ValueError(f"the image has {n} channels (axis {channel_axis} of shape {image.shape}) but the "
                              f"model takes {in_channels}")
-    else:
-        ax = None
-        if in_channels == 1:
-            if nd >= 3 and image.shape[-1] in (3, 4):
-                ax = nd - 1
-        elif nd >= 3 and image.shape[-1] == in_channels:
-            ax = nd - 1
-        elif nd >= 3 and image.shape[0] == in_channels:
-            ax = 0
-        else:
-            raise ValueError(f"the model takes {in_channels} channels but no axis of the image (shape "
-                             f"{image.shape}) has {in_channels} entries; give the channel axis")
     if ax is not None:
         image = np.moveaxis(image, ax, -1)
         spatial = image.shape[:-1]

@@ -29,6 +29,7 @@ from .data import (
     instance_targets,
     normalize,
     painted_area,
+    reflect_indices,
     rescale_factor,
     resize_plane,
     scaled_shape,
@@ -391,23 +392,15 @@ def side_planes(image: np.ndarray, labels: np.ndarray, voxel_size: tuple[float, 
 
 # ---- patches ----------------------------------------------------------------------------------
 
-def _symmetric_index(idx: np.ndarray, n: int) -> np.ndarray:
-    """Indices mirrored into ``[0, n)`` repeating the edge pixel (numpy's ``"symmetric"``), any distance."""
-    period = 2 * n
-    i = np.mod(idx, period)
-    return np.where(i >= n, period - 1 - i, i)
-
-
 def crop_mirrored(arr: np.ndarray, y0: int, x0: int, h: int, w: int, fill=None) -> np.ndarray:
     """Crop ``[y0:y0+h, x0:x0+w]`` of the last two axes; beyond the edges mirror (or ``fill``).
 
-    The mirror repeats the edge pixel (numpy's ``"symmetric"``), while prediction's tiles and
-    the augmentation do not (``"reflect"``): kept so because the few-shot numbers were measured
-    with it; making them one rule waits for a benchmark run over every image and seed.
+    The mirror does not repeat the edge pixel (numpy's ``"reflect"``,
+    :func:`napari_unet.data.reflect_indices`), as prediction's tiles and the augmentation.
     """
     H, W = arr.shape[-2:]
     iy, ix = np.arange(y0, y0 + h), np.arange(x0, x0 + w)
-    out = arr[..., _symmetric_index(iy, H)[:, None], _symmetric_index(ix, W)[None, :]]
+    out = arr[..., reflect_indices(y0, y0 + h, H)[:, None], reflect_indices(x0, x0 + w, W)[None, :]]
     if fill is not None:
         outside = ((iy < 0) | (iy >= H))[:, None] | ((ix < 0) | (ix >= W))[None, :]
         out = np.where(outside, fill, out).astype(arr.dtype)

@@ -261,3 +261,86 @@ def test_normalisation_in_two_steps_is_exact_on_any_crop(dtype):
     before = img.copy()
     apply_normalization(img, params, channel_axis=0)
     np.testing.assert_array_equal(img, before)  # the caller's array is never changed
+
+
+@pytest.mark.parametrize("y0, x0, h, w", [(-5, -3, 12, 9), (4, 6, 8, 8), (-20, 10, 40, 30)])
+def test_training_crops_mirror_like_prediction_tiles(y0, x0, h, w):
+    """Training patches and validation planes see the same mirrored borders as prediction's
+    tiles (numpy's "reflect": the edge pixel is not repeated), also beyond one reflection."""
+    from napari_unet.training_data import crop_mirrored
+
+    a = np.random.default_rng(0).random((2, 11, 13)).astype(np.float32)
+    H, W = a.shape[-2:]
+    pad = 60
+    padded = np.pad(a, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    want = padded[:, pad + y0:pad + y0 + h, pad + x0:pad + x0 + w]
+    got = crop_mirrored(a, y0, x0, h, w)
+    assert np.array_equal(got, want)
+    filled = crop_mirrored(a[0], y0, x0, h, w, fill=-1.0)
+    inside = np.zeros((h, w), bool)
+    ys, xs = np.arange(y0, y0 + h), np.arange(x0, x0 + w)
+    inside[((ys >= 0) & (ys < H))[:, None] & ((xs >= 0) & (xs < W))[None, :]] = True
+    assert np.array_equal(filled[inside], want[0][inside])
+    assert np.all(filled[~inside] == -1.0)
+
+
+@pytest.mark.parametrize("shape, kwargs, want", [
+    ((64, 64), {"n_channels": 1}, None),
+    ((64, 64, 3), {"n_channels": 1}, 2),                 # RGB, converted to grey
+    ((5, 64, 64), {"n_channels": 1}, None),              # a stack of planes
+    ((64, 64, 3), {"n_channels": 3}, 2),
+    ((3, 64, 64), {"n_channels": 3}, 0),
+    ((5, 2, 64, 64), {"n_channels": 2}, 1),              # any leading axis, not only the first
+    ((64, 64, 3), {"n_channels": 1, "rgb": False}, None),  # napari: a non-RGB layer's last axes are Y, X
+    ((3, 64, 3), {"n_channels": 3, "rgb": False}, 0),
+    ((64, 64, 4), {"rgb": True}, 2),
+    ((2, 64, 64), {"axes": "CYX", "n_channels": 1}, 0),  # a file's letters outrank guessing
+    ((64, 64, 3), {"axes": "YXS", "n_channels": 3}, 2),
+    ((64, 64), {"labels_shape": (64, 64)}, None),
+    ((64, 64, 2), {"labels_shape": (64, 64)}, 2),
+    ((2, 64, 64), {"labels_shape": (64, 64)}, 0),
+    ((3, 3, 3), {"labels_shape": (3, 3)}, 2),            # both fit: the last axis first
+    ((3, 3, 3), {"labels_shape": (3, 3), "rgb": False}, 0),
+    ((2, 64, 64), {"channel_axis": -3, "n_channels": 5}, 0),  # said explicitly: only checked for range
+])
+def test_find_channel_axis_one_rule(shape, kwargs, want):
+    from napari_unet.data import find_channel_axis
+
+    assert find_channel_axis(shape, **kwargs) == want
+
+
+@pytest.mark.parametrize("shape, kwargs, words", [
+    ((64, 64), {"n_channels": 2}, "no axis"),
+    ((5, 64, 64), {"n_channels": 2}, "no axis"),
+    ((64, 64, 2), {"n_channels": 2, "rgb": False}, "no axis"),
+    ((64, 65, 2), {"labels_shape": (64, 64)}, "differ"),
+    ((64, 64), {"channel_axis": 2}, "out of range"),
+])
+def test_find_channel_axis_says_what_does_not_fit(shape, kwargs, words):
+    from napari_unet.data import find_channel_axis
+
+    with pytest.raises(ValueError, match=words) as e:
+        find_channel_axis(shape, **kwargs)
+    assert "\n" not in str(e.value) and str(tuple(shape)) in str(e.value)
+
+
+@pytest.mark.parametrize("shape, axis", [((32, 32, 3), 2), ((3, 32, 32), 0), ((32, 32, 2), 2), ((2, 32, 32), 0),
+                                         ((4, 32, 32, 2), 3), ((4, 2, 32, 32), 1)])
+def test_training_prediction_and_widgets_find_the_same_channel_axis(shape, axis):
+    """The channels training finds from the labels' shape are where prediction (told the
+    model's channels) and the widgets (told napari's rgb flag) find them."""
+    from napari_unet._widgets._common import layer_channel_axis
+    from napari_unet.data import split_channels
+    from napari_unet.inference import prepare_image
+
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    spatial = shape[:axis] + shape[axis + 1:]
+    k = shape[axis]
+    moved = split_channels(image, spatial)
+    assert np.array_equal(moved, np.moveaxis(image, axis, -1))
+    prepared = prepare_image(image, k)
+    assert prepared.has_channels and np.array_equal(prepared.image, moved)
+    rgb = axis == len(shape) - 1  # napari shows channels-last data only as an RGB(A) layer
+    if not rgb or k in (3, 4):
+        assert layer_channel_axis(shape, rgb, k) == axis
+        assert layer_channel_axis(shape, rgb, labels_shape=spatial) == axis

@@ -220,22 +220,18 @@ def connect_while_alive(owner: QWidget, connections: list[tuple[Any, Callable[..
     owner.destroyed.connect(_disconnect)
 
 
-def layer_channel_axis(shape: tuple[int, ...], rgb: bool, in_channels: int) -> int | None:
-    """The channel axis of an image layer's data for a model of ``in_channels``: the last axis
-    of an RGB(A) layer; for ``in_channels > 1``, the first leading axis of that many entries
-    (napari shows a non-RGB layer's last two axes as Y, X); ``None`` for one channel.
+def layer_channel_axis(shape: tuple[int, ...], rgb: bool, in_channels: int | None = None,
+                       labels_shape: tuple[int, ...] | None = None) -> int | None:
+    """The channel axis of an image layer's data: :func:`napari_unet.data.find_channel_axis`
+    told the layer's ``rgb`` flag (an RGB(A) layer's last axis; napari shows any other
+    layer's last two axes as Y, X) and the model's channels, or for training the labels'
+    shape (the axis the labels do not have).
 
-    Raises ``ValueError`` when a multi-channel model finds no such axis.
+    Raises ``ValueError`` (one line) when a multi-channel model or the labels find no such axis.
     """
-    if rgb:
-        return len(shape) - 1
-    if in_channels <= 1:
-        return None
-    leading = [a for a, n in enumerate(shape[:-2]) if n == in_channels]
-    if not leading:
-        raise ValueError(f"the model takes {in_channels} channels but no axis of the image (shape {tuple(shape)}) "
-                         f"has {in_channels} entries; pick a {in_channels}-channel image")
-    return leading[0]
+    from ..data import find_channel_axis
+
+    return find_channel_axis(shape, in_channels, rgb=bool(rgb), labels_shape=labels_shape)
 
 
 #: What the leading axes of an image layer are (the Segment widget's "Stack is").

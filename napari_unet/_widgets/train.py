@@ -58,16 +58,6 @@ def gui_threads(torch_threads: int) -> int:
     return max(min(torch_threads, usable) - 1, 1)
 
 
-def _extra_axis(image_shape: tuple, labels_shape: tuple) -> int | None:
-    """The axis of a non-RGB image that its labels do not have (its channels), if there is one."""
-    if len(image_shape) != len(labels_shape) + 1:
-        return None
-    for axis in range(len(image_shape)):
-        if tuple(image_shape[:axis] + image_shape[axis + 1:]) == tuple(labels_shape):
-            return axis
-    return None
-
-
 def train_config_from(s: dict[str, Any]):
     """The :class:`~napari_unet.config.TrainConfig` a widget state (a plain dict) describes."""
     from ..config import TrainConfig
@@ -397,7 +387,11 @@ class TrainWidget(QWidget):
             return
         images = _common.copy_layer_data(image_layer)
         labels = _common.copy_layer_data(labels_layer)
-        channel_axis = images.ndim - 1 if image_layer.rgb else _extra_axis(images.shape, labels.shape)
+        try:
+            channel_axis = _common.layer_channel_axis(images.shape, image_layer.rgb, labels_shape=labels.shape)
+        except ValueError as e:
+            _common.notify_error(f"{image_layer.name}: {e}")
+            return
         job = _JobState()
         self._job = job
         self._image_layer = image_layer
