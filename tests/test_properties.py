@@ -1,9 +1,9 @@
 """Property-based tests (hypothesis) of the tiling and of the label conversions, over random shapes,
 dtypes and values. (test_inference.py has those of mirroring and of tiled prediction itself.)
 """
-
 from __future__ import annotations
 
+import contextlib
 import warnings
 from unittest import mock
 
@@ -313,8 +313,10 @@ def test_instance_labels_equal_the_plain_scikit_image_steps(seed, shape, sigma, 
     interior = (rankdata(field, method="ordinal").reshape(shape) / field.size).astype(np.float32)
     interior = np.where(field > 0.55, interior, interior * 0.5)  # seeds where the field is high
     foreground = np.clip(field + extra, 0, 1).astype(np.float32)
-    # one_flood: the regions between seeds flooded in one call (as for confetti), not one call per region
-    with mock.patch.object(pp, "_MANY_REGIONS", 0 if one_flood else pp._MANY_REGIONS):
+    # one_flood: the regions between seeds flooded in one call over the image (when their boxes
+    # would not pack smaller), not in their boxes packed side by side
+    unpacked = mock.patch.object(pp, "_packed_boxes", lambda shapes, limit: (None, tuple(limit)))
+    with unpacked if one_flood else contextlib.nullcontext():
         got = pp.instance_labels(interior, foreground, min_size=min_size, min_seed_size=min_seed_size,
                                  fill_holes=fill)
     want = _reference_instances(interior, foreground, min_size, min_seed_size, fill)
