@@ -380,6 +380,12 @@ def test_a_multichannel_stack_trains_with_its_live_preview(make_napari_viewer, q
     # The visible part of the image (both channels went into the network), on the image's grid.
     assert preview.data.ndim == 2 and 32 <= min(preview.data.shape) and max(preview.data.shape) <= 96
     assert np.allclose(preview.scale, (0.5, 0.5))
+    # Where to paint next also takes both channels (not the channel napari shows as the current plane).
+    with qtbot.waitSignal(train.runner.finished, timeout=120_000):
+        train.suggest_button.click()
+    assert notes["error"] == [], notes["error"]
+    uncertainty = viewer.layers["cells [uncertainty]"]
+    assert uncertainty.data.shape == image.shape and np.allclose(uncertainty.scale, (0.5, 0.5))
 
 
 def test_a_destroyed_widget_leaves_no_handler_on_the_viewer(make_napari_viewer, qtbot):

@@ -606,16 +606,24 @@ class TrainWidget(QWidget):
             _common.notify_error("choose the image layer to look at")
             return
         data = image_layer.data
-        spatial_nd = image_layer.ndim  # an RGB layer's ndim leaves out its channel axis
-        point = np.round(image_layer.world_to_data(self.viewer.dims.point[-spatial_nd:])).astype(int)
-        plane = tuple(int(np.clip(p, 0, n - 1)) for p, n in zip(point[:-2], data.shape[:spatial_nd - 2]))
+        try:  # the channels where training and Segment find them: all of them, whatever the plane
+            cax = _common.layer_channel_axis(data.shape, image_layer.rgb, self.current.model.config.in_channels)
+        except ValueError as e:
+            _common.notify_error(f"{image_layer.name}: {e}")
+            return
+        point = np.round(image_layer.world_to_data(self.viewer.dims.point[-image_layer.ndim:])).astype(int)
+        if cax is not None and not image_layer.rgb:  # napari shows a (C, Y, X) layer's channels as planes
+            data = np.moveaxis(data, cax, -1)
+            point = np.delete(point, cax)
+        spatial_nd = data.ndim - (cax is not None)
+        plane = tuple(int(np.clip(p, 0, n - 1)) for p, n in zip(point[-spatial_nd:-2], data.shape[:spatial_nd - 2]))
         image = np.array(data[plane], copy=True)
         painted = None
-        if labels_layer is not None and tuple(labels_layer.data.shape[:spatial_nd]) == tuple(data.shape[:spatial_nd]):
+        if labels_layer is not None and tuple(labels_layer.data.shape[-spatial_nd:]) == tuple(data.shape[:spatial_nd]):
             painted = np.array(labels_layer.data[plane], copy=True)
         from ..config import PredictConfig
 
-        config = PredictConfig(device=self.device.value, channel_axis=image.ndim - 1 if image_layer.rgb else None)
+        config = PredictConfig(device=self.device.value, channel_axis=None if cax is None else image.ndim - 1)
         model, metadata = self.current.model, dict(self.current.metadata)
 
         def job():
