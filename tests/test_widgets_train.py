@@ -59,7 +59,7 @@ def test_train_then_stop_keeps_model_and_feeds_segment(make_napari_viewer, qtbot
     meta = train.current.metadata
     assert meta["training"]["status"] == "stopped"
     assert 1 <= meta["training"]["iterations"] < 10_000
-    assert train._loss_xy[0], "the loss plot got points"
+    assert train.curves.points["loss"][0], "the loss plot got points"
     # The Segment widget docked in the same viewer now uses a snapshot of the trained model.
     entry = segment.model.value
     assert entry is train.published_model and entry.model is not train.current.model
@@ -302,8 +302,8 @@ def test_validation_plot_says_when_nothing_is_held_out(make_napari_viewer, qtbot
     viewer, train = _setup(make_napari_viewer, image, labels, iterations=3)
     _run(qtbot, train, train.start_button)
     assert train.state.state == "done", train.state.text()
-    title = train._iou_plot.titleLabel.text
-    assert title == "validation IoU: none (under 8 painted)" and train._iou_xy == ([], [])
+    title = train.curves.iou_title
+    assert title == "validation IoU: none (under 8 painted)" and train.curves.points["iou"] == ([], [])
     # Ten painted squares: two are held out, the plot gets its points and its plain title back.
     many = np.ones(labels.shape, labels.dtype)
     for k in range(10):
@@ -311,7 +311,7 @@ def test_validation_plot_says_when_nothing_is_held_out(make_napari_viewer, qtbot
     viewer.layers["painted"].data = many
     _run(qtbot, train, train.start_button)
     assert train.state.state == "done", train.state.text()
-    assert train._iou_plot.titleLabel.text == IOU_TITLE and len(train._iou_xy[0]) >= 1
+    assert train.curves.iou_title == IOU_TITLE and len(train.curves.points["iou"][0]) >= 1
 
 
 def test_where_to_paint_next_shows_uncertainty_and_places_on_the_current_plane(make_napari_viewer, qtbot,
@@ -402,3 +402,26 @@ def test_a_destroyed_widget_leaves_no_handler_on_the_viewer(make_napari_viewer, 
         with qtbot.waitSignal(w.destroyed, timeout=10_000):
             w.deleteLater()
     assert [len(e.callbacks) for e in events] == before
+
+
+def test_without_pyqtgraph_the_curves_are_a_line_of_text(make_napari_viewer, monkeypatch):
+    """napari does not depend on pyqtgraph: a plugin-manager install without it still trains,
+    with the latest loss and IoU as text instead of the plot."""
+    import sys
+
+    from qtpy.QtWidgets import QLabel
+
+    from napari_unet._widgets.train import Curves
+
+    monkeypatch.setitem(sys.modules, "pyqtgraph", None)  # import pyqtgraph now raises ImportError
+    viewer = make_napari_viewer()
+    train = TrainWidget(viewer)
+    assert isinstance(train.curves.widget, QLabel) and "install pyqtgraph" in train.curves.widget.text()
+    curves = Curves()
+    curves.add("loss", 1, 0.75)
+    curves.add("iou", 5, 0.5)
+    curves.add("loss", 5, 0.25)
+    assert curves.widget.text() == "training loss 0.250, validation IoU 0.500"
+    assert curves.points == {"loss": ([1, 5], [0.75, 0.25]), "iou": ([5], [0.5])}
+    curves.clear()
+    assert curves.points == {"loss": ([], []), "iou": ([], [])}

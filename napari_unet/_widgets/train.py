@@ -19,11 +19,10 @@ from typing import Any
 
 import napari.layers
 import numpy as np
-import pyqtgraph as pg
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, RadioButtons, SpinBox
 from napari.utils import progress
 from psygnal import Signal
-from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
 from .. import _sample_data
@@ -139,6 +138,58 @@ def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_m
         yield event
 
 
+class Curves:
+    """The live loss and validation-IoU curves: a pyqtgraph plot, or where pyqtgraph is not
+    installed (napari does not depend on it; the ``[napari]`` extra brings it) a line of text
+    with the latest values. ``points[name]`` holds the ``(iterations, values)`` shown."""
+
+    def __init__(self):
+        self.points: dict[str, tuple[list, list]] = {"loss": ([], []), "iou": ([], [])}
+        self.iou_title = IOU_TITLE
+        try:
+            import pyqtgraph as pg
+        except ImportError:
+            pg = None
+        if pg is None:
+            self.widget = QLabel("training loss and validation IoU (install pyqtgraph for the live plot)")
+            self.widget.setWordWrap(True)
+            self._curves = None
+            return
+        self.widget = pg.GraphicsLayoutWidget()
+        self.widget.setMinimumHeight(180)
+        loss_plot = self.widget.addPlot(row=0, col=0, title="training loss")
+        self._iou_plot = self.widget.addPlot(row=1, col=0, title=IOU_TITLE)
+        self._iou_plot.setYRange(0, 1)
+        self._iou_plot.setXLink(loss_plot)
+        self._curves = {"loss": loss_plot.plot(pen=pg.mkPen("#ffb000", width=1.5)),
+                        "iou": self._iou_plot.plot(pen=pg.mkPen("#00c0ff", width=1.5), symbol="o", symbolSize=4)}
+
+    def add(self, name: str, iteration: int, value: float) -> None:
+        xs, ys = self.points[name]
+        xs.append(iteration)
+        ys.append(value)
+        if self._curves is not None:
+            self._curves[name].setData(xs, ys)
+        else:
+            loss, iou = self.points["loss"][1], self.points["iou"][1]
+            text = f"training loss {loss[-1]:.3f}" if loss else "training loss: none yet"
+            self.widget.setText(text + (f", validation IoU {iou[-1]:.3f}" if iou else ""))
+
+    def set_iou_title(self, text: str) -> None:
+        self.iou_title = text
+        if self._curves is not None:
+            self._iou_plot.setTitle(text)
+
+    def clear(self) -> None:
+        for xs, ys in self.points.values():
+            xs.clear()
+            ys.clear()
+        if self._curves is not None:
+            for curve in self._curves.values():
+                curve.setData([], [])
+        self.set_iou_title(IOU_TITLE)
+
+
 class TrainWidget(QWidget):
     """Train U-Net: pick image and painted labels, a new model or a file, then Start / Stop.
 
@@ -229,16 +280,8 @@ class TrainWidget(QWidget):
         self.state = StateLabel()
         self.exporter = BioimageioExport(self, self._export_source)
 
-        self.plot = pg.GraphicsLayoutWidget()
-        self.plot.setMinimumHeight(180)
-        loss_plot = self.plot.addPlot(row=0, col=0, title="training loss")
-        iou_plot = self._iou_plot = self.plot.addPlot(row=1, col=0, title=IOU_TITLE)
-        iou_plot.setYRange(0, 1)
-        iou_plot.setXLink(loss_plot)
-        self._loss_curve = loss_plot.plot(pen=pg.mkPen("#ffb000", width=1.5))
-        self._iou_curve = iou_plot.plot(pen=pg.mkPen("#00c0ff", width=1.5), symbol="o", symbolSize=4)
-        self._loss_xy: tuple[list, list] = ([], [])
-        self._iou_xy: tuple[list, list] = ([], [])
+        self.curves = Curves()
+        self.plot = self.curves.widget
 
         layout = QVBoxLayout(self)
         layout.addWidget(Container(widgets=[self.image, self.labels, self.mode, self.start_from, self.depth,
@@ -406,10 +449,7 @@ class TrainWidget(QWidget):
                 self._empty_preview = None if had_preview else self._preview_layer
         self._last_event = None
         self._returned = None
-        self._loss_xy, self._iou_xy = ([], []), ([], [])
-        self._loss_curve.setData([], [])
-        self._iou_curve.setData([], [])
-        self._iou_plot.setTitle(IOU_TITLE)
+        self.curves.clear()
         self._job_images = images
         self._job_channel_axis = channel_axis
         self._pbar = progress(total=100, desc="Training U-Net")
@@ -499,7 +539,7 @@ class TrainWidget(QWidget):
         self._last_event = ev
         if ev.iteration == 0 and ev.n_val_objects == 0:
             # All painted objects train: fewer than min_val_objects (the notification says it in full).
-            self._iou_plot.setTitle(f"validation IoU: none (under {DEFAULTS.min_val_objects} painted)")
+            self.curves.set_iou_title(f"validation IoU: none (under {DEFAULTS.min_val_objects} painted)")
         if ev.preview is not None:
             self._show_preview(*ev.preview)
             self._empty_preview = None
@@ -512,13 +552,9 @@ class TrainWidget(QWidget):
             # the viewer): update it once per percent, never its description, to keep slots short.
             pbar.update(value - pbar.n)
         if ev.loss is not None:
-            self._loss_xy[0].append(ev.iteration)
-            self._loss_xy[1].append(ev.loss)
-            self._loss_curve.setData(*self._loss_xy)
+            self.curves.add("loss", ev.iteration, ev.loss)
         if ev.val_iou is not None:
-            self._iou_xy[0].append(ev.iteration)
-            self._iou_xy[1].append(ev.val_iou)
-            self._iou_curve.setData(*self._iou_xy)
+            self.curves.add("iou", ev.iteration, ev.val_iou)
         if ev.message:
             (_common.notify_warning if ev.warning else _common.notify_info)(ev.message)
         if self.state.state == "training":
