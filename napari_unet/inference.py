@@ -49,6 +49,7 @@ import numpy as np
 
 from .config import PredictConfig
 from .data import find_channel_axis, reflect_indices, to_grey
+from .jobs import relay
 
 __all__ = [
     "predict", "predict_all", "tiled_predict", "tiled_predict_iter", "PredictProgress", "Prediction",
@@ -876,16 +877,15 @@ class _PredictJob:
             gen = tiled_predict_iter(self.predictors, x, self.plane_tile(self.tile, net_shape), self.overlap(self.tile),
                                      self.batch, self.blending, self.margin, self.n_out, multiple=self.multiple,
                                      out=out, transform=transform)
-            plane_done = 0
+            tiles = [0]  # of this plane, done
+
+            def report(ev, tiles=tiles):
+                tiles[0] = ev[0]
+                return self.progress(self.done + ev[0], k, f"{label}, tile {ev[0]}" if self.n_planes > 1
+                                     else f"tile {ev[0]}")
+
             try:
-                while True:
-                    try:
-                        plane_done, _ = next(gen)
-                    except StopIteration as stop:
-                        acc = stop.value
-                        break
-                    yield self.progress(self.done + plane_done, k, f"{label}, tile {plane_done}" if self.n_planes > 1
-                                        else f"tile {plane_done}")
+                acc = yield from relay(gen, report)
                 break
             except Exception as e:  # noqa: BLE001 - only out-of-memory errors are retried
                 if not is_out_of_memory(e):
@@ -894,7 +894,7 @@ class _PredictJob:
             finally:
                 gen.close()
             yield self.progress(self.done, k, message)
-        self.done += plane_done
+        self.done += tiles[0]
         del x
         if net_shape != shape:  # back to the image's pixels (linear: probabilities stay in [0, 1])
             acc = resize_plane(acc, shape, channel_axis=0)
@@ -999,13 +999,8 @@ class _PredictJob:
             interior, fg = self._interior_foreground(maps)
             yield self.progress(self.done, self.k, "3D seeds and watershed")
             steps = iter_instance_labels(interior, fg, min_size=self.min_volume, min_seed_size=self.min_seed_volume)
-            while True:
-                try:
-                    step = next(steps)
-                except StopIteration as stop:
-                    self.stack.put(slab, stop.value)
-                    break
-                yield self.progress(self.done, self.k, f"3D {step}")
+            labels = yield from relay(steps, lambda step: self.progress(self.done, self.k, f"3D {step}"))
+            self.stack.put(slab, labels)
         else:
             dst = self.sem[slab]
             for z in range(dst.shape[0]):

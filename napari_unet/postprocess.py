@@ -25,6 +25,8 @@ from collections.abc import Generator
 import numpy as np
 from scipy import ndimage as ndi
 
+from .jobs import drain
+
 __all__ = [
     "semantic_labels", "instance_labels", "labels_from_probabilities", "label_dtype", "stitch_planes",
     "volume_size_limits", "INTERIOR", "BOUNDARY",
@@ -100,11 +102,7 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
     gen = iter_instance_labels(interior, foreground, threshold=threshold, foreground_threshold=foreground_threshold,
                                min_size=min_size, min_seed_size=min_seed_size, fill_holes=fill_holes, block=block,
                                halo=halo)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(gen)
 
 
 def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float = 0.5,

@@ -27,6 +27,7 @@ from superqt import QCollapsible
 
 from .. import _sample_data
 from ..config import TrainConfig, default_model_config
+from ..jobs import relay
 from . import _common
 from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
 from .share import BioimageioExport
@@ -129,13 +130,12 @@ def _train_job(state: _JobState, images, labels, config, kwargs: dict, preview_m
 
     gen = train(images, labels, config, channel_axis=channel_axis, preview=preview, preview_every=5.0, **kwargs)
     state.gen = gen
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
+
+    def record(event):
         state.metadata = event.result.metadata
-        yield event
+        return event
+
+    return (yield from relay(gen, record))
 
 
 class Curves:
