@@ -21,7 +21,8 @@ import glob
 import sys
 from pathlib import Path
 
-from .distributed import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # noqa: E402 - one list of image suffixes
+from .errors import BAD_INPUT_ERRORS
+from .io import IMAGE_SUFFIXES, image_files
 
 
 def add_parser(sub) -> None:
@@ -80,9 +81,7 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            # Hidden files (macOS "._x.tif" resource forks, editors' ".x.tif~") are not images.
-            found = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            found = image_files(path)
             if not found:
                 raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         elif any(ch in spec for ch in "*?["):
@@ -244,7 +243,7 @@ def _run(args, ctx) -> int:
     for src, dst in mine:
         try:
             _predict_one(args, src, dst, model, meta, device, kw, show)
-        except (ValueError, OSError, MemoryError) as e:
+        except BAD_INPUT_ERRORS as e:
             if len(inputs) == 1:
                 raise
             # One bad file of a batch: say which and go on with the others (nothing is written for it).

@@ -138,7 +138,7 @@ def _config(args):
 
 def input_pairs(args) -> list[tuple[str, str]]:
     """``(image, labels)`` file pairs from ``--image``/``--labels`` files or ``--images``/``--labels`` folders."""
-    from .distributed import _image_files, pair_by_name
+    from .io import image_files, pair_by_name
 
     labels = args.labels or []
     if args.images:
@@ -151,7 +151,7 @@ def input_pairs(args) -> list[tuple[str, str]]:
         for img_dir, lab_dir in zip(args.images, labels):
             found = pair_by_name(img_dir, lab_dir)
             pairs += [(str(i), str(lab)) for i, lab in found]
-            unlabelled = len(_image_files(Path(img_dir))) - len(found)
+            unlabelled = len(image_files(img_dir)) - len(found)
             if unlabelled:
                 print(f"napari-unet train: {img_dir}: {unlabelled} image(s) without a label file left out",
                       file=sys.stderr)

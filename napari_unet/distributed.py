@@ -18,20 +18,16 @@ import datetime
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 from .errors import BAD_INPUT_ERRORS
 
-__all__ = ["DistContext", "DistributedError", "init_from_env", "under_torchrun", "env_rank", "shard", "pair_by_name",
-           "sync_batch_norm", "plain_batch_norm", "BAD_INPUT_ERRORS", "LABEL_SUFFIXES", "IMAGE_EXTENSIONS",
+__all__ = ["DistContext", "DistributedError", "init_from_env", "under_torchrun", "env_rank", "shard",
+           "sync_batch_norm", "plain_batch_norm", "BAD_INPUT_ERRORS",
            "DEFAULT_TIMEOUT"]
 
 T = TypeVar("T")
 
-IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-#: Accepted differences between an image's name and its labels' name (``cell01.tif`` -> ``cell01_labels.tif``).
-LABEL_SUFFIXES = ("", "_labels", "_label", "_mask", "_masks", "_seg", "_gt")
 
 
 #: Seconds a collective waits for the other ranks before failing (instead of hanging forever when
@@ -290,43 +286,3 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
     return list(items[rank::world_size])
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
-
-
-def pair_by_name(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """Pair the images of one folder with the label files of another, by file name.
-
-    ``cell01.tif`` pairs with ``cell01.tif``, ``cell01_labels.tif``, ``cell01_mask.png``
-    ... (see :data:`LABEL_SUFFIXES`) in ``labels_dir``. Images without labels are left
-    out (a folder may hold unlabelled images); it is an error when no image has labels,
-    when a label file fits several images, or when an image has several label files.
-    """
-    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
-    for d, what in ((images_dir, "images"), (labels_dir, "labels")):
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d}: no such folder (--{what})")
-    labels_by_stem: dict[str, list[Path]] = {}
-    for p in _image_files(labels_dir):
-        labels_by_stem.setdefault(p.stem.lower(), []).append(p)
-    pairs: list[tuple[Path, Path]] = []
-    used: dict[Path, Path] = {}
-    for img in _image_files(images_dir):
-        found = [lab for suffix in LABEL_SUFFIXES for lab in labels_by_stem.get(img.stem.lower() + suffix, [])]
-        found = [lab for lab in found if lab.resolve() != img.resolve()]
-        if not found:
-            continue
-        if len(found) > 1:
-            raise ValueError(f"{img.name}: several label files fit ({', '.join(p.name for p in found)})")
-        lab = found[0]
-        if lab in used:
-            raise ValueError(f"{lab.name} fits both {used[lab].name} and {img.name}")
-        used[lab] = img
-        pairs.append((img, lab))
-    if not pairs:
-        raise ValueError(f"no image in {images_dir} has a label file of the same name in {labels_dir} "
-                         f"(accepted: NAME.tif, NAME_labels.tif, NAME_mask.tif, ...)")
-    return pairs

@@ -33,12 +33,18 @@ __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "ModelFileError", "OutputPathError",
     "save_model", "load_model", "read_model_metadata", "atomic_write", "check_output_path",
     "ImageInfo", "read_image", "write_labels_tiff", "default_metadata", "first_line",
+    "IMAGE_SUFFIXES", "LABEL_SUFFIXES", "image_files", "pair_by_name",
 ]
 
 FORMAT_NAME = "napari-unet-model"
 #: Bumped when a model file changes in a way older versions cannot read.
 FORMAT_VERSION = 1
 _META_KEY = "napari_unet"
+
+#: The file types read as images in folders (training folders, ``predict --image DIR``).
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+#: Accepted differences between an image's name and its labels' name (``cell01.tif`` -> ``cell01_labels.tif``).
+LABEL_SUFFIXES = ("", "_labels", "_label", "_mask", "_masks", "_seg", "_gt")
 
 
 class OutputPathError(OSError):
@@ -491,3 +497,47 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, axes: str 
     with atomic_write(path, overwrite=overwrite) as tmp:
         tifffile.imwrite(tmp, data, **kwargs)
     return path
+
+
+# ---- folders of images ----------------------------------------------------------------------
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a folder (:data:`IMAGE_SUFFIXES`), sorted; hidden files (macOS
+    ``._x.tif`` resource forks, editors' ``.x.tif~``) are not images."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def pair_by_name(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Pair the images of one folder with the label files of another, by file name.
+
+    ``cell01.tif`` pairs with ``cell01.tif``, ``cell01_labels.tif``, ``cell01_mask.png``
+    ... (see :data:`LABEL_SUFFIXES`) in ``labels_dir``. Images without labels are left
+    out (a folder may hold unlabelled images); it is an error when no image has labels,
+    when a label file fits several images, or when an image has several label files.
+    """
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    for d, what in ((images_dir, "images"), (labels_dir, "labels")):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such folder (--{what})")
+    labels_by_stem: dict[str, list[Path]] = {}
+    for p in image_files(labels_dir):
+        labels_by_stem.setdefault(p.stem.lower(), []).append(p)
+    pairs: list[tuple[Path, Path]] = []
+    used: dict[Path, Path] = {}
+    for img in image_files(images_dir):
+        found = [lab for suffix in LABEL_SUFFIXES for lab in labels_by_stem.get(img.stem.lower() + suffix, [])]
+        found = [lab for lab in found if lab.resolve() != img.resolve()]
+        if not found:
+            continue
+        if len(found) > 1:
+            raise ValueError(f"{img.name}: several label files fit ({', '.join(p.name for p in found)})")
+        lab = found[0]
+        if lab in used:
+            raise ValueError(f"{lab.name} fits both {used[lab].name} and {img.name}")
+        used[lab] = img
+        pairs.append((img, lab))
+    if not pairs:
+        raise ValueError(f"no image in {images_dir} has a label file of the same name in {labels_dir} "
+                         f"(accepted: NAME.tif, NAME_labels.tif, NAME_mask.tif, ...)")
+    return pairs

@@ -7,7 +7,7 @@ Core (what the widgets call in their worker or on the GUI thread: ``train`` /
 ``prepare_training_data``, ``load_model``, ``predict``, ``save_model``,
 ``write_labels_tiff``, ``read_image``): an exception of the kinds the widgets turn into a
 one-line notification (``ValueError``, ``OSError``, ``MemoryError``: their
-``EXPECTED_ERRORS``), a message of one line naming the problem, the caller's arrays
+``BAD_INPUT_ERRORS``), a message of one line naming the problem, the caller's arrays
 unchanged, no file written.
 
 A second, smaller table holds odd inputs that are accepted on purpose (a 1-pixel image,
@@ -49,7 +49,6 @@ from napari_unet.training import prepare_training_data, train
 
 #: What the CLI and the widgets report as one line (the one definition, napari_unet.errors).
 #: Anything else is shown as a bug.
-EXPECTED_ERRORS = BAD_INPUT_ERRORS
 TINY = ModelConfig(depth=2, base_filters=4, padding="same", batch_norm=True)
 CFG = TrainConfig(iterations=2, max_time=None, patch_size=32, batch_size=1, precision="fp32", threads=1)
 FAST = ["--iterations", "2", "--patch-size", "32", "--batch-size", "1", "--threads", "1", "--precision", "fp32",
@@ -293,7 +292,7 @@ def models(tmp_path_factory):
 
 def _one_line(e: BaseException, expect: str) -> None:
     msg = str(e)
-    assert isinstance(e, EXPECTED_ERRORS), f"{type(e).__name__} would be shown as a bug: {msg}"
+    assert isinstance(e, BAD_INPUT_ERRORS), f"{type(e).__name__} would be shown as a bug: {msg}"
     assert "\n" not in msg.strip() and msg.strip(), repr(msg)
     assert expect in msg, msg
 

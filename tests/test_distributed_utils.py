@@ -1,4 +1,4 @@
-"""Pure helpers of the distributed mode: sharding files between ranks, pairing folders by name."""
+"""Pure helpers of the distributed mode (sharding files between ranks) and the pairing of folders by name."""
 
 import pytest
 
@@ -6,11 +6,11 @@ from napari_unet.distributed import (
     DistContext,
     DistributedError,
     init_from_env,
-    pair_by_name,
     plain_batch_norm,
     shard,
     sync_batch_norm,
 )
+from napari_unet.io import pair_by_name
 
 
 @pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (7, 2), (10, 3), (5, 8)])

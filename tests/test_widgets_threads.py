@@ -13,6 +13,7 @@ from qtpy.QtWidgets import QWidget
 
 from napari_unet import tuning
 from napari_unet._widgets import _common
+from napari_unet.errors import BAD_INPUT_ERRORS
 
 
 def _run_job(qtbot, job):
@@ -105,7 +106,7 @@ def test_out_of_memory_from_a_job_is_the_users_problem(qtbot):
     """torch's out of memory (a RuntimeError) becomes a MemoryError: a one-line message, no traceback."""
     raised, errors = _job_raising(qtbot, "CUDA out of memory. Tried to allocate 2.00 GiB")
     assert raised == []
-    assert [type(e) for e in errors] == [MemoryError] and isinstance(errors[0], _common.EXPECTED_ERRORS)
+    assert [type(e) for e in errors] == [MemoryError] and isinstance(errors[0], BAD_INPUT_ERRORS)
     assert "out of memory" in str(errors[0])
 
 

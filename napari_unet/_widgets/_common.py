@@ -38,7 +38,7 @@ from ..tuning import (
 __all__ = [
     "ModelEntry", "WorkerRunner", "layer_picker", "layers_select", "follow_layers", "copy_layer_data",
     "connect_while_alive", "spatial_axes_letters", "find_docked", "notify_error", "notify_warning", "notify_info",
-    "ask_overwrite", "ask_save_path", "safe_file_stem", "EXPECTED_ERRORS", "StateLabel", "State", "TRANSITIONS",
+    "ask_overwrite", "ask_save_path", "safe_file_stem", "StateLabel", "State", "TRANSITIONS",
     "MODEL_FILE_FILTER", "layer_channel_axis", "STACK_KINDS", "stack_kind_from_axis_labels", "stack_axes",
     "output_axis_labels", "spatial_axis_labels",
 ]
@@ -46,7 +46,6 @@ __all__ = [
 #: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
 #: out of memory): a one-line notification and the widget goes back to idle. Anything else is
 #: a bug and leaves the widget in the "failed" state (still usable) with the traceback logged.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = BAD_INPUT_ERRORS
 
 #: The file dialogs' filter for models: napari-unet files and bioimage.io packages of them.
 MODEL_FILE_FILTER = "napari-unet model (*.safetensors *.zip)"
@@ -398,7 +397,7 @@ class WorkerRunner(QObject):
             background_priority()
             try:
                 return (yield from job())
-            except EXPECTED_ERRORS as e:
+            except BAD_INPUT_ERRORS as e:
                 # The user's input problem: handed to the widget as a value, so napari does not
                 # also pop up a traceback notification for it (it does for unexpected errors).
                 return _Failed(e)

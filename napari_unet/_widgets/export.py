@@ -8,6 +8,7 @@ import napari.layers
 from magicgui.widgets import Container, FileEdit, RadioButtons
 from qtpy.QtWidgets import QPushButton, QVBoxLayout, QWidget
 
+from ..errors import BAD_INPUT_ERRORS
 from . import _common
 from ._common import StateLabel, WorkerRunner, follow_layers, layers_select
 
@@ -127,7 +128,7 @@ class ExportWidget(QWidget):
                           finished=self._on_finished)
 
     def _on_error(self, exc: BaseException) -> None:
-        self.state.set_state("failed" if not isinstance(exc, _common.EXPECTED_ERRORS) else "idle",
+        self.state.set_state("failed" if not isinstance(exc, BAD_INPUT_ERRORS) else "idle",
                              _common.first_line(exc))
         _common.notify_error(f"Export failed: {_common.first_line(exc)}")
 

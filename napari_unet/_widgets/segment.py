@@ -13,6 +13,7 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidge
 from superqt import QCollapsible
 
 from .. import _sample_data
+from ..errors import BAD_INPUT_ERRORS
 from . import _common
 from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
 from .share import BioimageioExport
@@ -446,7 +447,7 @@ class SegmentWidget(QWidget):
         self._job_result = result
 
     def _on_errored(self, exc: BaseException) -> None:
-        expected = isinstance(exc, _common.EXPECTED_ERRORS)
+        expected = isinstance(exc, BAD_INPUT_ERRORS)
         self.state.set_state("idle" if expected else "failed", _common.first_line(exc))
         hint = "" if expected else " (see the console for details)"
         _common.notify_error(f"Segmentation failed: {_common.first_line(exc)}{hint}")

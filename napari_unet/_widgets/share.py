@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from qtpy.QtWidgets import QPushButton, QWidget
 
+from ..errors import BAD_INPUT_ERRORS
 from . import _common
 
 __all__ = ["BioimageioExport", "BUTTON_TEXT", "export_plane"]
@@ -121,7 +122,7 @@ class BioimageioExport:
                                 f"(checked: {'; '.join(last['checks'])})")
 
     def _on_errored(self, exc: BaseException) -> None:
-        hint = "" if isinstance(exc, _common.EXPECTED_ERRORS) else " (see the console for details)"
+        hint = "" if isinstance(exc, BAD_INPUT_ERRORS) else " (see the console for details)"
         _common.notify_error(f"Export failed: {_common.first_line(exc)}{hint}")
 
     def _on_finished(self) -> None:

@@ -27,6 +27,7 @@ from superqt import QCollapsible
 
 from .. import _sample_data
 from ..config import TrainConfig, default_model_config
+from ..errors import BAD_INPUT_ERRORS
 from ..jobs import relay
 from . import _common
 from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
@@ -591,7 +592,7 @@ class TrainWidget(QWidget):
         result = self._returned or (self._last_event.result if self._last_event is not None else None)
         stop_reason = self.runner.stop_reason
         if error is not None:
-            expected = isinstance(error, _common.EXPECTED_ERRORS)
+            expected = isinstance(error, BAD_INPUT_ERRORS)
             _common.notify_error(f"Training failed: {_common.first_line(error)}"
                                  + ("" if expected else " (see the console for details)"))
             self._set_buttons("idle" if expected else "failed", _common.first_line(error))
