@@ -349,8 +349,8 @@ class PredictConfig(_DictMixin):
         voxel size), of a Gaussian over the volume's probabilities before its 3D
         post-processing; 0 for none. Planes predicted one by one disagree a little from
         one to the next (and the side views' planes from their neighbours): unsmoothed,
-        that made one-voxel streaks and split seeds. 1 was measured better than none on
-        synthetic volumes with both methods (``benchmarks/volumes.py``, docs/volumes.md).
+        that made one-voxel streaks and split seeds. The default was measured on synthetic
+        volumes with both methods (``benchmarks/volumes.py``, docs/volumes.md).
     """
 
     output: str | None = None

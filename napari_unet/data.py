@@ -396,9 +396,8 @@ def border_weight_map(cells: np.ndarray, target: np.ndarray, class_weights: np.n
         class, the boundary pixels where cells touch), which is what the paper wants it for
         ("to learn the small separation borders between touching cells"). Applied to
         interior pixels as well (where ``d1 = 0``), it weighted every cell pixel near a
-        neighbour ~10x and the network predicted thick boundaries that split cells
-        (few-shot AP on Huh7 0.06-0.16 instead of ~0.5). ``None`` applies it everywhere,
-        as the formula reads.
+        neighbour about tenfold and the network predicted thick boundaries that split
+        cells (docs/design.md). ``None`` applies it everywhere, as the formula reads.
 
     Notes
     -----

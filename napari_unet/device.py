@@ -1,11 +1,11 @@
 """Choosing the torch device and the compute precision.
 
 Imports torch lazily so that ``import napari_unet`` stays light. Never assume reduced
-precision is faster: on the project's development machine (a Xeon with AVX-512 but
-neither AMX nor AVX512-BF16) bf16 autocast measured 2.5-6x *slower* than fp32 for a
-width-16 U-Net, while on AMX CPUs it is about 4x faster. ``select_precision("auto", ...)``
-therefore keeps fp32 on CPUs without bf16 hardware, and on the others measures once per
-machine (cached on disk) and takes bf16 only if it is clearly faster.
+precision is faster: without bf16 hardware (AMX or AVX512-BF16) bf16 autocast is emulated
+and several times *slower* than fp32, with it several times faster (measurements in
+docs/benchmarks.md). ``select_precision("auto", ...)`` therefore keeps fp32 on CPUs
+without bf16 hardware, and on the others measures once per machine (cached on disk) and
+takes bf16 only if it is clearly faster.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ REPEATS = 5
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AMX tiles or AVX512-BF16), as oneDNN will use it.
 
-    Without it, bf16 is emulated and 3-17x slower than fp32: ``auto`` never picks it then.
+    Without it, bf16 is emulated and several times slower than fp32: ``auto`` never picks it then.
     A ``ONEDNN_MAX_CPU_ISA`` limit below the bf16 instruction sets counts as no support.
     """
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
@@ -328,9 +328,8 @@ def select_training_setup(requested: str, device, model, batch_shape: tuple[int,
     :data:`TRAINING_CANDIDATES` is timed at the run's batch shape (warm-up, interleaved
     repeats, the best of each) and bf16 is kept if at least 1.25x faster. When one step
     would make the measurement cost more than 5 % of ``max_time``, bf16 is taken without it
-    (one training step of the default network, 8 patches of 128 px: on an AMD EPYC with
-    AVX512-BF16 129 ms in fp32, 67 ms bf16 channels-last; AMX is faster still). Cached per
-    machine like :func:`select_precision`.
+    (with bf16 hardware it has always measured faster for training steps; docs/benchmarks.md).
+    Cached per machine like :func:`select_precision`.
     """
     import torch
 

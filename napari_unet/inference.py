@@ -504,8 +504,7 @@ def _plane_tile(model, tile: int, plane_shape: tuple[int, int], overlap: int = 0
 
     ``tile`` is the largest that fits in memory. A 1024 px image in tiles of 880 needs two
     per axis, which cover 1760 px: tiles of about 512 + overlap cover it in two too, with
-    2.6x less computing (measured: a depth-5 width-32 model was 2x slower than plain 512
-    tiles before this).
+    much less computing.
     """
     m = model.margin()
     sizes = []
@@ -616,7 +615,7 @@ def _replica(model, device):
 
     r = copy.deepcopy(model).eval()
     # Folding eval-mode batch norm into the preceding conv removes a full pass over every
-    # feature map (batch norm in channels-last was ~20 % of the CPU time).
+    # feature map (a large share of the CPU time in channels-last).
     for m in r.modules():
         if isinstance(m, torch.nn.Sequential):
             for i in range(len(m) - 1):

@@ -1,9 +1,9 @@
 """OpenVINO as the CPU back-end of :func:`napari_unet.inference.predict` (optional extra).
 
-On an Intel Xeon with AMX, OpenVINO runs the U-Net 1.5x (default 8/4 network) to 2.3x
-(32/5) faster than torch's own bf16 path, with 99.96-99.98 % of the argmax pixels equal to
-float32 (``benchmarks/backends.py``, docs/benchmarks.md). It is an optional extra
-(``pip install "napari-unet[openvino]"``); without it everything runs on torch.
+On Intel CPUs OpenVINO can run the U-Net faster than torch's own path, with nearly all
+argmax pixels equal to float32 (``benchmarks/backends.py``; numbers in docs/benchmarks.md).
+It is an optional extra (``pip install "napari-unet[openvino]"``); without it everything
+runs on torch.
 
 * :func:`select_backend`: ``"torch"`` or ``"openvino"`` as asked; ``"auto"`` takes OpenVINO
   only on the CPU, when it is installed, for jobs of at least :data:`MIN_PIXELS`, and when
@@ -14,7 +14,7 @@ float32 (``benchmarks/backends.py``, docs/benchmarks.md). It is an optional extr
 * :func:`openvino_runner` converts the inference copy of the network (batch norm folded)
   with ``openvino.convert_model`` and compiles it for the precision chosen (f32 or bf16
   inference hint); the converted model is kept in the cache folder, keyed by a hash of
-  its weights, so a second run of the same model does not convert again (1-6 s).
+  its weights, so a second run of the same model does not convert again.
 
 Only the network changes: tiling, blending and post-processing are the same code.
 """
@@ -85,7 +85,7 @@ def _ir_folder(model) -> Path:
 
 
 def is_converted(model) -> bool:
-    """Whether this network was converted before (a run then only compiles it, 0.1-0.3 s)."""
+    """Whether this network was converted before (a run then only compiles it, which is quicker)."""
     return (_ir_folder(model) / "model.xml").is_file()
 
 
@@ -228,8 +228,8 @@ def select_backend(requested: str, device, model, shape: tuple[int, ...], precis
 
 
 #: ``"auto"`` leaves jobs smaller than this (pixels through the network) on torch without
-#: measuring: OpenVINO's set-up (0.1-0.3 s to compile, 1-6 s to convert a new network)
-#: outweighs its gain there (about 0.03 s per megapixel for the default network on AMX).
+#: measuring: OpenVINO's set-up (compiling, and converting a new network) outweighs its
+#: gain there (docs/benchmarks.md).
 MIN_PIXELS = 4_000_000
 
 

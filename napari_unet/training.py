@@ -66,7 +66,7 @@ def paper_preset(in_channels: int = 1, n_classes: int = 3, **overrides) -> tuple
     """The paper's set-up: SGD with momentum 0.99, batch 1, large 572 px tiles, the unpadded 64/5 U-Net.
 
     Returns ``(TrainConfig, ModelConfig)``; ``overrides`` replace TrainConfig fields.
-    Slow on a CPU (about 10 s per step): meant for GPUs and for reproducing the paper.
+    Slow on a CPU (seconds per step): meant for GPUs and for reproducing the paper.
     """
     model = ModelConfig(in_channels=in_channels, n_classes=n_classes, depth=5, base_filters=64, padding="valid",
                         batch_norm=False, dropout=0.5)
@@ -162,8 +162,8 @@ def _bias_shift(config: TrainConfig, data: TrainingData) -> np.ndarray | None:
     ``p(c | x)`` (logit adjustment, Menon et al. 2021). Only the boundary's weight relative
     to the interior's is undone: that ratio is geometric (band width against cell size),
     while how much background a user paints is arbitrary. Undoing all three weights gained
-    nothing more on the few-shot benchmark (AP 0.664 against 0.669 for this, on the same
-    three networks) and did worse on the synthetic quality test (AP 0.29 against 0.39).
+    nothing on the few-shot benchmark and did worse on the synthetic quality test
+    (docs/design.md).
     """
     if not config.calibrate or data.mode != "instances" or data.n_classes != 3:
         return None
@@ -604,8 +604,8 @@ class _Run:
         size_out = model.output_size(size_in)
         self.patch = (size_in, size_out)
         self.share = shard(range(config.batch_size), dctx.rank, dctx.world_size)  # this rank's patches of a batch
-        # Precision and memory layout: what is fastest depends on the CPU (channels-last fp32 was
-        # 1.5x faster on one AVX-512 CPU and 2.7x slower on another), so "auto" measures.
+        # Precision and memory layout: what is fastest depends on the CPU (channels-last fp32 is
+        # faster on some AVX-512 CPUs and slower on others), so "auto" measures.
         precision, channels_last = select_training_setup(config.precision, device, model,
                                                          (max(len(self.share), 1), data.in_channels, size_in,
                                                           size_in), max_time=config.max_time)

@@ -50,11 +50,11 @@ def import_torch():
     """``import torch`` from a worker thread without freezing the GUI thread; returns torch.
 
     Importing torch loads its shared libraries from inside the import, with Python's GIL
-    held: 0.3-0.6 s during which no other Python thread runs (napari's event loop froze for
-    up to 644 ms on the first Start, ``benchmarks/responsiveness.py``). On Linux the
+    held, for a long pause during which no other Python thread runs (napari's event loop
+    froze on the first Start, ``benchmarks/responsiveness.py``). On Linux the
     biggest libraries are loaded first with ``dlopen`` called through ctypes, which
     releases the GIL during the call; ``import torch`` then finds them loaded (the longest
-    pause measured fell to 56-80 ms, CPU build). Only the CPU libraries: a CUDA build still
+    pause fell several-fold, CPU build; docs/benchmarks.md). Only the CPU libraries: a CUDA build still
     loads ``libtorch_cuda.so`` inside the import (not measured: no GPU machine here).
     Anything unexpected (another platform, another layout, a library that will not load)
     falls back to the plain import.
@@ -83,7 +83,7 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
     """Keep large freed blocks in the process heap (glibc only); returns whether it applied.
 
     glibc hands every large tensor back to the OS when it is freed and maps it again on the
-    next forward: 50-170 thousand page faults per tile here, 1.2-1.8x slower on the CPU.
+    next forward: tens of thousands of page faults per tile, a measurable slowdown on the CPU.
     Raising the mmap and trim thresholds (``mallopt``) keeps that memory for reuse. It is
     process-wide and the process then keeps its peak heap, so the command line turns it on
     (short-lived process) and :func:`predict` does not (napari keeps running).
@@ -150,7 +150,7 @@ def background_priority() -> None:
 # ---- the garbage collector ------------------------------------------------------------------------
 #
 # CPython's cyclic garbage collector stops every thread while it runs. A full pass over a
-# napari session with torch loaded (about 0.5 M tracked objects) took 150-400 ms here, and
+# napari session with torch loaded (hundreds of thousands of tracked objects) takes a visible pause, and
 # the allocations of a job (torch's own imports above all) triggered several: they were the
 # event-loop freezes of the first Start (benchmarks/responsiveness.py). While jobs run:
 # - the objects that existed when the first one started are frozen (gc.freeze: collections

@@ -51,9 +51,7 @@ def gui_threads(torch_threads: int) -> int:
 
     ``torch_threads`` is torch's own default (physical cores); CPUs this process may not
     use (affinity: taskset, SLURM, containers) are not counted. With every core busy in
-    torch the GUI thread waits for one (on 2 cores, the longest gap while training had a
-    median of 90 ms with 2 threads and 86 ms with 1 over seven runs of
-    ``benchmarks/responsiveness.py``).
+    torch the GUI thread waits for one (``benchmarks/responsiveness.py``, docs/benchmarks.md).
     """
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(min(torch_threads, usable) - 1, 1)
