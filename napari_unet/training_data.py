@@ -10,6 +10,7 @@ labels without loading torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,48 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
 
     This is cheap enough to call on the GUI thread to check the input before training.
     """
+    imgs, labs, rois = _inputs(images, labels, roi)
+    messages: list[str] = []
+    suffix = (lambda i: f" {i + 1}") if len(imgs) > 1 else (lambda i: "")
+    raw, shapes, in_channels, constant = _labelled_planes(imgs, labs, rois, channel_axis, model_channels,
+                                                          side_views, suffix, messages)
+    n_cls, class_names = _classes(raw, mode, n_classes)
+    raw, scale = _rescaled(raw, mode, target_area, messages)
+    if constant:  # told after the labels' problems: those are what a user painting is working on
+        i, value = constant[0]
+        raise TrainingDataError(f"image{suffix(i)} has the same value ({value:g}) everywhere: nothing to learn from; "
+                                "check that the right image is chosen")
+    held = _held_out(raw, mode, val_fraction, min_val_objects, np.random.default_rng(seed), messages)
+    planes, cells_list, cells_all = _target_planes(raw, mode, held, boundary_width, val_margin)
+    cw = class_balance([p.target for p in planes], n_cls, class_balance_power)
+    use_border = (mode == "instances") if border_weights is None else bool(border_weights)
+    for pl, cells in zip(planes, cells_list):
+        if use_border and cells is not None:
+            pl.weight = border_weight_map(cells, pl.target, cw, w0, sigma)
+        elif use_border:  # semantic with border weights requested: class balance only
+            pl.weight = np.where(pl.target != IGNORE, cw[np.minimum(pl.target, n_cls - 1)], 0).astype(np.float32)
+        pl.centres = np.flatnonzero(pl.target.ravel() != IGNORE)
+        pl.object_centres = np.flatnonzero((pl.target.ravel() != IGNORE) & (pl.target.ravel() > 0))
+    planes = [p for p in planes if len(p.centres) or p.val_target is not None]
+    if not any(len(p.centres) for p in planes):
+        raise TrainingDataError("nothing left to train on after holding out validation objects; paint more")
+    object_area = None
+    if mode == "instances":
+        areas = np.concatenate([np.bincount(c.ravel())[1:] for c in cells_all if c.max() > 0])
+        object_area = float(np.median(areas[areas > 0]))
+    return TrainingData(planes=planes, in_channels=int(in_channels), n_classes=n_cls, mode=mode,
+                        class_names=class_names, n_objects=len(held.objects), n_val_objects=held.n_val,
+                        shapes=shapes, class_weights=cw, messages=messages, object_area=object_area, scale=scale)
+
+
+# ---- the steps of prepare_training_data ---------------------------------------------------------
+
+#: ``(image (Y, X, C) normalised, labels (Y, X), (image index, plane index; -1 for side views))``
+_RawPlane = tuple[np.ndarray, np.ndarray, tuple[int, int]]
+
+
+def _inputs(images: Any, labels: Any, roi: Any) -> tuple[list, list, list]:
+    """Images, labels and roi masks as lists of one entry per image."""
     imgs = as_list(images, "images")
     labs = as_list(labels, "labels")
     rois = as_list(roi, "roi")
@@ -177,11 +220,16 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         raise TrainingDataError(f"{len(imgs)} images but {len(labs)} label arrays; give one labels array per image")
     if rois and len(rois) != len(labs):
         raise TrainingDataError(f"{len(rois)} roi masks for {len(labs)} label arrays")
-    rng = np.random.default_rng(seed)
-    messages: list[str] = []
-    converted = False
-    suffix = (lambda i: f" {i + 1}") if len(imgs) > 1 else (lambda i: "")
-    raw: list[tuple[np.ndarray, np.ndarray, tuple[int, int]]] = []  # (image (Y,X,C) normalised, labels, source)
+    return imgs, labs, rois
+
+
+def _labelled_planes(imgs: list, labs: list, rois: list, channel_axis: int | None, model_channels: int | None,
+                     side_views, suffix: Callable[[int], str], messages: list[str]
+                     ) -> tuple[list[_RawPlane], list[tuple[int, ...]], int | None, list[tuple[int, float]]]:
+    """Every image checked, its channels last (grey for a one-channel model), normalised, cut into
+    the 2D planes that hold labels (and the side views of painted volumes); the images' shapes,
+    their channel count and those with one value everywhere ``(image index, value)``."""
+    raw: list[_RawPlane] = []
     constant: list[tuple[int, float]] = []  # (image index, its one value): nothing to learn from
     shapes: list[tuple[int, ...]] = []
     in_channels = None
@@ -196,9 +244,8 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         rgb_axis = channel_axis is not None or tuple(np.shape(img)[:-1]) == tuple(lab.shape)
         if model_channels == 1 and im.shape[-1] in (3, 4) and rgb_axis:
             im = to_grey(im)
-            if not converted:
+            if "the model takes one channel: the colour image is trained on as grey" not in messages:
                 messages.append("the model takes one channel: the colour image is trained on as grey")
-                converted = True
         shapes.append(tuple(int(s) for s in np.shape(img)))
         if min(lab.shape[-2:]) < MIN_IMAGE_SIZE:
             raise TrainingDataError(f"image{suffix(i)} is too small ({lab.shape[-2]}x{lab.shape[-1]} px); training "
@@ -216,7 +263,6 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         if not finite.any():
             raise TrainingDataError(f"image{suffix(i)} has no finite values (all NaN or Inf)")
         if np.min(im_f, where=finite, initial=np.inf) == np.max(im_f, where=finite, initial=-np.inf):
-            # Told after the labels' problems: those are what a user painting is working on.
             constant.append((i, float(im_f[finite].flat[0])))
         del finite
         norm = normalize(im_f, NORMALIZATION["low"], NORMALIZATION["high"], channel_axis=-1)
@@ -231,6 +277,11 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
                                 "too")
     if not raw:
         raise TrainingDataError("the labels are empty: paint background (1) and objects (2, 3, ...)")
+    return raw, shapes, in_channels, constant
+
+
+def _classes(raw: list[_RawPlane], mode: str, n_classes: int | None) -> tuple[int, list[str]]:
+    """The number of classes and their names, from the painted values; what must be painted."""
     values = set()
     for _, lab, _ in raw:
         values.update(np.unique(lab).tolist())
@@ -239,37 +290,52 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
             raise TrainingDataError("no background painted: paint some background with label 1")
         if not any(v >= 2 for v in values):
             raise TrainingDataError("no object painted: paint at least one cell with label 2 or more")
-        n_cls = 3
-        class_names = list(INSTANCE_CLASS_NAMES)
-    elif mode == "semantic":
+        return 3, list(INSTANCE_CLASS_NAMES)
+    if mode == "semantic":
         painted = sorted(v for v in values if v >= 1)
         if len(painted) < 2:
             raise TrainingDataError("semantic training needs at least two classes painted (1 = background, 2, 3, ...)")
         n_cls = max(int(max(painted)), int(n_classes or 0))
-        class_names = ["background"] + [f"class {k}" for k in range(1, n_cls)]
-    else:
-        raise TrainingDataError(f"mode must be 'instances' or 'semantic', got {mode!r}")
-    scale = 1.0
-    if mode == "instances" and target_area:
-        lab_planes = [lab for _, lab, src in raw if src[1] >= 0]  # side views show cells cut off: not their size
-        area = painted_area(lab_planes)
-        scale = rescale_factor(area, target_area, min_side=min(min(lab.shape) for lab in lab_planes))
-        if scale != 1.0:
-            raw = [(resize_plane(im, scaled_shape(lab.shape, scale), channel_axis=-1),
-                    resize_plane(lab, scaled_shape(lab.shape, scale), labels=True), src) for im, lab, src in raw]
-            messages.append(f"the painted cells ({area:.0f} px) are {'smaller' if scale > 1 else 'larger'} than "
-                            f"those the model knows ({target_area:.0f} px): images are resized by {scale:.2f} "
-                            "for training and prediction")
-    if constant:
-        i, value = constant[0]
-        raise TrainingDataError(f"image{suffix(i)} has the same value ({value:g}) everywhere: nothing to learn from; "
-                                "check that the right image is chosen")
+        return n_cls, ["background"] + [f"class {k}" for k in range(1, n_cls)]
+    raise TrainingDataError(f"mode must be 'instances' or 'semantic', got {mode!r}")
 
-    # Hold out whole objects (with a margin) for validation.
-    objects = []  # (raw index, value or component mask id)
+
+def _rescaled(raw: list[_RawPlane], mode: str, target_area: float | None, messages: list[str]
+              ) -> tuple[list[_RawPlane], float]:
+    """Instance mode with ``target_area``: the planes resized so that the painted cells' median
+    area matches it; the factor (1.0: left as they are)."""
+    if mode != "instances" or not target_area:
+        return raw, 1.0
+    lab_planes = [lab for _, lab, src in raw if src[1] >= 0]  # side views show cells cut off: not their size
+    area = painted_area(lab_planes)
+    scale = rescale_factor(area, target_area, min_side=min(min(lab.shape) for lab in lab_planes))
+    if scale == 1.0:
+        return raw, scale
+    messages.append(f"the painted cells ({area:.0f} px) are {'smaller' if scale > 1 else 'larger'} than "
+                    f"those the model knows ({target_area:.0f} px): images are resized by {scale:.2f} "
+                    "for training and prediction")
+    return [(resize_plane(im, scaled_shape(lab.shape, scale), channel_axis=-1),
+             resize_plane(lab, scaled_shape(lab.shape, scale), labels=True), src) for im, lab, src in raw], scale
+
+
+@dataclass
+class _HeldOut:
+    """The painted objects and those held out for validation."""
+
+    objects: list[tuple[int, int]]  # (raw plane, instance value or semantic component id)
+    components: list[np.ndarray | None]  # semantic mode: each plane's painted components
+    held: set[tuple[int, int]]  # the held-out objects
+    by_image: dict[int, set[int]]  # instance ids held out, by image: kept out of its side views too
+    n_val: int
+
+
+def _held_out(raw: list[_RawPlane], mode: str, val_fraction: float, min_val_objects: int,
+              rng: np.random.Generator, messages: list[str]) -> _HeldOut:
+    """Whole painted objects held out for validation (from ``min_val_objects`` objects on)."""
+    objects = []
     comps = []
     for r, (_, lab, src) in enumerate(raw):
-        if src[1] < 0:  # side views: their cells are the YX planes' ones (held out with them, below)
+        if src[1] < 0:  # side views: their cells are the YX planes' ones (held out with them)
             comps.append(None)
         elif mode == "instances":
             for v in np.unique(lab[lab >= 2]):
@@ -286,13 +352,19 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     elif val_fraction > 0:
         messages.append(f"{len(objects)} painted object(s): all used for training, validation skipped (it holds "
                         f"objects out from {min_val_objects} on)")
-    val_set = {objects[k] for k in rng.choice(len(objects), size=n_val, replace=False)} if n_val else set()
-    held_in_image: dict[int, set[int]] = {}  # instance ids held out, by image: kept out of its side views too
-    for rr, v in val_set:
-        held_in_image.setdefault(raw[rr][2][0], set()).add(v)
+    held = {objects[k] for k in rng.choice(len(objects), size=n_val, replace=False)} if n_val else set()
+    by_image: dict[int, set[int]] = {}
+    for rr, v in held:
+        by_image.setdefault(raw[rr][2][0], set()).add(v)
+    return _HeldOut(objects=objects, components=comps, held=held, by_image=by_image, n_val=n_val)
 
+
+def _target_planes(raw: list[_RawPlane], mode: str, held: _HeldOut, boundary_width: int, val_margin: int
+                   ) -> tuple[list[_Plane], list[np.ndarray | None], list[np.ndarray]]:
+    """The training planes (targets; held-out objects and a margin moved to the validation
+    target), each plane's cells (instance mode, held-out ones removed) and every painted
+    plane's cells before that (for their median area)."""
     planes = []
-    targets = []
     cells_list = []
     cells_all = []
     for r, (im, lab, src) in enumerate(raw):
@@ -309,43 +381,24 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         else:
             target, cells = semantic_targets(lab), None
         val_target = None
-        held = [v for (rr, v) in val_set if rr == r]
+        here = [v for (rr, v) in held.held if rr == r]
         if side and mode == "instances":
-            hidden = np.isin(lab, sorted(held_in_image.get(src[0], ())))
+            hidden = np.isin(lab, sorted(held.by_image.get(src[0], ())))
             if hidden.any():  # a held-out cell must not train from the side
                 zone = ndi.distance_transform_edt(~hidden) <= val_margin
                 target = np.where(zone, IGNORE, target).astype(np.uint8)
                 cells = np.where(zone, 0, cells)
-        elif held:
-            obj = np.isin(lab, held) if mode == "instances" else np.isin(comps[r], held)
+        elif here:
+            obj = np.isin(lab, here) if mode == "instances" else np.isin(held.components[r], here)
             zone = ndi.distance_transform_edt(~obj) <= val_margin
             val_target = np.where(zone, target, IGNORE).astype(np.uint8)
             target = np.where(zone, IGNORE, target).astype(np.uint8)
             if cells is not None:
                 cells = np.where(zone, 0, cells)
-        targets.append(target)
         cells_list.append(cells)
         planes.append(_Plane(image=np.ascontiguousarray(np.moveaxis(im, -1, 0)), target=target, weight=None,
                              val_target=val_target, source=src, painted=lab if mode == "instances" else None))
-    cw = class_balance(targets, n_cls, class_balance_power)
-    use_border = (mode == "instances") if border_weights is None else bool(border_weights)
-    for pl, cells in zip(planes, cells_list):
-        if use_border and cells is not None:
-            pl.weight = border_weight_map(cells, pl.target, cw, w0, sigma)
-        elif use_border:  # semantic with border weights requested: class balance only
-            pl.weight = np.where(pl.target != IGNORE, cw[np.minimum(pl.target, n_cls - 1)], 0).astype(np.float32)
-        pl.centres = np.flatnonzero(pl.target.ravel() != IGNORE)
-        pl.object_centres = np.flatnonzero((pl.target.ravel() != IGNORE) & (pl.target.ravel() > 0))
-    planes = [p for p in planes if len(p.centres) or p.val_target is not None]
-    if not any(len(p.centres) for p in planes):
-        raise TrainingDataError("nothing left to train on after holding out validation objects; paint more")
-    object_area = None
-    if mode == "instances":
-        areas = np.concatenate([np.bincount(c.ravel())[1:] for c in cells_all if c.max() > 0])
-        object_area = float(np.median(areas[areas > 0]))
-    return TrainingData(planes=planes, in_channels=int(in_channels), n_classes=n_cls, mode=mode,
-                        class_names=class_names, n_objects=len(objects), n_val_objects=n_val, shapes=shapes,
-                        class_weights=cw, messages=messages, object_area=object_area, scale=scale)
+    return planes, cells_list, cells_all
 
 
 def side_planes(image: np.ndarray, labels: np.ndarray, voxel_size: tuple[float, float, float],
