@@ -683,6 +683,8 @@ def predict(model, image: np.ndarray, config: PredictConfig | None = None, metad
     if job.volumes is None:
         for k, idx in enumerate(job.selected):
             acc = yield from job.plane_probabilities(k, idx)
+            if k == len(job.selected) - 1:
+                job.release_network()  # no tile left: its buffers go before the last post-processing
             job.store(idx, acc)
             del acc  # before the next plane's: planes can be large
     else:
@@ -805,6 +807,12 @@ class _PredictJob:
                 replicas = [openvino_runner(replicas[0], mcfg.in_channels, self.precision)]
         self.predictors = [_make_predictor(r, d, self.precision, fg_pair, config.flips)
                            for r, d in zip(replicas, self.devices)]
+
+    def release_network(self) -> None:
+        """Drop the network replicas (and OpenVINO's compiled network with its buffers, a few
+        hundred MB for a large network) once no tile is left, so that the post-processing of
+        the last plane does not hold them too: for one huge image that sets the peak memory."""
+        self.predictors = []
 
     def _net(self, shape: tuple[int, int]) -> tuple[int, int]:
         """A plane's shape as the network sees it (resized by the model's scale)."""
@@ -931,6 +939,8 @@ class _PredictJob:
             del acc
         if self.config.volume == "orthogonal":
             yield from self._side_views(vidx, maps)
+        if vidx == self.volumes[-1]:
+            self.release_network()  # no tile left: its buffers go before the 3D post-processing
         sigma = float(self.config.volume_smoothing)
         if sigma > 0:  # one map at a time, in float32 (scipy), back into the float16 maps
             from scipy import ndimage as ndi

@@ -417,3 +417,37 @@ def test_tiles_normalised_one_by_one_match_the_image_normalised_first():
     got = drain(job.plane_probabilities(0, ()))
     want = drain(job.array_probabilities(normalize(img)[None], 0, "whole"))
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_network_is_released_before_the_last_planes_post_processing(monkeypatch):
+    """For one huge image the post-processing sets the peak memory: the network's replica (and
+    OpenVINO's compiled network with it) must be gone by then, and only for the last plane."""
+    import gc
+    import weakref
+
+    from napari_unet import postprocess
+
+    replicas, alive_at_post = [], []
+    make_replica = inf._replica
+
+    def tracked(model, device):
+        r = make_replica(model, device)
+        replicas.append(weakref.ref(r))
+        return r
+
+    real_labels = postprocess.instance_labels
+
+    def labels(*args, **kwargs):
+        gc.collect()
+        alive_at_post.append(sum(ref() is not None for ref in replicas))
+        return real_labels(*args, **kwargs)
+
+    monkeypatch.setattr(inf, "_replica", tracked)
+    monkeypatch.setattr(postprocess, "instance_labels", labels)
+    torch.manual_seed(0)
+    net = UNet(1, 3, depth=2, base_filters=4).eval()
+    stack = np.random.default_rng(0).random((3, 48, 40)).astype(np.float32)
+    result = inf.predict_all(net, stack, PredictConfig(device="cpu", precision="fp32", backend="torch"),
+                             {"mode": "instances"})
+    assert result.labels.shape == stack.shape
+    assert len(replicas) == 1 and alive_at_post == [1, 1, 0]
