@@ -138,3 +138,44 @@ def test_a_rank_that_fails_alone_stops_every_rank_with_one_line(folders, tmp_pat
         f"napari-unet train: error: rank 0: {out} already exists; use --overwrite to replace it"]
     assert results[1][1].strip() == ""  # rank 0 spoke for both
     assert out.read_bytes() == b"keep me"
+
+
+def test_a_time_limit_under_torchrun_saves_the_weights_on_every_rank(folders, tmp_path):
+    """SLURM at a job's time limit (or scancel) sends SIGTERM to every process of the step, torchrun
+    and each rank, then SIGKILL after a grace period: the ranks stop after the same step, rank 0
+    writes a complete model file marked as stopped, and every process has ended by itself."""
+    import select
+    import signal
+    import time
+
+    out = tmp_path / "model.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "napari_unet.cli", "train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+           "--out", str(out), "--iterations", "100000", "--depth", "2", "--width", "4", "--patch-size", "32",
+           "--batch-size", "2", "--device", "cpu", "--precision", "fp32", "--min-val-objects", "3"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group, as a batch job step
+    seen, deadline = b"", time.monotonic() + 180
+    try:
+        while b"val IoU" not in seen:  # training has run and validated: then the time limit comes
+            left = deadline - time.monotonic()
+            assert left > 0, seen[-1000:].decode(errors="replace")
+            if select.select([proc.stderr.fileno()], [], [], left)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, seen[-1000:].decode(errors="replace")
+                seen += chunk
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as SLURM signals a step
+        _, rest = proc.communicate(timeout=60)  # well within SLURM's default grace (KillWait 30 s + margin)
+    finally:
+        if proc.poll() is None:  # pragma: no cover - only when an assertion above failed
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = (seen + rest).decode(errors="replace")
+    assert "Traceback" not in err and "interrupted: wrote" in err, err[-3000:]
+    model, meta = load_model(out)
+    t = meta["training"]
+    assert t["status"] == "stopped" and t["iterations"] >= 1 and t["processes"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []

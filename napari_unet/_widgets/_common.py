@@ -43,10 +43,6 @@ __all__ = [
     "output_axis_labels", "spatial_axis_labels",
 ]
 
-#: Exceptions that are the user's input problems (no labels painted, shapes differ, bad file,
-#: out of memory): a one-line notification and the widget goes back to idle. Anything else is
-#: a bug and leaves the widget in the "failed" state (still usable) with the traceback logged.
-
 #: The file dialogs' filter for models: napari-unet files and bioimage.io packages of them.
 MODEL_FILE_FILTER = "napari-unet model (*.safetensors *.zip)"
 

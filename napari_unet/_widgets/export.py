@@ -10,7 +10,7 @@ from qtpy.QtWidgets import QPushButton, QVBoxLayout, QWidget
 
 from ..errors import BAD_INPUT_ERRORS
 from . import _common
-from ._common import StateLabel, WorkerRunner, follow_layers, layers_select
+from ._common import State, StateLabel, WorkerRunner, follow_layers, layers_select
 
 __all__ = ["ExportWidget", "label_tiff_kwargs"]
 
@@ -118,17 +118,17 @@ class ExportWidget(QWidget):
             return
         existing = [p for p, _ in planned if Path(p).exists()]
         if existing and not _common.ask_overwrite(self, existing):
-            self.state.set_state("idle", "nothing written")
+            self.state.set_state(State.IDLE, "nothing written")
             return
         items = [(p, _common.copy_layer_data(layer), label_tiff_kwargs(layer)) for p, layer in planned]
         self.export_button.setEnabled(False)
-        self.state.set_state("exporting", f"{len(items)} file(s)")
+        self.state.set_state(State.EXPORTING, f"{len(items)} file(s)")
         self._written: list[str] = []
         self.runner.start(lambda: _export_job(items), yielded=self._written.append, errored=self._on_error,
                           finished=self._on_finished)
 
     def _on_error(self, exc: BaseException) -> None:
-        self.state.set_state("failed" if not isinstance(exc, BAD_INPUT_ERRORS) else "idle",
+        self.state.set_state(State.FAILED if not isinstance(exc, BAD_INPUT_ERRORS) else State.IDLE,
                              _common.first_line(exc))
         _common.notify_error(f"Export failed: {_common.first_line(exc)}")
 
@@ -138,5 +138,5 @@ class ExportWidget(QWidget):
             where = self._written[0] if len(self._written) == 1 else f"{len(self._written)} files in " \
                 f"{Path(self._written[0]).parent}"
             _common.notify_info(f"Masks written to {where}")
-            if self.state.state == "exporting":
-                self.state.set_state("done", f"wrote {where}")
+            if self.state.state is State.EXPORTING:
+                self.state.set_state(State.DONE, f"wrote {where}")

@@ -15,7 +15,7 @@ from superqt import QCollapsible
 from .. import _sample_data
 from ..errors import BAD_INPUT_ERRORS
 from . import _common
-from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
+from ._common import ModelEntry, State, StateLabel, WorkerRunner, follow_layers, layer_picker
 from .share import BioimageioExport
 
 __all__ = ["SegmentWidget", "training_labels_from_corrected"]
@@ -363,7 +363,7 @@ class SegmentWidget(QWidget):
                 r.training = None
         if self.runner.running and any(gone == layer for layer in self._job_layers):
             self.runner.stop(f"the layer '{event.value.name}' was removed")
-            self.state.set_state("cancelling", "input layer removed")
+            self.state.set_state(State.CANCELLING, "input layer removed")
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -417,7 +417,7 @@ class SegmentWidget(QWidget):
         self._job_result = None
         self._job_entry = self.model.value  # the entry that runs (the user may pick another meanwhile)
         self._set_running(True)
-        self.state.set_state("segmenting", layer.name)
+        self.state.set_state(State.SEGMENTING, layer.name)
         self._pbar = progress(total=100, desc=f"U-Net: {layer.name}")
         rgb = bool(layer.rgb)
         axis_labels = tuple(layer.axis_labels)
@@ -427,7 +427,7 @@ class SegmentWidget(QWidget):
 
     def cancel(self) -> None:
         if self.runner.stop("cancelled"):
-            self.state.set_state("cancelling")
+            self.state.set_state(State.CANCELLING)
             self.cancel_button.setEnabled(False)
 
     def _on_yielded(self, ev) -> None:
@@ -440,15 +440,15 @@ class SegmentWidget(QWidget):
                 pbar.update(value - pbar.n)
         backend = ", OpenVINO" if ev.backend == "openvino" else ""
         self.device_info.setText(f"{self.device.value} \u2192 {ev.device} ({ev.precision}{backend})")
-        if self.state.state == "segmenting":
-            self.state.set_state("segmenting", ev.message)
+        if self.state.state is State.SEGMENTING:
+            self.state.set_state(State.SEGMENTING, ev.message)
 
     def _on_returned(self, result) -> None:
         self._job_result = result
 
     def _on_errored(self, exc: BaseException) -> None:
         expected = isinstance(exc, BAD_INPUT_ERRORS)
-        self.state.set_state("idle" if expected else "failed", _common.first_line(exc))
+        self.state.set_state(State.IDLE if expected else State.FAILED, _common.first_line(exc))
         hint = "" if expected else " (see the console for details)"
         _common.notify_error(f"Segmentation failed: {_common.first_line(exc)}{hint}")
 
@@ -462,8 +462,8 @@ class SegmentWidget(QWidget):
         image_layer, self._job_image = self._job_image, None
         entry, self._job_entry = self._job_entry, None
         if result is None:
-            if self.runner.stop_reason and self.state.state == "cancelling":
-                self.state.set_state("idle", self.runner.stop_reason)
+            if self.runner.stop_reason and self.state.state is State.CANCELLING:
+                self.state.set_state(State.IDLE, self.runner.stop_reason)
                 if "removed" in self.runner.stop_reason:
                     _common.notify_warning(f"Segmentation stopped: {self.runner.stop_reason}")
             return
@@ -478,11 +478,11 @@ class SegmentWidget(QWidget):
         try:
             layer = self._show(pred, plane, image_layer)
         except ValueError as e:
-            self.state.set_state("idle", _common.first_line(e))
+            self.state.set_state(State.IDLE, _common.first_line(e))
             _common.notify_error(e)
             return
         n = int(pred.labels.max(initial=0)) if pred.output == "instances" else None
-        self.state.set_state("done", f"{layer.name}" + (f": {n} cells" if n is not None and plane is None else ""))
+        self.state.set_state(State.DONE, f"{layer.name}" + (f": {n} cells" if n is not None and plane is None else ""))
 
     def _show(self, pred, plane, image_layer) -> napari.layers.Labels:
         """Create or update the output layer(s) on the main thread."""

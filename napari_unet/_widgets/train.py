@@ -30,7 +30,7 @@ from ..config import TrainConfig, default_model_config
 from ..errors import BAD_INPUT_ERRORS
 from ..jobs import relay
 from . import _common
-from ._common import ModelEntry, StateLabel, WorkerRunner, follow_layers, layer_picker
+from ._common import ModelEntry, State, StateLabel, WorkerRunner, follow_layers, layer_picker
 from .share import BioimageioExport
 
 __all__ = ["TrainWidget", "train_config_from", "model_config_from", "PREVIEW_SIDE"]
@@ -320,7 +320,7 @@ class TrainWidget(QWidget):
                                            (napari_viewer.dims.events.current_step, self._on_view_changed)])
         self._auto_start()
         self._show_start_options()
-        self._set_buttons("idle")
+        self._set_buttons(State.IDLE)
 
     # ---- settings -------------------------------------------------------------------------------
 
@@ -387,10 +387,10 @@ class TrainWidget(QWidget):
 
     # ---- state ----------------------------------------------------------------------------------
 
-    def _set_buttons(self, state: str, detail: str = "") -> None:
-        running = state in ("training", "stopping", "looking")
+    def _set_buttons(self, state: State, detail: str = "") -> None:
+        running = state in (State.TRAINING, State.STOPPING, State.LOOKING)
         self.start_button.setEnabled(not running)
-        self.stop_button.setEnabled(state in ("training", "looking"))
+        self.stop_button.setEnabled(state in (State.TRAINING, State.LOOKING))
         self.save_button.setEnabled(not running and self.current is not None)
         self.suggest_button.setEnabled(not running and self.current is not None)
         self.exporter.set_enabled(not running and self.current is not None)
@@ -452,7 +452,7 @@ class TrainWidget(QWidget):
         self._job_images = images
         self._job_channel_axis = channel_axis
         self._pbar = progress(total=100, desc="Training U-Net")
-        self._set_buttons("training", "starting (loading PyTorch)")
+        self._set_buttons(State.TRAINING, "starting (loading PyTorch)")
         preview_mode = config.mode if self.live_preview.value else None
         self.runner.start(lambda: _train_job(job, images, labels, config, kwargs, preview_mode, channel_axis),
                           yielded=self._on_yielded, returned=self._on_returned, errored=self._on_errored,
@@ -461,7 +461,7 @@ class TrainWidget(QWidget):
     def stop(self) -> None:
         """Stop at the next iteration; the weights so far are kept (best validated, or averaged)."""
         if self.runner.stop("stopped"):
-            self._set_buttons("stopping", "finishing the current step")
+            self._set_buttons(State.STOPPING, "finishing the current step")
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
@@ -469,7 +469,7 @@ class TrainWidget(QWidget):
             self._preview_layer = None
         if self.runner.running and any(layer == x for x in self._job_layers):
             self.runner.stop(f"the layer '{layer.name}' was removed")
-            self._set_buttons("stopping", "input layer removed")
+            self._set_buttons(State.STOPPING, "input layer removed")
 
     # ---- preview --------------------------------------------------------------------------------
 
@@ -556,14 +556,14 @@ class TrainWidget(QWidget):
             self.curves.add("iou", ev.iteration, ev.val_iou)
         if ev.message:
             (_common.notify_warning if ev.warning else _common.notify_info)(ev.message)
-        if self.state.state == "training":
+        if self.state.state is State.TRAINING:
             parts = [f"iteration {ev.iteration}" + (f"/{ev.total}" if ev.total else ""),
                      f"{ev.elapsed:.0f}" + (f"/{ev.max_time:.0f}" if ev.max_time else "") + " s"]
             if ev.loss is not None:
                 parts.append(f"loss {ev.loss:.3f}")
             if ev.best_val_iou is not None:
                 parts.append(f"best IoU {ev.best_val_iou:.2f}")
-            self.state.set_state("training", ", ".join(parts))
+            self.state.set_state(State.TRAINING, ", ".join(parts))
 
     def _on_returned(self, result) -> None:
         self._returned = result
@@ -593,10 +593,10 @@ class TrainWidget(QWidget):
             expected = isinstance(error, BAD_INPUT_ERRORS)
             _common.notify_error(f"Training failed: {_common.first_line(error)}"
                                  + ("" if expected else " (see the console for details)"))
-            self._set_buttons("idle" if expected else "failed", _common.first_line(error))
+            self._set_buttons(State.IDLE if expected else State.FAILED, _common.first_line(error))
             return
         if result is None or result.model is None:
-            self._set_buttons("idle", stop_reason or "")
+            self._set_buttons(State.IDLE, stop_reason or "")
             return
         self._runs += 1
         ev = self._last_event
@@ -615,7 +615,7 @@ class TrainWidget(QWidget):
             detail += f", {check['recovered']} of {check['painted']} painted cells found again"
         if stop_reason and "removed" in stop_reason:
             _common.notify_warning(f"Training stopped: {stop_reason}; the weights so far are kept")
-        self._set_buttons("done", detail + ("; stopped" if stop_reason else ""))
+        self._set_buttons(State.DONE, detail + ("; stopped" if stop_reason else ""))
 
     def _publish(self) -> None:
         """Hand a snapshot of the current model to the Segment widgets of this viewer."""
@@ -670,7 +670,7 @@ class TrainWidget(QWidget):
         self._suggest_target = (image_layer, plane)
         self._suggested = None
         self._error = None
-        self._set_buttons("looking", "segmenting the current plane")
+        self._set_buttons(State.LOOKING, "segmenting the current plane")
         self.runner.start(job, returned=self._on_suggested_returned, errored=self._on_errored,
                           finished=self._on_suggest_finished)
 
@@ -684,14 +684,14 @@ class TrainWidget(QWidget):
         self._suggest_target = (None, ())
         if error is not None:
             _common.notify_error(f"Could not look for places to paint: {_common.first_line(error)}")
-            self._set_buttons("idle", _common.first_line(error))
+            self._set_buttons(State.IDLE, _common.first_line(error))
             return
         if found is None or image_layer is None or image_layer not in self.viewer.layers:
-            self._set_buttons("done", "stopped" if found is None else "the image layer was removed")
+            self._set_buttons(State.DONE, "stopped" if found is None else "the image layer was removed")
             return
         self._show_paint_next(image_layer, plane, found)
         where = f" on plane {', '.join(map(str, plane))}" if plane else ""
-        self._set_buttons("done", f"{len(found.places)} places to paint next marked{where}, most unsure first")
+        self._set_buttons(State.DONE, f"{len(found.places)} places to paint next marked{where}, most unsure first")
 
     def _show_paint_next(self, image_layer, plane: tuple[int, ...], found) -> None:
         """The uncertainty map and the numbered places, over the image's plane; the active layer stays."""
