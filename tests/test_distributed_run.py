@@ -174,7 +174,10 @@ def test_a_time_limit_under_torchrun_saves_the_weights_on_every_rank(folders, tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     err = (seen + rest).decode(errors="replace")
-    assert "Traceback" not in err and "interrupted: wrote" in err, err[-3000:]
+    # torchrun's own agent reports the signal with a traceback of its own (SignalException);
+    # the ranks stop cleanly: rank 0 says what it wrote, no traceback passes through our code.
+    assert "interrupted: wrote" in err, err[-3000:]
+    assert not [line for line in err.splitlines() if line.strip().startswith("File") and "napari_unet" in line]
     model, meta = load_model(out)
     t = meta["training"]
     assert t["status"] == "stopped" and t["iterations"] >= 1 and t["processes"] == 2
