@@ -388,8 +388,7 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
             open_[np.take(background, end, axis=axis)] = True
     if open_.all():
         return out
-    background[open_[background]] = 0
-    where = np.nonzero(background)  # the holes' pixels
+    where = np.nonzero(~open_[background])  # the holes' pixels (a lookup, no write over the band)
     hole_of = background[where]
     hole_ids, object_ids = _touching_pairs(where, background, labels)
     owner, _ = _sole_owner(hole_ids, object_ids, n, labels.dtype)
