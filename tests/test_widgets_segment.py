@@ -222,7 +222,7 @@ def test_only_edited_in_semantic_mode_takes_the_edited_region_not_the_whole_clas
 def test_packaged_sample_model_is_listed(make_napari_viewer):
     viewer = make_napari_viewer()
     seg = SegmentWidget(viewer)
-    names = [name for name, _ in seg._model_choices()]
+    names = [entry.name for entry in seg.model.choices]  # what the Model list shows
     assert names[0] == "sample model: cells (packaged)" and names[-1] == "model file..."
 
 
@@ -279,7 +279,7 @@ def test_the_model_list_keeps_the_latest_trained_models_only(make_napari_viewer,
     entries = [ModelEntry(name=f"trained model {i}", model=model, metadata=meta) for i in range(5)]
     for e in entries:
         seg.use_model(e)
-    names = [name for name, _ in seg._model_choices()]
+    names = [entry.name for entry in seg.model.choices]  # what the Model list shows
     assert names[:KEEP_TRAINED] == [f"trained model {i}" for i in (4, 3, 2)]
     assert "trained model 1" not in names and names[-2:] == ["sample model: cells (packaged)", "model file..."]
     assert seg.model.value is entries[-1]

@@ -287,6 +287,13 @@ class SegmentWidget(QWidget):
         trained = [m for m in models if m.model is not None]
         dropped = {id(m) for m in trained[KEEP_TRAINED:]}
         self._models = [m for m in models if id(m) not in dropped]
+        # magicgui keeps the items it already shows and appends new ones: emptied first, the
+        # list shows the models in this order (the latest trained at the top).
+        self.model.native.blockSignals(True)
+        try:
+            self.model.native.clear()
+        finally:
+            self.model.native.blockSignals(False)
         self.model.reset_choices()
         self.model.value = entry
         self._on_model()
