@@ -19,6 +19,7 @@ Volumes (``(Z, Y, X)``) can instead be post-processed in 3D (:func:`instance_lab
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Generator
 
@@ -250,9 +251,10 @@ def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.nda
     0, and only regions between several seeds (the boundaries of touching cells) are
     flooded, from the seed pixels at their edge. Those regions' bounding boxes are packed
     side by side, a pixel apart, into one small array and flooded in one watershed call
-    (:func:`_packed_boxes`): scikit-image's watershed converts and pads its whole input, so
-    one call over the image spent most of the post-processing on pixels no flood reaches,
-    and one call per region on the calls' own overhead.
+    (:func:`_packed_boxes`; two arrays in two threads from :data:`_PARALLEL_MIN_REGIONS`
+    regions on a multi-core CPU): scikit-image's watershed converts and pads its whole
+    input, so one call over the image spent most of the post-processing on pixels no flood
+    reaches, and one call per region on the calls' own overhead.
     """
     from skimage.segmentation import watershed
 
@@ -269,7 +271,8 @@ def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.nda
     all_boxes = ndi.find_objects(region)
     boxes = [tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(all_boxes[r - 1], todo.shape))
              for r in shared]  # each region's box grown by the seed pixels at its edge
-    places, canvas = _packed_boxes([tuple(b.stop - b.start for b in box) for box in boxes], todo.shape)
+    shapes = [tuple(b.stop - b.start for b in box) for box in boxes]
+    places, canvas = _packed_boxes(shapes, todo.shape)
     if places is None:  # boxes as large as the image: one flood over it
         is_shared = np.zeros(n + 1, bool)
         is_shared[shared] = True
@@ -278,22 +281,53 @@ def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.nda
         ws = watershed(-np.asarray(interior, np.float32), np.where(edge, seeded, 0), mask=inside | edge)
         out[inside] = ws[inside]
         return out
-    height = np.zeros(canvas, np.float32)
-    markers = np.zeros(canvas, seeded.dtype)
-    mask = np.zeros(canvas, bool)
-    insides = []
-    for r, box, place in zip(shared, boxes, places):
-        inside = region[box] == r
-        edge = rim[box]
-        height[place] = interior[box]
-        markers[place] = np.where(edge, seeded[box], 0)
-        mask[place] = inside | edge
-        insides.append(inside)
-    np.negative(height, out=height)
-    ws = watershed(height, markers, mask=mask)
-    for box, place, inside in zip(boxes, places, insides):
-        out[box][inside] = ws[place][inside]
+    groups = [list(range(len(shared)))]
+    if len(shared) >= max(_PARALLEL_MIN_REGIONS, 2) and _cores() > 1:
+        # Two packed arrays flooded in two threads: scikit-image's watershed and scipy's
+        # labelling release the GIL, and the network is idle while the labels are made.
+        half = len(shared) // 2
+        groups = [list(range(half)), list(range(half, len(shared)))]
+        packings = [_packed_boxes([shapes[i] for i in g], todo.shape) for g in groups]
+    if len(groups) == 1 or any(p is None for p, _ in packings):
+        groups, packings = [list(range(len(shared)))], [(places, canvas)]
+
+    def flood(group, packing):
+        places, canvas = packing
+        height = np.zeros(canvas, np.float32)
+        markers = np.zeros(canvas, seeded.dtype)
+        mask = np.zeros(canvas, bool)
+        insides = []
+        for i, place in zip(group, places):
+            box = boxes[i]
+            inside = region[box] == shared[i]
+            edge = rim[box]
+            height[place] = interior[box]
+            markers[place] = np.where(edge, seeded[box], 0)
+            mask[place] = inside | edge
+            insides.append(inside)
+        np.negative(height, out=height)
+        return watershed(height, markers, mask=mask), insides
+
+    if len(groups) == 1:
+        results = [flood(groups[0], packings[0])]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(groups)) as pool:
+            results = list(pool.map(flood, groups, packings))
+    for group, (places, _), (ws, insides) in zip(groups, packings, results):
+        for i, place, inside in zip(group, places, insides):
+            out[boxes[i]][inside] = ws[place][inside]
     return out
+
+
+#: From this many regions between seeds on, :func:`_flood` floods them in two threads.
+_PARALLEL_MIN_REGIONS = 64
+
+
+def _cores() -> int:
+    """CPUs this process may use (affinity: taskset, SLURM, containers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _packed_boxes(shapes: list[tuple[int, ...]], limit: tuple[int, ...]

@@ -299,10 +299,10 @@ def _reference_instances(interior, foreground, min_size, min_seed_size, fill):
 
 @given(seed=st.integers(0, 2**16), shape=st.sampled_from([(23, 31), (40, 17), (6, 9, 11)]),
        sigma=st.floats(0.5, 3.0), extra=st.floats(0, 0.4), min_size=st.integers(0, 20),
-       min_seed_size=st.integers(0, 6), fill=st.booleans(), one_flood=st.booleans())
+       min_seed_size=st.integers(0, 6), fill=st.booleans(), one_flood=st.booleans(), threads=st.booleans())
 @FAST
 def test_instance_labels_equal_the_plain_scikit_image_steps(seed, shape, sigma, extra, min_size, min_seed_size, fill,
-                                                            one_flood):
+                                                            one_flood, threads):
     """The fast flood (only the regions between seeds, in their bounding boxes), the one-pass size
     filter and renumbering and the hole filling from the holes' own pixels give exactly the labels
     of the plain whole-image steps (values made distinct: exact ties may be broken either way)."""
@@ -316,7 +316,10 @@ def test_instance_labels_equal_the_plain_scikit_image_steps(seed, shape, sigma, 
     # one_flood: the regions between seeds flooded in one call over the image (when their boxes
     # would not pack smaller), not in their boxes packed side by side
     unpacked = mock.patch.object(pp, "_packed_boxes", lambda shapes, limit: (None, tuple(limit)))
-    with unpacked if one_flood else contextlib.nullcontext():
+    # threads: the regions split in two packed arrays flooded in two threads (from one region on)
+    split = mock.patch.object(pp, "_PARALLEL_MIN_REGIONS", 1 if threads else 10**9)
+    cores = mock.patch.object(pp, "_cores", lambda: 2)  # also on a one-core machine
+    with unpacked if one_flood else contextlib.nullcontext(), split, cores:
         got = pp.instance_labels(interior, foreground, min_size=min_size, min_seed_size=min_seed_size,
                                  fill_holes=fill)
     want = _reference_instances(interior, foreground, min_size, min_seed_size, fill)
