@@ -218,7 +218,8 @@ def find_channel_axis(shape: tuple[int, ...], n_channels: int | None = None, *,
     1. ``channel_axis``: the user said so (only checked to be in range).
     2. ``rgb=True`` (a napari RGB(A) layer): the last axis. ``rgb=False`` (any other napari
        layer): napari shows the last two axes as ``(Y, X)``, so they are never channels.
-    3. ``axes`` (a file's axis letters, e.g. ``"CYX"``): the axis named ``S`` (samples) or ``C``.
+    3. ``axes`` (a file's axis letters, e.g. ``"CYX"``): the axis named ``S`` (samples) or ``C``;
+       letters for every axis without either leave no axis for a ``k > 1``-channel model.
     4. ``labels_shape`` (training): none when the image has the labels' shape, else the axis
        the labels do not have, the last axis first.
     5. ``n_channels`` (the model's): for one channel, a last axis of 3 or 4 entries on an
@@ -245,6 +246,9 @@ def find_channel_axis(shape: tuple[int, ...], n_channels: int | None = None, *,
         for letter in "SC":
             if letter in axes:
                 return axes.index(letter)
+        if n_channels is not None and n_channels > 1:  # the file says which axes it has: none is channels
+            raise ValueError(f"the model takes {n_channels} channels but the image's axes {axes} (shape {shape}) "
+                             f"have no channel axis (C); give the channel axis")
     if labels_shape is not None:
         labels_shape = tuple(int(n) for n in labels_shape)
         if shape == labels_shape:

@@ -269,7 +269,7 @@ def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.nda
     if not shared.size:
         return out
     all_boxes = ndi.find_objects(region)
-    boxes = [tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(all_boxes[r - 1], todo.shape))
+    boxes = [tuple(slice(max(b.start - 1, 0), min(b.stop + 1, size)) for b, size in zip(all_boxes[r - 1], todo.shape))
              for r in shared]  # each region's box grown by the seed pixels at its edge
     shapes = [tuple(b.stop - b.start for b in box) for box in boxes]
     places, canvas = _packed_boxes(shapes, todo.shape)

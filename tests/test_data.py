@@ -315,6 +315,7 @@ def test_find_channel_axis_one_rule(shape, kwargs, want):
     ((64, 64, 2), {"n_channels": 2, "rgb": False}, "no axis"),
     ((64, 65, 2), {"labels_shape": (64, 64)}, "differ"),
     ((64, 64), {"channel_axis": 2}, "out of range"),
+    ((2, 64, 64), {"axes": "ZYX", "n_channels": 2}, "no channel axis"),  # the file says Z: not channels
 ])
 def test_find_channel_axis_says_what_does_not_fit(shape, kwargs, words):
     from napari_unet.data import find_channel_axis

@@ -131,3 +131,45 @@ def test_small_seeds_join_their_neighbour_instead_of_making_fragments():
     assert merged.max() == 1
     assert (merged > 0).sum() == (foreground > 0.5).sum()  # its pixels went to the cell
     assert merged[19, 28] == merged[20, 10] == 1
+
+
+@pytest.mark.parametrize("shapes, limit", [
+    ([(3, 5), (7, 2), (4, 9), (1, 1), (6, 6)], (40, 12)),
+    ([(2, 3, 4), (4, 2, 5), (1, 6, 3)], (10, 8, 9)),
+])
+def test_packed_boxes_are_disjoint_a_pixel_apart_and_of_their_shapes(shapes, limit):
+    """Each box gets a place of its own shape; grown by one pixel along the packing axes
+    (first and last), no two places overlap: a pixel outside every mask keeps floods apart."""
+    from napari_unet.postprocess import _packed_boxes
+
+    places, canvas = _packed_boxes(shapes, limit)
+    assert places is not None and np.prod(canvas) < np.prod(limit)
+    taken = np.zeros(canvas, int)
+    for shape, place in zip(shapes, places):
+        assert tuple(s.stop - s.start for s in place) == shape
+        assert all(s.stop <= n for s, n in zip(place, canvas))
+        grown = (slice(place[0].start, place[0].stop + 1), *place[1:-1], slice(place[-1].start, place[-1].stop + 1))
+        taken[grown] += 1
+    assert taken.max() == 1
+    assert _packed_boxes([(30, 10), (30, 10)], (40, 12)) == (None, (40, 12))  # not smaller: not packed
+
+
+def test_the_packed_flood_runs_on_touching_cells_and_gives_the_whole_image_labels(monkeypatch):
+    from skimage.segmentation import relabel_sequential, watershed
+
+    import napari_unet.postprocess as pp
+    from napari_unet.synthetic import make_nuclei
+
+    _, truth = make_nuclei((256, 256), seed=4)  # touching nuclei: a boundary region per cluster
+    inner = ndi.grey_erosion(truth, size=5) == truth
+    noise = np.random.default_rng(3).random(truth.shape).astype(np.float32) * 0.2
+    interior = np.where((truth > 0) & inner, 0.7, 0.1).astype(np.float32) + noise
+    fg = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    calls = []
+    real = pp._packed_boxes
+    monkeypatch.setattr(pp, "_packed_boxes", lambda shapes, limit: calls.append(len(shapes)) or real(shapes, limit))
+    got = pp.instance_labels(interior, fg, min_size=0, fill_holes=False)
+    assert calls and calls[0] >= 2, "regions between several seeds were flooded in their packed boxes"
+    seeds, _ = ndi.label(interior > 0.5)
+    want = watershed(-interior, seeds, mask=(fg > 0.5) | (interior > 0.5))
+    np.testing.assert_array_equal(got, relabel_sequential(want)[0])

@@ -425,3 +425,4 @@ def test_without_pyqtgraph_the_curves_are_a_line_of_text(make_napari_viewer, mon
     assert curves.points == {"loss": ([1, 5], [0.75, 0.25]), "iou": ([5], [0.5])}
     curves.clear()
     assert curves.points == {"loss": ([], []), "iou": ([], [])}
+    assert curves.widget.text() == "training loss: none yet"  # not the previous run's

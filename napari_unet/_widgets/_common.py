@@ -226,7 +226,13 @@ def layer_channel_axis(shape: tuple[int, ...], rgb: bool, in_channels: int | Non
     """
     from ..data import find_channel_axis
 
-    return find_channel_axis(shape, in_channels, rgb=bool(rgb), labels_shape=labels_shape)
+    try:
+        return find_channel_axis(shape, in_channels, rgb=bool(rgb), labels_shape=labels_shape)
+    except ValueError:  # the widgets have no channel-axis option: say what to pick instead
+        if labels_shape is None and in_channels and in_channels > 1:
+            raise ValueError(f"the model takes {in_channels} channels but no axis of the image (shape "
+                             f"{tuple(shape)}) has {in_channels} entries; pick a {in_channels}-channel image") from None
+        raise
 
 
 #: What the leading axes of an image layer are (the Segment widget's "Stack is").

@@ -178,6 +178,8 @@ class Curves:
         self.iou_title = text
         if self._curves is not None:
             self._iou_plot.setTitle(text)
+        elif text != IOU_TITLE:  # e.g. "none (under 8 painted)": the text line says it
+            self.widget.setText(f"training loss: none yet, {text}")
 
     def clear(self) -> None:
         for xs, ys in self.points.values():
@@ -186,6 +188,8 @@ class Curves:
         if self._curves is not None:
             for curve in self._curves.values():
                 curve.setData([], [])
+        else:
+            self.widget.setText("training loss: none yet")
         self.set_iou_title(IOU_TITLE)
 
 
