@@ -33,14 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+    """The speed benchmark's median after two warm-up calls."""
+    from inference import median_time
+
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    fn()
+    return median_time(fn, repeats)[0]
 
 
 def main(argv=None) -> int:

@@ -44,6 +44,7 @@ def child(width: int, depth: int, steps: int, repeats: int) -> dict:
 
     import numpy as np
     import torch
+    from inference import median_time  # the speed benchmark's helper (benchmarks/ is on sys.path)
 
     from napari_unet import device as dev
     from napari_unet.config import PredictConfig, default_model_config
@@ -59,14 +60,9 @@ def child(width: int, depth: int, steps: int, repeats: int) -> dict:
     setup = dev.select_training_setup("auto", "cpu", model, batch, max_time=60.0)
     decide = time.perf_counter() - t0
     step = dev._time_training_step(model, batch, *setup)
-    for _ in range(2):
+    for _ in range(2):  # warm-up
         step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
+    step_s, _ = median_time(step, steps)
     image, _ = make_nuclei((1024, 1024), seed=1)
     model.eval()
     config = PredictConfig(output="semantic")  # the network's time: post-processing does not depend on its size
