@@ -64,8 +64,9 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="compute precision (auto: times fp32, fp32 channels-last and bf16 on this machine and "
                         "takes the clearly fastest; an explicit choice repeats bit for bit)")
-    p.add_argument("--channel-axis", type=int, default=None, help="channel axis of the images (default: the axis the labels "
-                   "do not have, the last axis first, e.g. RGB)")
+    p.add_argument("--channel-axis", type=int, default=None,
+                   help="channel axis of the images (default: the axis the labels do not have, the last axis "
+                        "first, e.g. RGB)")
     p.add_argument("--depth", type=int, default=None, help=f"U-Net depth of a new model (default: {dmodel.depth})")
     p.add_argument("--width", type=int, default=None,
                    help=f"base filters of a new model (default: {dmodel.base_filters})")
