@@ -20,7 +20,6 @@ Volumes (``(Z, Y, X)``) can instead be post-processed in 3D (:func:`instance_lab
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Generator
 
 import numpy as np
@@ -112,7 +111,6 @@ def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, thresh
                          ) -> Generator[str, None, np.ndarray]:
     """:func:`instance_labels` as a generator: yields the step's name after every band (so that a
     volume's post-processing can report progress and be stopped), returns the labels."""
-    from skimage.morphology import remove_small_objects
 
     interior = np.asarray(interior)
     foreground = np.asarray(foreground)
@@ -128,47 +126,64 @@ def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, thresh
         halo = 128 if interior.ndim == 2 else 64
     seeds = interior > threshold
     mask = (foreground > foreground_threshold) | seeds
-    labels, n = ndi.label(seeds)  # int32, labelled in place by the watershed below
-    del seeds
-    h = labels.shape[-2]
+    h = seeds.shape[-2]
     block = max(int(block), 1)
+    todo = region = None
+    if block >= h and min_seed_size <= 1:
+        # One band and every seed kept: what the flood decides is known now, and is labelled
+        # beside the seeds (two threads on a multi-core CPU).
+        todo = mask & ~seeds
+        (labels, n), region = _in_parallel(lambda s=seeds: ndi.label(s), lambda t=todo: ndi.label(t),
+                                           size=seeds.size)
+    else:
+        labels, n = ndi.label(seeds)  # int32, labelled in place by the watershed below
+    del seeds
     rows = (slice(None),) * (labels.ndim - 2)  # the leading (Z) axis whole: bands run along Y
-    if n and min_seed_size > 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            remove_small_objects(labels, max_size=int(min_seed_size) - 1, out=labels)
-        n = int(labels.max())
+    if n and min_seed_size > 1:  # small seeds out, in one lookup (as remove_small_objects, in fewer passes)
+        table = np.arange(n + 1, dtype=labels.dtype)
+        table[_sizes(labels, n) < int(min_seed_size)] = 0
+        _renumber(labels, table, labels)
+        n = int(table.max())
     if n:
         for top in range(0, h, block):
             lo, hi = max(top - halo, 0), min(top + block + halo, h)
             # Flood from the seeds in order of decreasing interior probability; boundary
             # pixels between touching cells go to the nearer seed. Rows above this band
             # are final already and act as markers too.
-            band, keep = (*rows, slice(lo, hi)), (*rows, slice(top - lo, top - lo + min(block, h - top)))
-            seeded = labels[band]
-            todo = mask[band] & (seeded == 0)  # foreground no seed covers: what the flood decides
-            if todo.any():
-                labels[(*rows, slice(top, min(top + block, h)))] = _flood(interior[band], seeded, todo)[keep]
-            del todo, seeded
+            band, rows_out = (*rows, slice(lo, hi)), (*rows, slice(top, min(top + block, h)))
+            whole = lo == 0 and hi == h  # one band: flooded in place
+            seeded = labels if whole else np.ascontiguousarray(labels[band])
+            if todo is None:
+                todo = mask[band] & (seeded == 0)  # foreground no seed covers: what the flood decides
+            _flood(interior[band], seeded, todo, region)
+            if not whole:
+                labels[rows_out] = seeded[(*rows, slice(top - lo, top - lo + min(block, h - top)))]
+            todo = region = seeded = None
             yield "watershed"
     del mask
     if n:
         # Small cells out and ids made consecutive in one lookup (what remove_small_objects
         # and relabel_sequential do in two passes each over the image; hole filling below
         # only grows the cells that are kept, so their order and ids stay the same).
-        sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
-        kept = sizes >= max(int(min_size), 1)
+        kept = _sizes(labels, n) >= max(int(min_size), 1)
         kept[0] = False
         new_id = np.cumsum(kept)
         new_id *= kept
-        labels = new_id.astype(label_dtype(int(new_id[-1])))[labels]
-        del sizes, kept, new_id
+        table = new_id.astype(label_dtype(int(new_id[-1])))
+        out = np.empty(labels.shape, table.dtype)
+        _renumber(labels, table, out)
+        labels = out
+        del kept, new_id, table, out
     if fill_holes and n:
         for top in range(0, h, block):
             lo, hi = max(top - halo, 0), min(top + block + halo, h)
-            filled = fill_enclosed_holes(labels[(*rows, slice(lo, hi))])
-            keep = (*rows, slice(top - lo, top - lo + min(block, h - top)))
-            labels[(*rows, slice(top, min(top + block, h)))] = filled[keep]
+            if lo == 0 and hi == h:
+                _fill_enclosed_holes(labels)
+            else:
+                filled = np.ascontiguousarray(labels[(*rows, slice(lo, hi))])
+                _fill_enclosed_holes(filled)
+                keep = (*rows, slice(top - lo, top - lo + min(block, h - top)))
+                labels[(*rows, slice(top, min(top + block, h)))] = filled[keep]
             yield "filling holes"
     return labels if n else np.zeros(labels.shape, np.uint16)
 
@@ -241,88 +256,156 @@ def stitch_planes(labels: np.ndarray, iou_threshold: float = 0.25) -> np.ndarray
     return out.astype(label_dtype(int(out.max()) if out.size else 0), copy=False)
 
 
-def _flood(interior: np.ndarray, seeded: np.ndarray, todo: np.ndarray) -> np.ndarray:
-    """``seeded`` with the pixels of ``todo`` flooded from the seeds (a copy).
+def _flood(interior: np.ndarray, labels: np.ndarray, todo: np.ndarray, region: tuple | None = None) -> None:
+    """Flood the pixels of ``todo`` in ``labels`` (C-contiguous, changed in place) from its seeds.
 
-    The same labels as ``skimage.segmentation.watershed(-interior, seeded, mask=todo |
-    (seeded > 0))`` (face connectivity; up to the order of exact ties), computed where it
+    The same labels as ``skimage.segmentation.watershed(-interior, labels, mask=todo |
+    (labels > 0))`` (face connectivity; up to the order of exact ties), computed where it
     matters: each connected region of ``todo`` touched by one seed goes to that seed
     whole (a flood reaches every pixel of a region it enters), one touched by none stays
     0, and only regions between several seeds (the boundaries of touching cells) are
     flooded, from the seed pixels at their edge. Those regions' bounding boxes are packed
-    side by side, a pixel apart, into one small array and flooded in one watershed call
-    (:func:`_packed_boxes`; two arrays in two threads from :data:`_PARALLEL_MIN_REGIONS`
-    regions on a multi-core CPU): scikit-image's watershed converts and pads its whole
+    side by side, a pixel apart, into small arrays and flooded in one watershed call each
+    (:func:`_packed_boxes`; groups of about :data:`_FLOOD_GROUP_PIXELS`, in two threads from
+    :data:`_PARALLEL_MIN_REGIONS` regions on a multi-core CPU): scikit-image's watershed converts and pads its whole
     input, so one call over the image spent most of the post-processing on pixels no flood
-    reaches, and one call per region on the calls' own overhead.
+    reaches, and one call per region on the calls' own overhead. Everything else works on
+    the flat indices of a few percent of the image's pixels, not on whole-image arrays:
+    which seeds touch which region, the regions' bounding boxes, the writes.
+    ``region``: ``ndi.label(todo)`` when the caller has it already.
     """
     from skimage.segmentation import watershed
 
-    out = seeded.copy()
-    region, n = ndi.label(todo)
+    region, n = ndi.label(todo) if region is None else region
     if n == 0:
-        return out
-    rim = _face_neighbours(todo) & (seeded > 0)  # seed pixels that can flood a region
-    seed_ids, region_ids = _touching_pairs(np.nonzero(rim), seeded, region)
-    owner, shared = _sole_owner(region_ids, seed_ids, n, out.dtype)
-    out[todo] = owner[region[todo]]
+        return
+    flat = labels.reshape(-1)
+    rim = np.flatnonzero(_face_neighbours(todo) & (labels > 0))
+    seed_ids, region_ids = _touching_pairs(rim, todo.shape, flat[rim], region.reshape(-1))
+    where = np.flatnonzero(todo)
+    region_of = region.reshape(-1)[where]
+    owner, shared = _sole_owner(region_ids, seed_ids, n, labels.dtype)
+    if shared.size:
+        boxes = _shared_boxes(where, region_of, shared, n, todo.shape)
+        floods = _flood_shared(interior, labels, region, n, shared, boxes, watershed)
+    flat[where] = owner[region_of]
     if not shared.size:
-        return out
-    all_boxes = ndi.find_objects(region)
-    boxes = [tuple(slice(max(b.start - 1, 0), min(b.stop + 1, size)) for b, size in zip(all_boxes[r - 1], todo.shape))
-             for r in shared]  # each region's box grown by the seed pixels at its edge
+        return
+    for box, inside, ws in floods:
+        labels[box][inside] = ws[inside]
+
+
+def _shared_boxes(where, region_of, shared, n, shape):
+    is_shared = np.zeros(n + 1, bool)
+    is_shared[shared] = True
+    sel = is_shared[region_of]
+    ids, pix = region_of[sel], where[sel]
+    order = np.argsort(ids, kind="stable")
+    ids, pix = ids[order], pix[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    coords = np.unravel_index(pix, shape)
+    lo = [np.maximum(np.minimum.reduceat(c, starts) - 1, 0) for c in coords]
+    hi = [np.minimum(np.maximum.reduceat(c, starts) + 2, size) for c, size in zip(coords, shape)]
+    return [tuple(slice(int(a[k]), int(b[k])) for a, b in zip(lo, hi)) for k in range(len(starts))]
+
+
+def _flood_shared(interior, labels, region, n, shared, boxes, watershed) -> list:
     shapes = [tuple(b.stop - b.start for b in box) for box in boxes]
-    places, canvas = _packed_boxes(shapes, todo.shape)
-    if places is None:  # boxes as large as the image: one flood over it
+    places, canvas = _packed_boxes(shapes, region.shape)
+    if places is None:
         is_shared = np.zeros(n + 1, bool)
         is_shared[shared] = True
-        inside = is_shared[region]  # a lookup: np.isin over the whole band is slower
-        edge = rim & _face_neighbours(inside)
-        ws = watershed(-np.asarray(interior, np.float32), np.where(edge, seeded, 0), mask=inside | edge)
-        out[inside] = ws[inside]
-        return out
-    groups = [list(range(len(shared)))]
-    if len(shared) >= max(_PARALLEL_MIN_REGIONS, 2) and _cores() > 1:
-        # Two packed arrays flooded in two threads: scikit-image's watershed and scipy's
-        # labelling release the GIL, and the network is idle while the labels are made.
-        half = len(shared) // 2
-        groups = [list(range(half)), list(range(half, len(shared)))]
-        packings = [_packed_boxes([shapes[i] for i in g], todo.shape) for g in groups]
-    if len(groups) == 1 or any(p is None for p, _ in packings):
+        inside = is_shared[region]
+        edge = _face_neighbours(inside) & (labels > 0)
+        ws = watershed(-np.asarray(interior, np.float32), np.where(edge, labels, 0), mask=inside | edge)
+        whole = tuple(slice(None) for _ in region.shape)
+        return [(whole, inside, ws)]
+    threads = len(shared) >= max(_PARALLEL_MIN_REGIONS, 2) and _cores() > 1
+    k = int(min(len(shared), max(1 + threads, round(sum(np.prod(t) for t in shapes) / _FLOOD_GROUP_PIXELS))))
+    groups = [list(range(j, len(shared), k)) for j in range(k)]
+    packings = [(places, canvas)] if k == 1 else [_packed_boxes([shapes[i] for i in g], region.shape)
+                                                   for g in groups]
+    if any(p is None for p, _ in packings):
         groups, packings = [list(range(len(shared)))], [(places, canvas)]
 
     def flood(group, packing):
         places, canvas = packing
         height = np.zeros(canvas, np.float32)
-        markers = np.zeros(canvas, seeded.dtype)
+        markers = np.zeros(canvas, labels.dtype)
         mask = np.zeros(canvas, bool)
         insides = []
         for i, place in zip(group, places):
             box = boxes[i]
             inside = region[box] == shared[i]
-            edge = rim[box]
+            seeded = labels[box]
+            edge = _face_neighbours(inside) & (seeded > 0)
             height[place] = interior[box]
-            markers[place] = np.where(edge, seeded[box], 0)
+            markers[place] = np.where(edge, seeded, 0)
             mask[place] = inside | edge
             insides.append(inside)
         np.negative(height, out=height)
-        return watershed(height, markers, mask=mask), insides
+        ws = watershed(height, markers, mask=mask)
+        return [(boxes[i], inside, ws[place]) for i, place, inside in zip(group, places, insides)]
 
-    if len(groups) == 1:
-        results = [flood(groups[0], packings[0])]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+    if len(groups) == 1 or not threads:
+        return [r for g, p in zip(groups, packings) for r in flood(g, p)]
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(len(groups)) as pool:
-            results = list(pool.map(flood, groups, packings))
-    for group, (places, _), (ws, insides) in zip(groups, packings, results):
-        for i, place, inside in zip(group, places, insides):
-            out[boxes[i]][inside] = ws[place][inside]
-    return out
+    with ThreadPoolExecutor(2) as pool:
+        return [r for part in pool.map(flood, groups, packings) for r in part]
 
 
 #: From this many regions between seeds on, :func:`_flood` floods them in two threads.
 _PARALLEL_MIN_REGIONS = 64
+
+#: :func:`_flood` floods the regions between seeds in groups of about this many box pixels.
+_FLOOD_GROUP_PIXELS = 1 << 17
+
+#: From this many pixels on, whole-image steps run in two threads (on a multi-core CPU).
+_PARALLEL_MIN_PIXELS = 1 << 20
+
+
+def _in_parallel(*calls, size: int) -> list:
+    """The callables' results, run in threads when the image (``size`` pixels) is large
+    enough to pay for them and the CPU has cores for them: scipy's labelling and numpy's
+    comparisons, bincount and take release the GIL, and the network is idle meanwhile."""
+    if len(calls) < 2 or size < _PARALLEL_MIN_PIXELS or _cores() < 2:
+        return [call() for call in calls]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
+
+
+def _sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixels per id ``0..n`` of ``labels``: two halves in two threads on a multi-core CPU
+    (numpy's bincount releases the GIL), each in chunks (bincount makes an int64 copy)."""
+    return sum(_in_parallel(*(lambda p=p: sum(np.bincount(c.reshape(-1), minlength=n + 1) for c in _chunks(labels[p]))
+                              for p in _halves(labels)), size=labels.size))
+
+
+def _renumber(labels: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = table[labels]`` (``out`` may be ``labels``): in halves and chunks, as :func:`_sizes`."""
+    def part(p):
+        for src, dst in zip(_chunks(labels[p]), _chunks(out[p])):
+            np.take(table, src, out=dst, mode="clip")  # ids are in range: no check needed
+
+    _in_parallel(*(lambda p=p: part(p) for p in _halves(labels)), size=labels.size)
+
+
+def _chunks(array: np.ndarray, size: int = 1 << 21) -> list[np.ndarray]:
+    """Views of ``array`` along its first axis, about ``size`` elements each (at least one row)."""
+    step = max(1, size // max(1, int(np.prod(array.shape[1:]))))
+    return [array[i:i + step] for i in range(0, array.shape[0], step)]
+
+
+def _halves(array: np.ndarray) -> list[tuple[slice, ...]]:
+    """The first axis of ``array`` in two (one part when it is too small to share out)."""
+    if array.size < _PARALLEL_MIN_PIXELS or array.shape[0] < 2 or _cores() < 2:
+        return [(slice(None),)]
+    mid = array.shape[0] // 2
+    return [(slice(0, mid),), (slice(mid, None),)]
 
 
 def _cores() -> int:
@@ -358,20 +441,21 @@ def _packed_boxes(shapes: list[tuple[int, ...]], limit: tuple[int, ...]
     return places, canvas
 
 
-def _touching_pairs(where: tuple[np.ndarray, ...], own: np.ndarray, other: np.ndarray
+def _touching_pairs(where: np.ndarray, shape: tuple[int, ...], own: np.ndarray, other: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct pairs ``(own id, other id)``, both > 0, of the pixels ``where`` (ids in
-    ``own``) and their face neighbours (ids in ``other``): which objects touch which."""
-    own_ids = own[where].astype(np.int64)
+    """The distinct pairs ``(own id, other id)``, both > 0, of the pixels at flat indices
+    ``where`` of an array of ``shape`` (their ids ``own``) and their face neighbours (ids in
+    the flat array ``other``): which objects touch which."""
+    own = own.astype(np.int64)
+    coords = np.unravel_index(where, shape)
+    strides = np.cumprod((1, *shape[:0:-1]))[::-1]  # C order, in pixels
     keys = []
-    for axis in range(own.ndim):
+    for c, size, stride in zip(coords, shape, strides):
         for d in (1, -1):
-            nb = list(where)
-            nb[axis] = nb[axis] + d
-            inside = (nb[axis] >= 0) & (nb[axis] < own.shape[axis])
-            ids = other[tuple(c[inside] for c in nb)].astype(np.int64)
-            sel = (ids > 0) & (own_ids[inside] > 0)
-            keys.append((own_ids[inside][sel] << 32) | ids[sel])  # one int64 per pair: a 1-D unique
+            ok = c < size - 1 if d == 1 else c > 0
+            ids = other[where[ok] + d * int(stride)].astype(np.int64)
+            sel = ids > 0
+            keys.append((own[ok][sel] << 32) | ids[sel])  # one int64 per pair: a 1-D unique
     keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     return keys >> 32, keys & 0xFFFFFFFF
 
@@ -411,25 +495,31 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
     seconds on images with thousands of objects. Regions enclosed by several touching
     objects, and regions touching the border, stay background.
     """
-    out = labels.copy()
+    out = np.ascontiguousarray(labels).copy()
+    _fill_enclosed_holes(out)
+    return out
+
+
+def _fill_enclosed_holes(labels: np.ndarray) -> None:
+    """:func:`fill_enclosed_holes` in place (``labels`` C-contiguous)."""
     background, n = ndi.label(labels == 0)
     if n == 0:
-        return out
+        return
     open_ = np.zeros(n + 1, bool)  # touches the border (or is not background: id 0)
     open_[0] = True
     for axis in range(labels.ndim):
         for end in (0, -1):
             open_[np.take(background, end, axis=axis)] = True
     if open_.all():
-        return out
-    where = np.nonzero(~open_[background])  # the holes' pixels (a lookup, no write over the band)
-    hole_of = background[where]
-    hole_ids, object_ids = _touching_pairs(where, background, labels)
+        return
+    flat = background.reshape(-1)
+    where = np.flatnonzero(~open_[flat])  # the holes' pixels (a lookup, no write over the image)
+    hole_of = flat[where]
+    hole_ids, object_ids = _touching_pairs(where, labels.shape, hole_of, labels.reshape(-1))
     owner, _ = _sole_owner(hole_ids, object_ids, n, labels.dtype)
     fill = owner[hole_of]
     sel = fill > 0
-    out[tuple(w[sel] for w in where)] = fill[sel]
-    return out
+    labels.reshape(-1)[where[sel]] = fill[sel]
 
 
 def labels_from_probabilities(probabilities: np.ndarray, mode: str = "instances", **kwargs) -> np.ndarray:

@@ -173,3 +173,4 @@ def test_the_packed_flood_runs_on_touching_cells_and_gives_the_whole_image_label
     seeds, _ = ndi.label(interior > 0.5)
     want = watershed(-interior, seeds, mask=(fg > 0.5) | (interior > 0.5))
     np.testing.assert_array_equal(got, relabel_sequential(want)[0])
+

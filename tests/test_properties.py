@@ -316,10 +316,14 @@ def test_instance_labels_equal_the_plain_scikit_image_steps(seed, shape, sigma, 
     # one_flood: the regions between seeds flooded in one call over the image (when their boxes
     # would not pack smaller), not in their boxes packed side by side
     unpacked = mock.patch.object(pp, "_packed_boxes", lambda shapes, limit: (None, tuple(limit)))
-    # threads: the regions split in two packed arrays flooded in two threads (from one region on)
+    # threads: the regions split in two packed arrays flooded in two threads (from one region on),
+    # seeds and flood regions labelled in two threads, sizes and renumbering in two halves,
+    # the regions between seeds in groups
     split = mock.patch.object(pp, "_PARALLEL_MIN_REGIONS", 1 if threads else 10**9)
+    halves = mock.patch.object(pp, "_PARALLEL_MIN_PIXELS", 1 if threads else 10**12)
+    groups = mock.patch.object(pp, "_FLOOD_GROUP_PIXELS", 16 if threads else 1 << 17)  # many small packed arrays
     cores = mock.patch.object(pp, "_cores", lambda: 2)  # also on a one-core machine
-    with unpacked if one_flood else contextlib.nullcontext(), split, cores:
+    with unpacked if one_flood else contextlib.nullcontext(), split, halves, groups, cores:
         got = pp.instance_labels(interior, foreground, min_size=min_size, min_seed_size=min_seed_size,
                                  fill_holes=fill)
     want = _reference_instances(interior, foreground, min_size, min_seed_size, fill)
