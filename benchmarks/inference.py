@@ -12,7 +12,9 @@ In one run, with the same weights:
   float32 NCHW forward of each under ``torch.no_grad``, argmax per tile;
 * (b) :func:`napari_unet.inference.predict` with its defaults (instance output, so the
   watershed post-processing is included), and the same with semantic output (argmax only,
-  the work (a) does), and with :func:`~napari_unet.tuning.tune_malloc` as the CLI does.
+  the work (a) does; the two run in turns), and with :func:`~napari_unet.tuning.tune_malloc`
+  as the CLI does. The instance post-processing's share is timed inside ``predict``, alone
+  on the image's maps, and as the difference of the instance and semantic times.
 
 Models: depth 4 / width 8 (the training engine's default) and depth 5 / width 32, padded
 convolutions with batch norm, trained for ``--steps`` quick steps on synthetic nuclei so
@@ -53,6 +55,42 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), out
+
+
+def interleaved_medians(fns, repeats: int) -> list[tuple[float, object]]:
+    """:func:`median_time` of several callables run in turns (a, b, a, b, ...), so that a
+    slow spell of the machine falls on all of them alike: their differences mean something."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return [(float(np.median(t)), out) for t, out in zip(times, outs)]
+
+
+class TimedCalls:
+    """Times every call of ``module.name`` while active (how long a step takes inside a job,
+    where the job calls it by that name)."""
+
+    def __init__(self, module, name: str):
+        self.module, self.name, self.times = module, name, []
+
+    def __enter__(self):
+        self.real = real = getattr(self.module, self.name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.times.append(time.perf_counter() - t0)
+
+        setattr(self.module, self.name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.real)
 
 
 def matmul_peak(dtype_name: str = "float32", n: int = 2048, repeats: int = 5) -> float:
@@ -162,6 +200,27 @@ def _path(res) -> str:
     return res.precision + (", OpenVINO" if getattr(res, "backend", "torch") == "openvino" else "")
 
 
+def packaged_post_share(image, repeats: int):
+    """``(post-processing inside predict, instance time, semantic time, cells)`` of the packaged
+    model on ``image`` (medians, run in turns), or None when this installation lacks it: its
+    maps of a dense field are harder work for the post-processing than a briefly trained network's."""
+    from napari_unet import postprocess
+    from napari_unet._sample_data import sample_model_path
+    from napari_unet.config import PredictConfig
+    from napari_unet.inference import predict_all
+    from napari_unet.io import load_model
+
+    path = sample_model_path()
+    if path is None:
+        return None
+    net, meta = load_model(path)
+    run = lambda **kw: predict_all(net, image, PredictConfig(**kw), meta)  # noqa: E731
+    run()
+    with TimedCalls(postprocess, "instance_labels") as in_predict:
+        (t_i, res), (t_s, _) = interleaved_medians([run, lambda: run(output="semantic")], repeats)
+    return float(np.median(in_predict.times)), t_i, t_s, int(res.labels.max())
+
+
 def load_line() -> str:
     try:
         return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
@@ -174,6 +233,7 @@ def load_line() -> str:
 def part_speed(args) -> dict:
     import torch
 
+    from napari_unet import postprocess
     from napari_unet.inference import DEFAULT_MIN_SIZE
     from napari_unet.postprocess import BOUNDARY, INTERIOR, instance_labels, semantic_labels
     from napari_unet.tuning import tune_malloc
@@ -196,8 +256,10 @@ def part_speed(args) -> dict:
         run_predict(net, image[:256, :256])  # calibration of precision="auto" (cached), warm-up
         plain_tiled(net, image[:512, :512])
         t_a, sem_a = median_time(lambda n=net: plain_tiled(n, image), args.repeats)
-        t_b, res_b = median_time(lambda n=net: run_predict(n, image), args.repeats)
-        t_s, res_s = median_time(lambda n=net: run_predict(n, image, output="semantic"), args.repeats)
+        with TimedCalls(postprocess, "instance_labels") as in_predict:  # the job calls it once per image
+            (t_b, res_b), (t_s, res_s) = interleaved_medians(
+                [lambda n=net: run_predict(n, image), lambda n=net: run_predict(n, image, output="semantic")],
+                args.repeats)
         res_32 = run_predict(net, image, precision="fp32", probabilities=True)
         interior, fg = res_32.probabilities[INTERIOR], res_32.probabilities[INTERIOR] + res_32.probabilities[BOUNDARY]
         t_post, _ = median_time(lambda i=interior, f=fg: instance_labels(i, f, min_size=DEFAULT_MIN_SIZE),
@@ -214,10 +276,11 @@ def part_speed(args) -> dict:
                          (f"(b) predict defaults, instances ({_path(res_b)}, tile {res_b.tile_size})", t_b),
                          (f"(b) predict defaults, semantic ({_path(res_s)})", t_s)):
             rows.append((name, label, t, mpx / t, t_a / t, fpp * image.size / t / 1e9))
-        post_rows.append((name, t_post, t_b))
+        post_rows.append((name, t_post, float(np.median(in_predict.times)), t_b))
         agree_rows.append((name, steps, t_train, float((csem16 == csem32).mean()),
                            matched_fraction(c32.labels, c16.labels), float((sem_a == sem32).mean()),
                            matched_fraction(gt, res_32.labels), res_b.precision))
+    packaged = packaged_post_share(image, args.repeats)
     tune_malloc()
     for width, depth in MODELS:
         net = nets[width, depth]
@@ -232,12 +295,18 @@ def part_speed(args) -> dict:
     print("|---|---|---|---|---|---|")
     for name, label, t, speed, ratio, gf in rows:
         print(f"| {name} | {label} | {t:.2f} | {speed:.3f} | {ratio:.2f}x | {gf:.0f} ({100 * gf / peak32:.0f} %) |")
-    for name, t_post, t_inst in post_rows:
+    for name, t_post, t_situ, t_inst in post_rows:
         inst = next(r[2] for r in rows if r[0] == name and "instances" in r[1])
         sem = next(r[2] for r in rows if r[0] == name and "semantic" in r[1])
-        print(f"\n{name}: instance post-processing (instance_labels on this image's maps, median) {t_post:.2f} s, "
-              f"{100 * t_post / t_inst:.0f} % of the instance time; instances minus semantic {inst - sem:.2f} s "
-              f"({100 * (inst - sem) / inst:.0f} %)", end="")
+        print(f"\n{name}: instance post-processing (instance_labels, median) inside predict {t_situ:.2f} s, "
+              f"{100 * t_situ / t_inst:.0f} % of the instance time; timed alone on the image's maps {t_post:.2f} s "
+              f"({100 * t_post / t_inst:.0f} %); instances minus semantic {inst - sem:.2f} s "
+              f"({100 * (inst - sem) / inst:.0f} %; semantic output pays an argmax instead)", end="")
+    if packaged is not None:
+        t_situ, t_inst, t_sem, cells = packaged
+        print(f"\npackaged model (8/4, pretrained; its metadata's size limits), same image, {cells} cells: instance "
+              f"post-processing inside predict {t_situ:.2f} s, {100 * t_situ / t_inst:.0f} % of the instance time "
+              f"{t_inst:.2f} s (semantic {t_sem:.2f} s)", end="")
     print()
     print(f"\nMask agreement (same image, bf16 on its top-left {args.agreement_size} px; the models trained "
           "briefly on other synthetic nuclei):\n")
