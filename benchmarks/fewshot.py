@@ -486,6 +486,9 @@ def _rounds(args, results, name, k, seed, label, image, objects, region, train_i
 def _score_rounds(results, name, k, seed, label, objects, region, train_ids, big, skip, pred, info, rounds, t0):
     final = rounds[-1][2] if rounds else train_ids
     n_eval = len(big) - len(final)
+    if n_eval <= 0:  # every object was painted: nothing to score (not an AP of 0)
+        print(f"  {name} K={k} seed {seed} {label}: no object left to score after the rounds", flush=True)
+        return
     for r, (labels, rinfo) in enumerate([(pred, info)] + [(lab, inf) for lab, inf, _ in rounds]):
         ap50, miou = score(labels, objects, region, final, skip, drop_border=True)
         lab = f"{label}, round {r}"

@@ -93,6 +93,20 @@ def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
     assert rounds[1][0].shape == objects.shape
 
 
+def test_rounds_that_painted_every_object_score_nothing_instead_of_zero(fewshot):
+    objects = _scene()
+    region = np.ones(objects.shape, bool)
+    ids = np.arange(1, 7)
+    results = {}
+    fewshot._score_rounds(results, "scene", 5, 0, "U-Net", objects, region, ids[:5], ids, np.array([], int), objects,
+                          {"iterations": 1}, [(objects, {"iterations": 1}, ids)], 0.0)
+    assert results == {}
+    fewshot._score_rounds(results, "scene", 5, 0, "U-Net", objects, region, ids[:2], ids, np.array([], int), objects,
+                          {"iterations": 1}, [(objects, {"iterations": 1}, np.array([1, 2, 4, 5, 6]))], 0.0)
+    assert sorted(results) == [("scene", 5, "U-Net, round 0"), ("scene", 5, "U-Net, round 1")]
+    assert all(v[0][1] == 1.0 and v[0][2] == 1 for v in results.values())  # object 3 left, and found
+
+
 def test_suggestions_are_scored_on_the_errors_a_user_would_correct(fewshot):
     objects = _scene()
     region = np.ones_like(objects, bool)
