@@ -152,7 +152,7 @@ def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, thresh
             # are final already and act as markers too.
             band, rows_out = (*rows, slice(lo, hi)), (*rows, slice(top, min(top + block, h)))
             whole = lo == 0 and hi == h  # one band: flooded in place
-            seeded = labels if whole else np.ascontiguousarray(labels[band])
+            seeded = labels if whole else labels[band].copy()  # a copy: only the band's own rows go back
             if todo is None:
                 todo = mask[band] & (seeded == 0)  # foreground no seed covers: what the flood decides
             _flood(interior[band], seeded, todo, region)
@@ -180,7 +180,7 @@ def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, thresh
             if lo == 0 and hi == h:
                 _fill_enclosed_holes(labels)
             else:
-                filled = np.ascontiguousarray(labels[(*rows, slice(lo, hi))])
+                filled = labels[(*rows, slice(lo, hi))].copy()
                 _fill_enclosed_holes(filled)
                 keep = (*rows, slice(top - lo, top - lo + min(block, h - top)))
                 labels[(*rows, slice(top, min(top + block, h)))] = filled[keep]
@@ -495,7 +495,7 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
     seconds on images with thousands of objects. Regions enclosed by several touching
     objects, and regions touching the border, stay background.
     """
-    out = np.ascontiguousarray(labels).copy()
+    out = np.array(labels, order="C")  # a C-contiguous copy: filled in place through flat views
     _fill_enclosed_holes(out)
     return out
 

@@ -55,6 +55,23 @@ def test_banded_watershed_equals_whole_image():
     assert (whole == banded).mean() > 0.999
 
 
+@pytest.mark.parametrize("volume", [False, True])
+def test_a_band_writes_only_its_own_rows(volume):
+    """Two seeds with a boundary region between them that crosses a band's lower edge (within
+    the halo): each band keeps only its own rows, so the next band floods that region from
+    both seeds, as the whole-image watershed does (2D, and a volume of one plane)."""
+    interior = np.zeros((24, 3), np.float32)
+    interior[:9] = interior[17:] = 0.9  # seed A above, seed B below
+    interior[9:17] = np.linspace(0.1, 0.4, 8)[:, None]  # rising towards B: B floods most of it
+    fg = np.ones_like(interior)
+    if volume:
+        interior, fg = interior[None], fg[None]
+    whole = pp.instance_labels(interior, fg, min_size=0, fill_holes=False, block=10_000)
+    banded = pp.instance_labels(interior, fg, min_size=0, fill_holes=False, block=8, halo=6)
+    np.testing.assert_array_equal(banded, whole)
+    assert (whole[..., :10, :] == 1).all() and (whole[..., 10:, :] == 2).all()
+
+
 def test_small_objects_removed_and_holes_filled():
     interior = np.zeros((60, 60), np.float32)
     interior[5:25, 5:25] = 1.0
