@@ -494,9 +494,11 @@ def _score_rounds(results, name, k, seed, label, objects, region, train_ids, big
         lab = f"{label}, round {r}"
         results.setdefault((name, k, lab), []).append((seed, ap50, n_eval, miou, time.perf_counter() - t0))
         check = rinfo.get("painted_check") or {}
+        res = rinfo.get("result")
+        scale = res.metadata.get("scale") if res is not None else None  # the resize factor the round trained at
         print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, scored {n_eval}, "
               f"{rinfo['iterations']} steps, painted cells found again {check.get('recovered')}/"
-              f"{check.get('painted')}{_errors(labels, objects, region, final, skip)}", flush=True)
+              f"{check.get('painted')}, scale {scale}{_errors(labels, objects, region, final, skip)}", flush=True)
 
 
 def _overrides(items: list[str], ap: argparse.ArgumentParser) -> dict:
