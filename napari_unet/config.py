@@ -183,8 +183,7 @@ class TrainConfig(_DictMixin):
         Instance mode, starting from existing weights: resize the images so that the
         painted cells have the size of the cells the starting model knows (its file's
         ``object_area``); the trained model's file records the factor (``scale``) and
-        prediction resizes images by it. Continue (``train(model=...)``) keeps the factor
-        in the model's metadata. Off: images are used as they are.
+        prediction resizes images by it. Off: images are used as they are.
     keep_pretrained : float
         When training starts from existing weights (``init_from``, or ``model`` to train
         on), the result keeps this fraction of the starting weights: it is

@@ -365,8 +365,7 @@ def train(images: Any, labels: Any, config: TrainConfig | None = None, *, model:
         weight map, validation, seed, device, precision.
     model : UNet, optional
         A network to continue training IN PLACE (paint more, train again). ``metadata``
-        is its metadata (kept where still true: class names, earlier training; its resize
-        factor ``scale`` is kept, see ``TrainConfig.rescale``).
+        is its metadata (kept where still true: class names, earlier training).
     init_from : path-like, optional
         A model file to fine-tune. If its output classes differ from the labels', the
         output 1x1 conv is replaced (a progress message says so).
@@ -536,12 +535,6 @@ class _Run:
             # of the loss and crowded fields came back in fragments (measured: docs/fewshot.md).
             border_weights = False
             self.messages.append("continuing: no border weight map (see TrainConfig.border_weights)")
-        # Continue keeps the resize factor the network was just trained at: recomputed from the
-        # cells painted so far, it followed the corrected cells' sizes (merged, split, missed)
-        # and jumped between rounds (EM 0.52, 0.71, 1.0), costing each round part of the last.
-        continue_scale = None
-        if config.rescale and model is not None and init_from is None and config.mode == "instances":
-            continue_scale = prior.get("scale")
         # A semantic model keeps its classes when fine-tuned on labels that use only some of them.
         target_classes = None
         if model is not None and config.mode == "semantic" and prior.get("mode") == "semantic":
@@ -553,8 +546,7 @@ class _Run:
             class_balance_power=config.class_balance, boundary_width=config.boundary_width, seed=config.seed,
             n_classes=target_classes, model_channels=None if model is None else model.config.in_channels,
             target_area=prior.get("object_area") if (config.rescale and model is not None) else None,
-            side_views=(config.voxel_size or (1.0, 1.0, 1.0)) if config.side_views else None,
-            scale=continue_scale)
+            side_views=(config.voxel_size or (1.0, 1.0, 1.0)) if config.side_views else None)
         self.messages.extend(data.messages)
         if config.seed is not None:
             torch.manual_seed(config.seed)

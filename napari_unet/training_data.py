@@ -121,8 +121,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
                           sigma: float = 5.0, class_balance_power: float = 1.0, n_classes: int | None = None,
                           boundary_width: int = 3, seed: int | None = 0,
                           model_channels: int | None = None, target_area: float | None = None,
-                          side_views: tuple[float, float, float] | None = None,
-                          scale: float | None = None) -> TrainingData:
+                          side_views: tuple[float, float, float] | None = None) -> TrainingData:
     """Check images and painted labels and turn them into training planes; raise :class:`TrainingDataError`.
 
     Parameters
@@ -160,9 +159,6 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
         ``object_area``). The planes are resized so that the painted cells' median area
         matches it (:func:`napari_unet.data.rescale_factor`; ``TrainingData.scale``), and
         prediction resizes images by the same factor (the model file's ``scale``).
-    scale : float, optional
-        Instance mode: resize the planes by this factor instead (Continue keeps the factor
-        the network was just trained at; see :class:`napari_unet.training.train`).
     side_views : (float, float, float), optional
         The voxel size (Z, Y, X) of volumes: stacks are then volumes (Z = the axis before
         Y, X), and besides the painted YX planes, the ZX and ZY planes of each volume
@@ -179,7 +175,7 @@ def prepare_training_data(images: Any, labels: Any, mode: str = "instances", *, 
     raw, shapes, in_channels, constant = _labelled_planes(imgs, labs, rois, channel_axis, model_channels,
                                                           side_views, suffix, messages)
     n_cls, class_names = _classes(raw, mode, n_classes)
-    raw, scale = _rescaled(raw, mode, target_area, messages, scale)
+    raw, scale = _rescaled(raw, mode, target_area, messages)
     if constant:  # told after the labels' problems: those are what a user painting is working on
         i, value = constant[0]
         raise TrainingDataError(f"image{suffix(i)} has the same value ({value:g}) everywhere: nothing to learn from; "
@@ -304,27 +300,20 @@ def _classes(raw: list[_RawPlane], mode: str, n_classes: int | None) -> tuple[in
     raise TrainingDataError(f"mode must be 'instances' or 'semantic', got {mode!r}")
 
 
-def _rescaled(raw: list[_RawPlane], mode: str, target_area: float | None, messages: list[str],
-              fixed: float | None = None) -> tuple[list[_RawPlane], float]:
+def _rescaled(raw: list[_RawPlane], mode: str, target_area: float | None, messages: list[str]
+              ) -> tuple[list[_RawPlane], float]:
     """Instance mode with ``target_area``: the planes resized so that the painted cells' median
-    area matches it; or by the ``fixed`` factor; the factor (1.0: left as they are)."""
-    if mode != "instances" or not (target_area or fixed):
+    area matches it; the factor (1.0: left as they are)."""
+    if mode != "instances" or not target_area:
         return raw, 1.0
     lab_planes = [lab for _, lab, src in raw if src[1] >= 0]  # side views show cells cut off: not their size
-    min_side = min(min(lab.shape) for lab in lab_planes)
-    if fixed:
-        scale = round(max(float(fixed), MIN_IMAGE_SIZE / min_side), 4)
-        if scale == 1.0:
-            return raw, scale
-        messages.append(f"continuing at the model's resize factor: images are resized by {scale:.2f}")
-    else:
-        area = painted_area(lab_planes)
-        scale = rescale_factor(area, target_area, min_side=min_side)
-        if scale == 1.0:
-            return raw, scale
-        messages.append(f"the painted cells ({area:.0f} px) are {'smaller' if scale > 1 else 'larger'} than "
-                        f"those the model knows ({target_area:.0f} px): images are resized by {scale:.2f} "
-                        "for training and prediction")
+    area = painted_area(lab_planes)
+    scale = rescale_factor(area, target_area, min_side=min(min(lab.shape) for lab in lab_planes))
+    if scale == 1.0:
+        return raw, scale
+    messages.append(f"the painted cells ({area:.0f} px) are {'smaller' if scale > 1 else 'larger'} than "
+                    f"those the model knows ({target_area:.0f} px): images are resized by {scale:.2f} "
+                    "for training and prediction")
     return [(resize_plane(im, scaled_shape(lab.shape, scale), channel_axis=-1),
              resize_plane(lab, scaled_shape(lab.shape, scale), labels=True), src) for im, lab, src in raw], scale
 
