@@ -191,3 +191,18 @@ def test_the_packed_flood_runs_on_touching_cells_and_gives_the_whole_image_label
     want = watershed(-interior, seeds, mask=(fg > 0.5) | (interior > 0.5))
     np.testing.assert_array_equal(got, relabel_sequential(want)[0])
 
+
+@pytest.mark.parametrize("shape", [(40, 57), (7, 19, 23)])
+def test_shared_boxes_are_the_regions_bounding_boxes_grown_by_one_pixel(shape):
+    """Boxes from the regions' flat pixel indices equal scipy's find_objects boxes grown by one
+    pixel (clipped at the edges), in the order of the region ids asked for."""
+    from napari_unet.postprocess import _shared_boxes
+
+    region, n = ndi.label(np.random.default_rng(5).random(shape) > 0.6)
+    where = np.flatnonzero(region)
+    shared = np.arange(1, n + 1)[::3]
+    boxes = _shared_boxes(where, region.reshape(-1)[where], shared, n, shape)
+    found = ndi.find_objects(region)
+    want = [tuple(slice(max(s.start - 1, 0), min(s.stop + 1, size)) for s, size in zip(found[r - 1], shape))
+            for r in shared]
+    assert len(shared) > 3 and boxes == want
