@@ -418,7 +418,8 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
     merged or split ones first) and press Continue for ``seconds``.
 
     ``first`` is the first run's ``(labels, info)``; returns ``(labels, info, painted ids)``
-    after each round. Continue trains the same network (``train(model=...)``), as the
+    after each round (when no candidate is left, the round keeps the previous result: 0 steps,
+    ``"nothing_left"``). Continue trains the same network (``train(model=...)``), as the
     Train widget does, with the first run's settings (``overrides``: TrainConfig fields changed
     for Continue only) and a ``seconds`` budget. The first run's network is copied, not changed.
     """
@@ -438,8 +439,9 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
         left = np.setdiff1d(candidates, painted_ids)
-        if len(left) == 0:
-            break
+        if len(left) == 0:  # nothing left to correct: the user stops, the result stays as it is
+            out.append((labels, {**info, "iterations": 0, "nothing_left": True}, painted_ids))
+            continue
         # match_objects gives each reference object, in id order, its best IoU with the result.
         best = match_objects(np.where(np.isin(objects, left), objects, 0), labels)
         order = np.lexsort((rng.random(len(left)), best))  # worst first, ties at random
@@ -448,7 +450,8 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
         budget = dataclasses.replace(cfg, max_time=seconds, iterations=None, **(overrides or {}))
         res = _drained(train(image, painted, budget, model=res.model, metadata=res.metadata))
         labels = predict_all(res.model, image, PredictConfig(), res.metadata).labels
-        out.append((labels, {**res.metadata["training"], "result": res, "config": cfg}, painted_ids))
+        info = {**res.metadata["training"], "result": res, "config": cfg}
+        out.append((labels, info, painted_ids))
     return out
 
 
@@ -472,33 +475,50 @@ def _errors(pred, objects, region, train_ids, ignore) -> str:
     return (", " + " ".join(named)) if named else ""
 
 
-def _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, big, skip, pred, info):
-    """The simulated correction rounds after one U-Net run; every round (the first run as round
-    0) is scored on the same objects: those no round painted."""
+def round_split(unpainted, pool_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(pool, scored)``: the objects the simulated user may paint in the rounds, and the others,
+    on which every round is scored.
+
+    ``unpainted`` is in random order (the seed's permutation), so both are random samples of the
+    objects. They must be apart: scoring on "the objects no round painted" would leave out the
+    objects each round's result got most wrong (those are what the next round paints), which
+    flatters every round but the last.
+    """
+    unpainted = np.asarray(unpainted)
+    n_pool = int(round(pool_fraction * len(unpainted)))
+    return unpainted[:n_pool], unpainted[n_pool:]
+
+
+def _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, unpainted, pred, info):
+    """The simulated correction rounds after one U-Net run: the user corrects objects of the pool,
+    every round (the first run as round 0) is scored on the other objects (:func:`round_split`)."""
+    pool, scored = round_split(unpainted, args.round_pool)
     for variant, overrides in args.round_variants.items():
         t0 = time.perf_counter()
-        rounds = simulated_rounds(image, objects, region, train_ids, big, (pred, info), args.rounds,
+        rounds = simulated_rounds(image, objects, region, train_ids, pool, (pred, info), args.rounds,
                                   args.round_k, args.round_time, seed, overrides)
         _score_rounds(results, name, k, seed, label if variant == "default" else f"{label}, Continue {variant}",
-                      objects, region, train_ids, big, skip, pred, info, rounds, t0)
+                      objects, region, scored, pred, info, rounds, t0)
 
 
-def _score_rounds(results, name, k, seed, label, objects, region, train_ids, big, skip, pred, info, rounds, t0):
-    final = rounds[-1][2] if rounds else train_ids
-    n_eval = len(big) - len(final)
-    if n_eval <= 0:  # every object was painted: nothing to score (not an AP of 0)
-        print(f"  {name} K={k} seed {seed} {label}: no object left to score after the rounds", flush=True)
+def _score_rounds(results, name, k, seed, label, objects, region, scored, pred, info, rounds, t0):
+    """Score the first run (round 0) and every round on the ``scored`` objects only."""
+    if len(scored) == 0:  # nothing to score (not an AP of 0)
+        print(f"  {name} K={k} seed {seed} {label}: no object left to score the rounds on", flush=True)
         return
+    others = np.setdiff1d(np.unique(objects[objects > 0]), scored)  # painted, pool, border, small: not scored
+    none = np.array([], others.dtype)
     for r, (labels, rinfo) in enumerate([(pred, info)] + [(lab, inf) for lab, inf, _ in rounds]):
-        ap50, miou = score(labels, objects, region, final, skip, drop_border=True)
+        ap50, miou = score(labels, objects, region, others, none, drop_border=True)
         lab = f"{label}, round {r}"
-        results.setdefault((name, k, lab), []).append((seed, ap50, n_eval, miou, time.perf_counter() - t0))
+        results.setdefault((name, k, lab), []).append((seed, ap50, len(scored), miou, time.perf_counter() - t0))
         check = rinfo.get("painted_check") or {}
         res = rinfo.get("result")
         scale = res.metadata.get("scale") if res is not None else None  # the resize factor the round trained at
-        print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, scored {n_eval}, "
-              f"{rinfo['iterations']} steps, painted cells found again {check.get('recovered')}/"
-              f"{check.get('painted')}, scale {scale}{_errors(labels, objects, region, final, skip)}", flush=True)
+        stopped = " (nothing left to paint: the previous result)" if rinfo.get("nothing_left") else ""
+        print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, scored {len(scored)}, "
+              f"{rinfo['iterations']} steps{stopped}, painted cells found again {check.get('recovered')}/"
+              f"{check.get('painted')}, scale {scale}{_errors(labels, objects, region, others, none)}", flush=True)
 
 
 def _overrides(items: list[str], ap: argparse.ArgumentParser) -> dict:
@@ -532,7 +552,7 @@ def summarise(results: dict, images: list[str], ks: list[int]) -> str:
             for m in methods:
                 v = np.array([r[1] for r in results.get((name, k, m), [])])
                 cells.append(f"{v.mean():.3f} ± {v.std():.3f} (min {v.min():.2f})" if len(v) else "-")
-            # Correction rounds are scored on fewer objects (those no round painted).
+            # Correction rounds are scored on fewer objects (those outside the correction pool).
             n_eval = "/".join(str(n) for n in dict.fromkeys(results[(name, k, m)][0][2] for m in methods
                                                               if (name, k, m) in results))
             lines.append(f"| {name} | {k} | {n_eval} | " + " | ".join(cells) + " |")
@@ -555,6 +575,24 @@ def summarise(results: dict, images: list[str], ks: list[int]) -> str:
             lines.append(f"| {k} | {m} | {means.mean():.3f} | {means.std():.3f} | {worst} {per[worst].mean():.3f} "
                          f"| {np.mean([v.std() for v in per.values()]):.3f} | {below} | {vs_rf} |")
     return "\n".join(lines)
+
+
+def round_changes(results: dict) -> list[str]:
+    """One line per correction round and variant: the mean change of AP from the round before,
+    and in how many image-seeds it went up or down (the goal: never down)."""
+    lines = []
+    for (name, k, lab) in sorted(results):
+        head, _, r = lab.rpartition(", round ")
+        if not r.isdigit() or int(r) == 0 or name != min(n for n, _, m in results if m == lab):
+            continue  # one line per round and variant, collected over every image below
+        before = f"{head}, round {int(r) - 1}"
+        pairs = [(b[1], a[1]) for n, kk, m in results if m == lab
+                 for a in results[(n, kk, m)] for b in results.get((n, kk, before), []) if a[0] == b[0]]
+        if pairs:
+            d = np.array([a - b for b, a in pairs])
+            lines.append(f"{lab} against round {int(r) - 1}: mean change {d.mean():+.3f}, "
+                         f"{int((d > 0).sum())} better, {int((d < 0).sum())} worse of {len(d)} image-seeds")
+    return lines
 
 
 def _baseline(method, *args):
@@ -595,8 +633,12 @@ def main(argv=None) -> int:
                     help="where the painted cells are darker than the painted background (H&E, brightfield), "
                          "also train and segment on the inverted image (a candidate default, on the same paintings)")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="simulated correction rounds after each U-Net run: paint the --round-k objects the result "
-                         "gets most wrong, Continue for --round-time s; all rounds scored on the objects never painted")
+                    help="simulated correction rounds after each U-Net run: paint the --round-k objects of the "
+                         "pool (--round-pool) the result gets most wrong, Continue for --round-time s; every round "
+                         "scored on the objects outside the pool")
+    ap.add_argument("--round-pool", type=float, default=0.5,
+                    help="fraction of the unpainted objects the simulated user may correct (default 0.5); the "
+                         "rest, never painted, score every round")
     ap.add_argument("--round-k", type=int, default=5, help="objects painted per correction round (default 5)")
     ap.add_argument("--round-time", type=float, default=30.0, help="seconds of Continue per round (default 30)")
     ap.add_argument("--round-variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
@@ -628,6 +670,8 @@ def main(argv=None) -> int:
             ap.error(f"--round-variant {spec}: give NAME:FIELD=VALUE[,FIELD=VALUE]")
         args.round_variants[vname] = _overrides(items.split(","), ap)
     ks = sorted({int(k) for k in args.k.split(",")})
+    if not 0.0 < args.round_pool < 1.0:
+        ap.error("--round-pool must be between 0 and 1: some objects to correct, the others to score")
     if args.rounds and len(ks) > 1:
         ap.error("--rounds starts from one painting: give one --k")
 
@@ -713,9 +757,12 @@ def main(argv=None) -> int:
                             print(f"  {name} K={k} seed {seed} {label}: where to paint next ({variant}), {hits[0]} of "
                                   f"{hits[1]} places on errors (random places: {hits[2]:.2f})", flush=True)
                     if args.rounds and info is not None:
-                        _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, big, skip,
+                        _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, order[k:],
                                 pred, info)
     table = summarise(results, names, ks)
+    changes = round_changes(results)
+    if changes:
+        table += "\n\n" + "\n".join(f"- {c}" for c in changes)
     for label, rows in suggested.items():
         hit, n = sum(r[0] for r in rows), sum(r[1] for r in rows)
         table += (f"\n\nWhere to paint next ({label}): {hit} of {n} suggested places lie on errors a user would "

@@ -91,20 +91,46 @@ def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
     assert rounds[1][1]["result"].metadata["training"]["config"]["keep_pretrained"] == 0.0
     assert info["config"].keep_pretrained == 0.3
     assert rounds[1][0].shape == objects.shape
+    # A pool of two: the first round paints both, the second has nothing left and keeps the result.
+    short = fewshot.simulated_rounds(image, objects, region, first_ids, ids[3:5], (fake, info), rounds=2,
+                                     per_round=2, seconds=0.5, seed=0)
+    assert sorted(short[0][2][3:].tolist()) == ids[3:5].tolist() and short[0][1]["iterations"] > 0
+    assert short[1][0] is short[0][0] and short[1][1]["iterations"] == 0 and short[1][1]["nothing_left"]
+    assert short[1][2].tolist() == short[0][2].tolist()
 
 
-def test_rounds_that_painted_every_object_score_nothing_instead_of_zero(fewshot):
+def test_rounds_are_scored_apart_from_the_objects_the_user_may_correct(fewshot):
+    # The pool the simulated user corrects and the scored objects never share an object, and
+    # together they are every unpainted object: scoring on "the objects no round painted" left
+    # out what each round got most wrong (what the next round paints) and flattered it.
+    unpainted = np.random.default_rng(0).permutation(np.arange(2, 30))
+    pool, scored = fewshot.round_split(unpainted, 0.5)
+    assert len(pool) == 14 and len(scored) == 14
+    assert not np.isin(pool, scored).any()
+    assert sorted(np.concatenate([pool, scored]).tolist()) == list(range(2, 30))
+    assert len(fewshot.round_split(unpainted, 0.25)[0]) == 7
+
+
+def test_every_round_is_scored_on_the_same_objects_outside_the_pool(fewshot):
     objects = _scene()
     region = np.ones(objects.shape, bool)
-    ids = np.arange(1, 7)
+    scored = np.array([3])
+    wrong = np.where(objects == 3, 0, objects)           # a result that misses object 3
     results = {}
-    fewshot._score_rounds(results, "scene", 5, 0, "U-Net", objects, region, ids[:5], ids, np.array([], int), objects,
-                          {"iterations": 1}, [(objects, {"iterations": 1}, ids)], 0.0)
-    assert results == {}
-    fewshot._score_rounds(results, "scene", 5, 0, "U-Net", objects, region, ids[:2], ids, np.array([], int), objects,
-                          {"iterations": 1}, [(objects, {"iterations": 1}, np.array([1, 2, 4, 5, 6]))], 0.0)
-    assert sorted(results) == [("scene", 5, "U-Net, round 0"), ("scene", 5, "U-Net, round 1")]
-    assert all(v[0][1] == 1.0 and v[0][2] == 1 for v in results.values())  # object 3 left, and found
+    rounds = [(objects, {"iterations": 5}, np.array([1, 2, 4])),
+              (wrong, {"iterations": 0, "nothing_left": True}, np.array([1, 2, 4]))]
+    fewshot._score_rounds(results, "scene", 5, 0, "U-Net", objects, region, scored, wrong, {"iterations": 9},
+                          rounds, 0.0)
+    assert sorted(results) == [("scene", 5, f"U-Net, round {r}") for r in range(3)]
+    # Only object 3 counts: a result that misses it scores 0 whatever it does elsewhere, one that
+    # finds it 1, and the predictions on the other objects are not counted as extra.
+    assert [results[("scene", 5, f"U-Net, round {r}")][0][1] for r in range(3)] == [0.0, 1.0, 0.0]
+    assert all(v[0][2] == 1 for v in results.values())
+    # Nothing to score: no rows (not an AP of 0).
+    empty = {}
+    fewshot._score_rounds(empty, "scene", 5, 0, "U-Net", objects, region, np.array([], int), objects,
+                          {"iterations": 1}, rounds, 0.0)
+    assert empty == {}
 
 
 def test_suggestions_are_scored_on_the_errors_a_user_would_correct(fewshot):
@@ -128,3 +154,13 @@ def test_suggestions_are_scored_on_the_errors_a_user_would_correct(fewshot):
                                               painted, cell_area=64.0, n=1)
     assert (hits, n) == (1, 1)
     assert 0 < chance < 1
+
+
+def test_round_changes_count_the_image_seeds_each_round_made_worse(fewshot):
+    results = {("a", 5, "U-Net, round 0"): [(0, 0.5, 10, 0, 0), (1, 0.6, 10, 0, 0)],
+               ("a", 5, "U-Net, round 1"): [(0, 0.7, 10, 0, 0), (1, 0.4, 10, 0, 0)],
+               ("b", 5, "U-Net, round 0"): [(0, 1.0, 10, 0, 0)],
+               ("b", 5, "U-Net, round 1"): [(0, 1.0, 10, 0, 0)],
+               ("a", 5, "U-Net"): [(0, 0.5, 20, 0, 0)]}
+    lines = fewshot.round_changes(results)
+    assert lines == ["U-Net, round 1 against round 0: mean change +0.000, 1 better, 1 worse of 3 image-seeds"]
