@@ -581,7 +581,7 @@ def round_changes(results: dict) -> list[str]:
     """One line per correction round and variant: the mean change of AP from the round before,
     and in how many image-seeds it went up or down (the goal: never down)."""
     lines = []
-    for (name, k, lab) in sorted(results):
+    for (name, _k, lab) in sorted(results):
         head, _, r = lab.rpartition(", round ")
         if not r.isdigit() or int(r) == 0 or name != min(n for n, _, m in results if m == lab):
             continue  # one line per round and variant, collected over every image below
