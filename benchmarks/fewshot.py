@@ -486,6 +486,8 @@ def round_split(unpainted, pool_fraction: float) -> tuple[np.ndarray, np.ndarray
     """
     unpainted = np.asarray(unpainted)
     n_pool = int(round(pool_fraction * len(unpainted)))
+    if len(unpainted) >= 2:  # at least one object on each side
+        n_pool = min(max(n_pool, 1), len(unpainted) - 1)
     return unpainted[:n_pool], unpainted[n_pool:]
 
 
@@ -581,7 +583,11 @@ def round_changes(results: dict) -> list[str]:
     """One line per correction round and variant: the mean change of AP from the round before,
     and in how many image-seeds it went up or down (the goal: never down)."""
     lines = []
-    for (name, _k, lab) in sorted(results):
+    def by_round(key):
+        head, _, r = key[2].rpartition(", round ")
+        return (head, int(r)) if r.isdigit() else (key[2], -1)
+
+    for (name, _k, lab) in sorted(results, key=by_round):
         head, _, r = lab.rpartition(", round ")
         if not r.isdigit() or int(r) == 0 or name != min(n for n, _, m in results if m == lab):
             continue  # one line per round and variant, collected over every image below
@@ -750,15 +756,16 @@ def main(argv=None) -> int:
                             tifffile.imwrite(args.save / f"{tag}.tif", p.astype(np.uint32), compression="zlib")
                         print(f"  {name} K={k} seed {seed} {lab}: AP@0.5 {ap50:.3f}, matched IoU {miou:.3f}, "
                               f"{t:.0f} s{steps}, load {os.getloadavg()[0]:.1f}", flush=True)
+                    run_image = run.args[0] if run.func is unet else image  # the inverted one, if inverted
                     if args.suggest and info is not None:
-                        for variant, hits in _suggestions(image, painted, objects, region, train_ids,
+                        for variant, hits in _suggestions(run_image, painted, objects, region, train_ids,
                                                           np.concatenate([skip, unpainted]), pred, info).items():
                             suggested.setdefault(f"{label}, {variant}", []).append(hits)
                             print(f"  {name} K={k} seed {seed} {label}: where to paint next ({variant}), {hits[0]} of "
                                   f"{hits[1]} places on errors (random places: {hits[2]:.2f})", flush=True)
                     if args.rounds and info is not None:
-                        _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, order[k:],
-                                pred, info)
+                        _rounds(args, results, name, k, seed, label, run_image, objects, region, train_ids,
+                                order[k:], pred, info)
     table = summarise(results, names, ks)
     changes = round_changes(results)
     if changes:

@@ -109,6 +109,23 @@ def test_rounds_are_scored_apart_from_the_objects_the_user_may_correct(fewshot):
     assert not np.isin(pool, scored).any()
     assert sorted(np.concatenate([pool, scored]).tolist()) == list(range(2, 30))
     assert len(fewshot.round_split(unpainted, 0.25)[0]) == 7
+    assert [len(x) for x in fewshot.round_split(unpainted[:3], 0.9)] == [2, 1]   # one left to score
+    assert [len(x) for x in fewshot.round_split(unpainted[:1], 0.5)] == [0, 1]
+
+
+def test_the_rounds_correct_the_pool_and_score_the_rest(fewshot, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(fewshot, "simulated_rounds", lambda image, objects, region, painted_ids, candidates, *a,
+                        **kw: seen.update(painted=painted_ids, candidates=candidates) or [])
+    monkeypatch.setattr(fewshot, "_score_rounds", lambda *a: seen.update(scored=a[7]))
+    args = type("Args", (), dict(round_pool=0.5, round_variants={"default": {}}, rounds=1, round_k=5,
+                                  round_time=1.0))()
+    order = np.random.default_rng(3).permutation(np.arange(1, 21))
+    fewshot._rounds(args, {}, "scene", 5, 0, "U-Net", None, None, None, order[:5], order[5:], None, {})
+    assert seen["painted"].tolist() == order[:5].tolist()
+    assert not np.isin(seen["candidates"], seen["scored"]).any()
+    assert not np.isin(np.concatenate([seen["candidates"], seen["scored"]]), order[:5]).any()
+    assert sorted(np.concatenate([seen["candidates"], seen["scored"]]).tolist()) == sorted(order[5:].tolist())
 
 
 def test_every_round_is_scored_on_the_same_objects_outside_the_pool(fewshot):
@@ -162,5 +179,12 @@ def test_round_changes_count_the_image_seeds_each_round_made_worse(fewshot):
                ("b", 5, "U-Net, round 0"): [(0, 1.0, 10, 0, 0)],
                ("b", 5, "U-Net, round 1"): [(0, 1.0, 10, 0, 0)],
                ("a", 5, "U-Net"): [(0, 0.5, 20, 0, 0)]}
+    results[("a", 5, "U-Net, Continue lr:learning_rate=0.001, round 0")] = [(1, 0.6, 10, 0, 0), (0, 0.5, 10, 0, 0)]
+    for r in range(1, 11):   # seeds listed in another order than round 0's: paired by seed
+        results[("a", 5, f"U-Net, Continue lr:learning_rate=0.001, round {r}")] = [(0, 0.5 + r / 100, 10, 0, 0),
+                                                                                   (1, 0.6, 10, 0, 0)]
     lines = fewshot.round_changes(results)
-    assert lines == ["U-Net, round 1 against round 0: mean change +0.000, 1 better, 1 worse of 3 image-seeds"]
+    assert lines[0] == "U-Net, round 1 against round 0: mean change +0.000, 1 better, 1 worse of 3 image-seeds"
+    assert lines[1] == ("U-Net, Continue lr:learning_rate=0.001, round 1 against round 0: mean change +0.005, "
+                        "1 better, 0 worse of 2 image-seeds")
+    assert [line.split(" against")[0].rsplit(" ", 1)[1] for line in lines[1:]] == [str(r) for r in range(1, 11)]
