@@ -29,6 +29,14 @@ baselines on the same painted labels, both followed by the same distance-transfo
 watershed: Otsu threshold (of the log intensity), and a random forest (scikit-learn) on
 ``skimage.feature.multiscale_basic_features`` (what ilastik users do).
 
+Correction rounds (``--rounds R``): after each U-Net run a simulated user paints the
+``--round-k`` objects the result gets most wrong and presses Continue for ``--round-time`` s,
+R times. The objects it may paint are a random part of the unpainted ones (``--round-pool``,
+half); every round, the first run as round 0, is scored on the others, which no round ever
+paints (scoring on "the objects no round painted" would leave out what each round got most
+wrong, since the next round paints exactly those). After the tables, one line per round: its
+mean change from the round before and how many image-seeds it made better and worse.
+
 Usage::
 
     .venv/bin/python benchmarks/fewshot.py --data ../shared/data --out docs/fewshot-latest.md   # ~1 h
