@@ -430,6 +430,7 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
     ``"nothing_left"``). Continue trains the same network (``train(model=...)``), as the
     Train widget does, with the first run's settings (``overrides``: TrainConfig fields changed
     for Continue only) and a ``seconds`` budget. The first run's network is copied, not changed.
+    ``per_round=0`` is the control of ``--null-round``: the same Continue on the same painting.
     """
     import copy
     import dataclasses
@@ -499,14 +500,19 @@ def round_split(unpainted, pool_fraction: float) -> tuple[np.ndarray, np.ndarray
     return unpainted[:n_pool], unpainted[n_pool:]
 
 
+#: The ``--null-round`` control's name: rounds that paint nothing new and Continue all the same.
+NULL_ROUND = "nothing new painted"
+
+
 def _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, unpainted, pred, info):
     """The simulated correction rounds after one U-Net run: the user corrects objects of the pool,
     every round (the first run as round 0) is scored on the other objects (:func:`round_split`)."""
     pool, scored = round_split(unpainted, args.round_pool)
     for variant, overrides in args.round_variants.items():
         t0 = time.perf_counter()
+        per_round = 0 if variant == NULL_ROUND else args.round_k
         rounds = simulated_rounds(image, objects, region, train_ids, pool, (pred, info), args.rounds,
-                                  args.round_k, args.round_time, seed, overrides)
+                                  per_round, args.round_time, seed, overrides)
         _score_rounds(results, name, k, seed, label if variant == "default" else f"{label}, Continue {variant}",
                       objects, region, scored, pred, info, rounds, t0)
 
@@ -658,6 +664,10 @@ def main(argv=None) -> int:
     ap.add_argument("--round-variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
                     help="also run the rounds with these TrainConfig fields changed for Continue only, from the same "
                          "first run (e.g. noblend:keep_pretrained=0); the shipped Continue always runs (repeatable)")
+    ap.add_argument("--null-round", action="store_true",
+                    help="also run the rounds with nothing new painted (the same Continue on the same painting, "
+                         "from the same first run): how much of a round's change, and how many of its 'worse' "
+                         "image-seeds, come from training on rather than from the corrections")
     ap.add_argument("--suggest", action="store_true",
                     help="after each U-Net run, score the top 5 'where to paint next' places: how many lie on "
                          "errors a user would correct, against random places")
@@ -683,6 +693,10 @@ def main(argv=None) -> int:
         if not colon or not vname or vname == "default":
             ap.error(f"--round-variant {spec}: give NAME:FIELD=VALUE[,FIELD=VALUE]")
         args.round_variants[vname] = _overrides(items.split(","), ap)
+    if args.null_round:
+        if not args.rounds:
+            ap.error("--null-round is a control for the correction rounds: give --rounds too")
+        args.round_variants[NULL_ROUND] = {}
     ks = sorted({int(k) for k in args.k.split(",")})
     if not 0.0 < args.round_pool < 1.0:
         ap.error("--round-pool must be between 0 and 1: some objects to correct, the others to score")

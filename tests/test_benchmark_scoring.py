@@ -97,6 +97,10 @@ def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
     assert sorted(short[0][2][3:].tolist()) == ids[3:5].tolist() and short[0][1]["iterations"] > 0
     assert short[1][0] is short[0][0] and short[1][1]["iterations"] == 0 and short[1][1]["nothing_left"]
     assert short[1][2].tolist() == short[0][2].tolist()
+    # The control (--null-round): Continue as long, on the same painting, nothing new painted.
+    null = fewshot.simulated_rounds(image, objects, region, first_ids, ids, (fake, info), rounds=1,
+                                    per_round=0, seconds=0.5, seed=0)
+    assert null[0][2].tolist() == first_ids.tolist() and null[0][1]["iterations"] > 0
 
 
 def test_rounds_are_scored_apart_from_the_objects_the_user_may_correct(fewshot):
@@ -126,6 +130,19 @@ def test_the_rounds_correct_the_pool_and_score_the_rest(fewshot, monkeypatch):
     assert not np.isin(seen["candidates"], seen["scored"]).any()
     assert not np.isin(np.concatenate([seen["candidates"], seen["scored"]]), order[:5]).any()
     assert sorted(np.concatenate([seen["candidates"], seen["scored"]]).tolist()) == sorted(order[5:].tolist())
+
+
+def test_the_null_round_continues_without_painting_anything(fewshot, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fewshot, "simulated_rounds", lambda *a, **kw: calls.append(a[7]) or [])
+    monkeypatch.setattr(fewshot, "_score_rounds", lambda *a: calls.append(a[4]))
+    args = type("Args", (), dict(round_pool=0.5, round_variants={"default": {}, fewshot.NULL_ROUND: {}}, rounds=1,
+                                  round_k=5, round_time=1.0))()
+    order = np.random.default_rng(3).permutation(np.arange(1, 21))
+    fewshot._rounds(args, {}, "scene", 5, 0, "U-Net", None, None, None, order[:5], order[5:], None, {})
+    assert calls == [5, "U-Net", 0, f"U-Net, Continue {fewshot.NULL_ROUND}"]
+    with pytest.raises(SystemExit):
+        fewshot.main(["--null-round", "--datasets", "none"])
 
 
 def test_every_round_is_scored_on_the_same_objects_outside_the_pool(fewshot):
