@@ -36,6 +36,8 @@ half); every round, the first run as round 0, is scored on the others, which no 
 paints (scoring on "the objects no round painted" would leave out what each round got most
 wrong, since the next round paints exactly those). After the tables, one line per round: its
 mean change from the round before and how many image-seeds it made better and worse.
+``--null-round`` adds the control: the same rounds from the same first run with nothing new
+painted, so that what the corrections bring is told apart from what training on brings.
 
 Usage::
 
