@@ -692,7 +692,7 @@ def main(argv=None) -> int:
     args.round_variants = {"default": {}}
     for spec in args.round_variant:
         vname, colon, items = spec.partition(":")
-        if not colon or not vname or vname == "default":
+        if not colon or not vname or vname in ("default", NULL_ROUND):
             ap.error(f"--round-variant {spec}: give NAME:FIELD=VALUE[,FIELD=VALUE]")
         args.round_variants[vname] = _overrides(items.split(","), ap)
     if args.null_round:

@@ -132,7 +132,7 @@ def test_the_rounds_correct_the_pool_and_score_the_rest(fewshot, monkeypatch):
     assert sorted(np.concatenate([seen["candidates"], seen["scored"]]).tolist()) == sorted(order[5:].tolist())
 
 
-def test_the_null_round_continues_without_painting_anything(fewshot, monkeypatch):
+def test_the_null_round_continues_without_painting_anything(fewshot, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(fewshot, "simulated_rounds", lambda *a, **kw: calls.append(a[7]) or [])
     monkeypatch.setattr(fewshot, "_score_rounds", lambda *a: calls.append(a[4]))
@@ -143,6 +143,7 @@ def test_the_null_round_continues_without_painting_anything(fewshot, monkeypatch
     assert calls == [5, "U-Net", 0, f"U-Net, Continue {fewshot.NULL_ROUND}"]
     with pytest.raises(SystemExit):
         fewshot.main(["--null-round", "--datasets", "none"])
+    assert "--null-round is a control for the correction rounds" in capsys.readouterr().err
 
 
 def test_every_round_is_scored_on_the_same_objects_outside_the_pool(fewshot):
