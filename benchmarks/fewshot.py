@@ -38,6 +38,8 @@ wrong, since the next round paints exactly those). After the tables, one line pe
 mean change from the round before and how many image-seeds it made better and worse.
 ``--null-round`` adds the control: the same rounds from the same first run with nothing new
 painted, so that what the corrections bring is told apart from what training on brings.
+``--whole-round`` runs the rounds as a user who trains on the whole result with the round's
+objects corrected (the Segment widget's default), not on the corrected objects alone.
 
 Usage::
 
@@ -177,6 +179,28 @@ def paint(objects: np.ndarray, region: np.ndarray, train_ids: np.ndarray, ring: 
     for k, i in enumerate(train_ids, start=2):
         lab[objects == i] = k
     return lab
+
+
+def corrected_result(pred: np.ndarray, objects: np.ndarray, region: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Training labels from a whole result in which the user corrected the reference objects ``ids``
+    and took every other predicted object as it is: what "Use corrected result as training labels"
+    makes of it with "Only cells I edited" unticked (background 1, objects 2..; outside the
+    annotated region 0). A corrected object is drawn as in the reference; a predicted object
+    that lay mostly (more than half its area) on corrected ones is erased (merged, split or
+    misplaced there), the rest of one that lay partly on them stays as predicted."""
+    fixed = np.isin(objects, ids) & region
+    out = pred.astype(np.int64)
+    area = np.bincount(out.ravel())
+    lost = np.bincount(out[fixed].ravel(), minlength=len(area))
+    gone = lost > 0.5 * area
+    gone[0] = False
+    out = np.where(gone[out] | fixed, 0, out)
+    out[fixed] = int(out.max(initial=0)) + 1 + np.unique(objects[fixed], return_inverse=True)[1]
+    # As the widget's training_labels_from_corrected(current): background -> 1, object k -> k + 1.
+    labels = out + 1
+    labels[~region] = 0
+    dtype = np.uint32 if int(labels.max(initial=0)) >= np.iinfo(np.uint16).max else np.uint16
+    return labels.astype(dtype)
 
 
 # ---- scoring ----------------------------------------------------------------------------------
@@ -421,8 +445,8 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
 
 
 def simulated_rounds(image, objects, region, painted_ids, candidates, first, rounds: int, per_round: int,
-                     seconds: float, seed: int,
-                     overrides: dict | None = None) -> list[tuple[np.ndarray, dict, np.ndarray]]:
+                     seconds: float, seed: int, overrides: dict | None = None,
+                     whole: bool = False) -> list[tuple[np.ndarray, dict, np.ndarray]]:
     """The correction loop as a user runs it: after each result, paint the ``per_round``
     candidate objects it gets most wrong (lowest best IoU with a predicted object: missed,
     merged or split ones first) and press Continue for ``seconds``.
@@ -433,6 +457,8 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
     Train widget does, with the first run's settings (``overrides``: TrainConfig fields changed
     for Continue only) and a ``seconds`` budget. The first run's network is copied, not changed.
     ``per_round=0`` is the control of ``--null-round``: the same Continue on the same painting.
+    ``whole`` (``--whole-round``): the user trains on the whole result with the objects painted
+    so far corrected (:func:`corrected_result`), not on those objects alone.
     """
     import copy
     import dataclasses
@@ -457,7 +483,8 @@ def simulated_rounds(image, objects, region, painted_ids, candidates, first, rou
         best = match_objects(np.where(np.isin(objects, left), objects, 0), labels)
         order = np.lexsort((rng.random(len(left)), best))  # worst first, ties at random
         painted_ids = np.concatenate([painted_ids, left[order[:per_round]]])
-        painted = paint(objects, region, painted_ids)
+        painted = corrected_result(labels, objects, region, painted_ids) if whole else \
+            paint(objects, region, painted_ids)
         budget = dataclasses.replace(cfg, max_time=seconds, iterations=None, **(overrides or {}))
         res = _drained(train(image, painted, budget, model=res.model, metadata=res.metadata))
         labels = predict_all(res.model, image, PredictConfig(), res.metadata).labels
@@ -504,6 +531,8 @@ def round_split(unpainted, pool_fraction: float) -> tuple[np.ndarray, np.ndarray
 
 #: The ``--null-round`` control's name: rounds that paint nothing new and Continue all the same.
 NULL_ROUND = "nothing new painted"
+#: The ``--whole-round`` variant's name: the user trains on the whole corrected result.
+WHOLE_ROUND = "whole corrected result"
 
 
 def _rounds(args, results, name, k, seed, label, image, objects, region, train_ids, unpainted, pred, info):
@@ -514,7 +543,7 @@ def _rounds(args, results, name, k, seed, label, image, objects, region, train_i
         t0 = time.perf_counter()
         per_round = 0 if variant == NULL_ROUND else args.round_k
         rounds = simulated_rounds(image, objects, region, train_ids, pool, (pred, info), args.rounds,
-                                  per_round, args.round_time, seed, overrides)
+                                  per_round, args.round_time, seed, overrides, whole=variant == WHOLE_ROUND)
         _score_rounds(results, name, k, seed, label if variant == "default" else f"{label}, Continue {variant}",
                       objects, region, scored, pred, info, rounds, t0)
 
@@ -670,6 +699,10 @@ def main(argv=None) -> int:
                     help="also run the rounds with nothing new painted (the same Continue on the same painting, "
                          "from the same first run): how much of a round's change, and how many of its 'worse' "
                          "image-seeds, come from training on rather than from the corrections")
+    ap.add_argument("--whole-round", action="store_true",
+                    help="also run the rounds as a user who trains on the whole result with the objects of the "
+                         "round corrected (the Segment widget's 'Use corrected result as training labels' with "
+                         "'Only cells I edited' unticked; the other objects as predicted), from the same first run")
     ap.add_argument("--suggest", action="store_true",
                     help="after each U-Net run, score the top 5 'where to paint next' places: how many lie on "
                          "errors a user would correct, against random places")
@@ -692,13 +725,17 @@ def main(argv=None) -> int:
     args.round_variants = {"default": {}}
     for spec in args.round_variant:
         vname, colon, items = spec.partition(":")
-        if not colon or not vname or vname in ("default", NULL_ROUND):
+        if not colon or not vname or vname in ("default", NULL_ROUND, WHOLE_ROUND):
             ap.error(f"--round-variant {spec}: give NAME:FIELD=VALUE[,FIELD=VALUE]")
         args.round_variants[vname] = _overrides(items.split(","), ap)
     if args.null_round:
         if not args.rounds:
             ap.error("--null-round is a control for the correction rounds: give --rounds too")
         args.round_variants[NULL_ROUND] = {}
+    if args.whole_round:
+        if not args.rounds:
+            ap.error("--whole-round is a way of running the correction rounds: give --rounds too")
+        args.round_variants[WHOLE_ROUND] = {}
     ks = sorted({int(k) for k in args.k.split(",")})
     if not 0.0 < args.round_pool < 1.0:
         ap.error("--round-pool must be between 0 and 1: some objects to correct, the others to score")

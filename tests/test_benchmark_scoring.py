@@ -101,6 +101,11 @@ def test_simulated_rounds_paint_the_worst_objects_and_continue(fewshot):
     null = fewshot.simulated_rounds(image, objects, region, first_ids, ids, (fake, info), rounds=1,
                                     per_round=0, seconds=0.5, seed=0)
     assert null[0][2].tolist() == first_ids.tolist() and null[0][1]["iterations"] > 0
+    # --whole-round: the same choice of objects, trained with the whole result around them.
+    whole = fewshot.simulated_rounds(image, objects, region, first_ids, ids, (fake, info), rounds=1,
+                                     per_round=2, seconds=0.5, seed=0, whole=True)
+    assert whole[0][2].tolist() == first_round.tolist() and whole[0][1]["iterations"] > 0
+    assert whole[0][1]["n_objects"] > len(first_round)  # the predicted objects train too
 
 
 def test_rounds_are_scored_apart_from_the_objects_the_user_may_correct(fewshot):
@@ -144,6 +149,51 @@ def test_the_null_round_continues_without_painting_anything(fewshot, monkeypatch
     with pytest.raises(SystemExit):
         fewshot.main(["--null-round", "--datasets", "none"])
     assert "--null-round is a control for the correction rounds" in capsys.readouterr().err
+
+
+def test_the_whole_corrected_result_trains_with_the_corrections_drawn_in(fewshot):
+    """--whole-round: the whole result becomes training labels (background 1, objects 2..), the
+    corrected objects as in the reference, what the result had on them erased, the rest as predicted."""
+    objects = np.zeros((40, 60), np.int32)
+    objects[5:15, 5:15], objects[5:15, 15:25], objects[25:35, 30:40], objects[25:35, 45:55] = 1, 2, 3, 4
+    region = np.ones(objects.shape, bool)
+    region[:, 57:] = False
+    pred = np.zeros_like(objects)
+    pred[5:15, 5:25] = 7                      # objects 1 and 2 merged
+    pred[25:35, 30:40] = 9                    # object 3 found
+    pred[25:35, 45:50] = 4                    # object 4 split in two
+    pred[25:35, 50:55] = 5
+    pred[0:3, 0:3] = 8                        # a false object nobody corrects
+    labels = fewshot.corrected_result(pred, objects, region, np.array([1, 2, 4]))
+    assert labels.dtype == np.uint16 and (labels[:, 57:] == 0).all()       # outside the annotated region
+    assert labels[20, 5] == 1 and (labels[0:3, 0:3] == 9).all()            # background; the rest as predicted
+    assert (labels[25:35, 30:40] == 10).all()
+    for i in (1, 2, 4):                       # each corrected object one new id, none of the predicted ones
+        ids = np.unique(labels[objects == i])
+        assert len(ids) == 1 and ids[0] > 10
+    assert len({int(labels[objects == i][0]) for i in (1, 2, 4)}) == 3
+    # A predicted object only partly on a corrected one keeps its other part.
+    pred2 = pred.copy()
+    pred2[5:15, 25:40] = 7                    # the merge reaches well beyond objects 1 and 2
+    labels2 = fewshot.corrected_result(pred2, objects, region, np.array([1]))
+    assert (labels2[5:15, 15:40] == 8).all() and len(np.unique(labels2[objects == 1])) == 1
+    # Mostly on the corrected one: erased, background there now.
+    labels3 = fewshot.corrected_result(pred2, objects, region, np.array([1, 2]))
+    assert (labels3[5:15, 25:40] == 1).all()
+
+
+def test_the_whole_round_runs_beside_the_shipped_one(fewshot, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(fewshot, "simulated_rounds", lambda *a, **kw: calls.append((a[7], kw["whole"])) or [])
+    monkeypatch.setattr(fewshot, "_score_rounds", lambda *a: calls.append(a[4]))
+    args = type("Args", (), dict(round_pool=0.5, round_variants={"default": {}, fewshot.WHOLE_ROUND: {}}, rounds=1,
+                                  round_k=5, round_time=1.0))()
+    order = np.random.default_rng(3).permutation(np.arange(1, 21))
+    fewshot._rounds(args, {}, "scene", 5, 0, "U-Net", None, None, None, order[:5], order[5:], None, {})
+    assert calls == [(5, False), "U-Net", (5, True), f"U-Net, Continue {fewshot.WHOLE_ROUND}"]
+    with pytest.raises(SystemExit):
+        fewshot.main(["--whole-round", "--datasets", "none"])
+    assert "--whole-round is a way of running the correction rounds" in capsys.readouterr().err
 
 
 def test_every_round_is_scored_on_the_same_objects_outside_the_pool(fewshot):
