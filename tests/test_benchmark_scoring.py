@@ -194,6 +194,11 @@ def test_the_whole_round_runs_beside_the_shipped_one(fewshot, monkeypatch, capsy
     with pytest.raises(SystemExit):
         fewshot.main(["--whole-round", "--datasets", "none"])
     assert "--whole-round is a way of running the correction rounds" in capsys.readouterr().err
+    # The controls' names are reserved: a --round-variant of that name would be overwritten.
+    for name in (fewshot.NULL_ROUND, fewshot.WHOLE_ROUND, "default"):
+        with pytest.raises(SystemExit):
+            fewshot.main(["--rounds", "1", "--datasets", "none", "--round-variant", f"{name}:ema=0"])
+        assert f"--round-variant {name}:ema=0: give NAME:FIELD=VALUE" in capsys.readouterr().err
 
 
 def test_every_round_is_scored_on_the_same_objects_outside_the_pool(fewshot):
