@@ -143,13 +143,18 @@ def test_corrected_output_becomes_training_labels(make_napari_viewer, qtbot, sma
     seg.min_size.value = 1  # keep every cell
     _run(qtbot, seg)
     out = viewer.layers["cells [U-Net]"]
+    # "Only cells I edited" is ticked by default: with nothing edited there is nothing to learn.
+    assert seg.only_edited.value is True
+    seg.to_training_button.click()
+    assert len(notes["error"]) == 1 and "no cell was edited" in notes["error"][0]
+    assert "Only cells I edited" in notes["error"][0]
+    assert [layer.name for layer in viewer.layers] == ["cells", "cells [U-Net]"]
     # The user paints a new cell (id 500) on background in the output.
     y, x = np.argwhere(out.data == 0)[len(np.argwhere(out.data == 0)) // 2]
     out.data_setitem((np.array([y]), np.array([x])), 500)
-    seg.only_edited.value = True
     seg.to_training_button.click()
     train = viewer.layers["cells [training labels]"]
-    assert train.data[y, x] == 501 and set(np.unique(train.data)) == {0, 1, 501}
+    assert train.data[y, x] == 501 and set(np.unique(train.data)) == {0, 1, 501}  # the rest unlabelled
     seg.only_edited.value = False
     seg.to_training_button.click()
     assert train.data.min() == 1 and train.data[y, x] == 501  # whole image now, same layer

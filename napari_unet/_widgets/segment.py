@@ -65,7 +65,8 @@ def training_labels_from_corrected(current: np.ndarray, predicted: np.ndarray | 
         painted = None
     changed = current != predicted
     if not changed.any():
-        raise ValueError("no cell was edited: correct some cells with the paint tools first (or untick 'only edited')")
+        raise ValueError("no cell was edited: correct some cells with the paint tools first, or untick "
+                         "'Only cells I edited' to train on the whole result")
     # An edited object: one that gained pixels, or one that lost some (trimmed) and is still there.
     if semantic:
         edited = np.zeros(current.shape, bool)
@@ -226,7 +227,12 @@ class SegmentWidget(QWidget):
                                         "of the cells the model was trained on (15 px if unknown).")
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
-        self.only_edited = CheckBox(label="Only cells I edited", value=False)
+        # Ticked by default: after a handful of corrections the rest of the result still holds
+        # errors, and training on them as if right gained nothing (docs/fewshot.md, --whole-round).
+        self.only_edited = CheckBox(label="Only cells I edited", value=True,
+                                    tooltip="Ticked: the cells you corrected (and what you erased) are added to "
+                                            "what you painted before; the rest stays unlabelled. Unticked: the "
+                                            "whole result becomes training labels - check it everywhere first.")
         self.to_training_button = QPushButton("Use corrected result as training labels")
         self.state = StateLabel()
         self.exporter = BioimageioExport(self, self._export_source)
