@@ -52,6 +52,13 @@ def add_parser(sub) -> None:
     p.add_argument("--min-size", type=int, default=None, metavar="PX",
                    help="remove cells smaller than this (default: 15 %% of the median area of the cells the "
                         "model was trained on, or 15 px)")
+    p.add_argument("--seed-threshold", type=float, default=None, metavar="P",
+                   help="cell-interior probability above which a pixel seeds a cell: lower finds more cells and "
+                        "splits fewer, higher merges fewer touching ones (default: 0.4 for planes, 0.5 for "
+                        "volumes segmented in 3D)")
+    p.add_argument("--foreground-threshold", type=float, default=None, metavar="P",
+                   help="probability of interior + boundary above which a pixel belongs to a cell: higher gives "
+                        "tighter outlines (default: 0.6 for planes, 0.5 for volumes segmented in 3D)")
     p.add_argument("--scale", type=float, default=None, metavar="FACTOR",
                    help="resize images by this factor before the network, so that cells have the size the model "
                         "was trained on (default: the factor recorded in the model file at training, else 1)")
@@ -232,7 +239,9 @@ def _run(args, ctx) -> int:
         device = ctx.device_name(args.device)  # under NCCL: this rank's own GPU
     tune_malloc()  # a short-lived process: keeping freed tensors in the heap saves page faults
     kw = {k: v for k, v in {"tile_size": args.tile, "batch_size": args.batch, "overlap": args.overlap,
-                            "min_size": args.min_size, "scale": args.scale}.items() if v is not None}
+                            "min_size": args.min_size, "seed_threshold": args.seed_threshold,
+                            "foreground_threshold": args.foreground_threshold,
+                            "scale": args.scale}.items() if v is not None}
     if args.voxel_size is not None:
         _voxel_size(args, None)
     # A bad option fails now, once, not for every image.

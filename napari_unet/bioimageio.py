@@ -135,6 +135,8 @@ def _cover(raw: np.ndarray, probs: np.ndarray, meta: dict[str, Any], path: Path)
 
 
 def _documentation(meta: dict[str, Any], model, name: str) -> str:
+    from . import postprocess as pp
+
     cfg = model.config
     norm = meta.get("normalization") or {}
     mode = meta.get("mode", "semantic")
@@ -162,10 +164,11 @@ def _documentation(meta: dict[str, Any], model, name: str) -> str:
     if mode == "instances" and cfg.n_classes == 3:
         lines += [
             "Channels: 0 background, 1 cell interior, 2 cell boundary. napari-unet turns them into instance "
-            "labels: seeds are the connected regions where interior > 0.5, grown by a watershed over the "
-            "foreground (interior + boundary > 0.5); small objects are removed and enclosed holes filled "
-            "(`napari_unet.postprocess.instance_labels`). Other tools can threshold the interior channel and "
-            "label connected components for a first result.",
+            f"labels: seeds are the connected regions where interior > {pp.SEED_THRESHOLD}, grown by a watershed "
+            f"over the foreground (interior + boundary > {pp.FOREGROUND_THRESHOLD}; in a 3D volume "
+            f"{pp.VOLUME_SEED_THRESHOLD} and {pp.VOLUME_FOREGROUND_THRESHOLD}); small objects are removed and "
+            "enclosed holes filled (`napari_unet.postprocess.instance_labels`). Other tools can threshold the "
+            "interior channel and label connected components for a first result.",
         ]
     else:
         names = meta.get("class_names") or []

@@ -316,6 +316,13 @@ class PredictConfig(_DictMixin):
         else torch. GPUs always run torch.
     channel_axis : int or None
         Axis of the image's channels; ``None`` detects it (RGB(A) last axis, or none).
+    seed_threshold, foreground_threshold : float or None
+        Instances: a pixel seeds a cell where the cell-interior probability exceeds
+        ``seed_threshold`` (lower finds more cells and splits fewer, higher merges fewer
+        touching ones), and belongs to some cell where interior + boundary exceeds
+        ``foreground_threshold`` (higher gives tighter outlines). ``None``: 0.4 and 0.6 for
+        planes, 0.5 and 0.5 for volumes segmented in 3D (``napari_unet.postprocess``;
+        docs/design.md says how they were chosen).
     min_size : int or None
         Instances smaller than this many pixels are removed. ``None``: a fraction of the
         median area of the cells the model was trained on (its file's ``object_area``),
@@ -363,6 +370,8 @@ class PredictConfig(_DictMixin):
     precision: str = "auto"
     backend: str = "auto"
     channel_axis: int | None = None
+    seed_threshold: float | None = None
+    foreground_threshold: float | None = None
     min_size: int | None = None
     flips: bool = False
     scale: float | None = None
@@ -395,6 +404,10 @@ class PredictConfig(_DictMixin):
             raise ConfigError(f"tile_size must be at least 8, got {self.tile_size}")
         if self.min_size is not None and self.min_size < 0:
             raise ConfigError(f"min_size must be >= 0 or None (auto), got {self.min_size}")
+        for name in ("seed_threshold", "foreground_threshold"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise ConfigError(f"{name} must be between 0 and 1 (exclusive), or None (auto), got {value!r}")
         if self.overlap < 0:
             raise ConfigError(f"overlap must be >= 0, got {self.overlap}")
         if self.blending not in ("gaussian", "cosine"):

@@ -771,6 +771,8 @@ class _PredictJob:
             tile, batch = choose_tile(replicas[0], self.devices[0], self.precision, config.tile_size,
                                       config.batch_size)
         self.tile, self.batch = tile, batch
+        # None: the plane's or the volume's default (napari_unet.postprocess)
+        self.seed_threshold, self.foreground_threshold = config.seed_threshold, config.foreground_threshold
         area = meta.get("object_area")
         self.min_size, self.min_seed_size = instance_size_limits(config.min_size, area / scale ** 2 if area else None)
         self.min_volume, self.min_seed_volume = volume_size_limits(self.min_size, self.min_seed_size,
@@ -1007,7 +1009,9 @@ class _PredictJob:
         if self.output == "instances":
             interior, fg = self._interior_foreground(maps)
             yield self.progress(self.done, self.k, "3D seeds and watershed")
-            steps = iter_instance_labels(interior, fg, min_size=self.min_volume, min_seed_size=self.min_seed_volume)
+            steps = iter_instance_labels(interior, fg, threshold=self.seed_threshold,
+                                         foreground_threshold=self.foreground_threshold, min_size=self.min_volume,
+                                         min_seed_size=self.min_seed_volume)
             labels = yield from relay(steps, lambda step: self.progress(self.done, self.k, f"3D {step}"))
             self.stack.put(slab, labels)
         else:
@@ -1039,8 +1043,9 @@ class _PredictJob:
             self.probs[(slice(None), *idx)] = acc
         if self.output == "instances":
             interior, fg = self._interior_foreground(acc)
-            self.stack.put(idx, instance_labels(interior, fg, min_size=self.min_size,
-                                                min_seed_size=self.min_seed_size))
+            self.stack.put(idx, instance_labels(interior, fg, threshold=self.seed_threshold,
+                                                foreground_threshold=self.foreground_threshold,
+                                                min_size=self.min_size, min_seed_size=self.min_seed_size))
         else:
             dst = self.sem[idx]
             for r0 in range(0, dst.shape[0], 256):  # in bands: argmax makes int64 temporaries

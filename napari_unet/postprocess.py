@@ -29,11 +29,25 @@ from .jobs import drain
 
 __all__ = [
     "semantic_labels", "instance_labels", "labels_from_probabilities", "label_dtype", "stitch_planes",
-    "volume_size_limits", "INTERIOR", "BOUNDARY",
+    "volume_size_limits", "INTERIOR", "BOUNDARY", "SEED_THRESHOLD", "FOREGROUND_THRESHOLD",
+    "VOLUME_SEED_THRESHOLD", "VOLUME_FOREGROUND_THRESHOLD",
 ]
 
 #: Class indices of an instance-mode model: 0 background, 1 cell interior, 2 cell boundary.
 INTERIOR, BOUNDARY = 1, 2
+
+#: How a plane's probabilities become cells unless told otherwise: a pixel seeds a cell where
+#: the interior probability exceeds SEED_THRESHOLD, and belongs to some cell where the
+#: foreground (interior + boundary) exceeds FOREGROUND_THRESHOLD. Chosen with the first-minute
+#: networks of ``benchmarks/fewshot.py`` on real images (docs/design.md): they are unsure inside
+#: cells they have not seen (at 0.5 such cells were missed or split), and generous at the
+#: edges (a stricter foreground gave tighter outlines and fewer cells joined by a bridge).
+SEED_THRESHOLD = 0.4
+FOREGROUND_THRESHOLD = 0.6
+#: The same for a volume's 3D watershed: what its post-processing was measured with
+#: (synthetic volumes, docs/volumes.md); the planes' values were not measured in 3D.
+VOLUME_SEED_THRESHOLD = 0.5
+VOLUME_FOREGROUND_THRESHOLD = 0.5
 
 
 def label_dtype(max_label: int, kind: str = "instances") -> np.dtype:
@@ -58,8 +72,8 @@ def semantic_labels(probabilities: np.ndarray) -> np.ndarray:
     return probabilities.argmax(axis=0).astype(label_dtype(probabilities.shape[0] - 1, "semantic"))
 
 
-def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float = 0.5,
-                    foreground_threshold: float = 0.5, min_size: int = 15, min_seed_size: int = 0,
+def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float | None = None,
+                    foreground_threshold: float | None = None, min_size: int = 15, min_seed_size: int = 0,
                     fill_holes: bool = True, block: int | None = None, halo: int | None = None) -> np.ndarray:
     """Instances of one 2D plane, or of one 3D volume, from interior and foreground probabilities.
 
@@ -74,10 +88,14 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
         ``(Y, X)`` or ``(Z, Y, X)`` probability of the cell-interior class (float16 is fine).
     foreground : numpy.ndarray
         Same shape: probability of interior + boundary (i.e. 1 - background).
-    threshold : float
+    threshold : float, optional
         Interior probability above which a pixel seeds a cell (seeds = connected components).
-    foreground_threshold : float
-        Foreground probability above which a pixel belongs to some cell.
+        Lower finds more cells and splits fewer, higher merges fewer touching ones. ``None``:
+        :data:`SEED_THRESHOLD` for a plane, :data:`VOLUME_SEED_THRESHOLD` for a volume.
+    foreground_threshold : float, optional
+        Foreground probability above which a pixel belongs to some cell: higher gives tighter
+        outlines. ``None``: :data:`FOREGROUND_THRESHOLD` for a plane,
+        :data:`VOLUME_FOREGROUND_THRESHOLD` for a volume.
     min_size : int
         Cells with fewer pixels are removed (before renumbering).
     min_seed_size : int
@@ -105,8 +123,8 @@ def instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: 
     return drain(gen)
 
 
-def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float = 0.5,
-                         foreground_threshold: float = 0.5, min_size: int = 15, min_seed_size: int = 0,
+def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, threshold: float | None = None,
+                         foreground_threshold: float | None = None, min_size: int = 15, min_seed_size: int = 0,
                          fill_holes: bool = True, block: int | None = None, halo: int | None = None
                          ) -> Generator[str, None, np.ndarray]:
     """:func:`instance_labels` as a generator: yields the step's name after every band (so that a
@@ -124,6 +142,10 @@ def iter_instance_labels(interior: np.ndarray, foreground: np.ndarray, *, thresh
         block = max(512, (1 << 23) // max(per_row, 1)) if interior.ndim == 2 else max(32, (1 << 24) // max(per_row, 1))
     if halo is None:
         halo = 128 if interior.ndim == 2 else 64
+    if threshold is None:
+        threshold = SEED_THRESHOLD if interior.ndim == 2 else VOLUME_SEED_THRESHOLD
+    if foreground_threshold is None:
+        foreground_threshold = FOREGROUND_THRESHOLD if interior.ndim == 2 else VOLUME_FOREGROUND_THRESHOLD
     seeds = interior > threshold
     mask = (foreground > foreground_threshold) | seeds
     h = seeds.shape[-2]

@@ -144,9 +144,30 @@ def test_a_batch_skips_hidden_files_and_goes_on_past_a_bad_one(files, tmp_path, 
     assert bad[1].endswith("1 of 3 images failed (see above); the others were written")
 
 
-def test_a_bad_option_fails_before_any_image(files, tmp_path, capsys):
+@pytest.mark.parametrize("option, message", [(["--scale", "0"], "scale must be"),
+                                             (["--seed-threshold", "1.5"], "seed_threshold must be"),
+                                             (["--foreground-threshold", "0"], "foreground_threshold must be")])
+def test_a_bad_option_fails_before_any_image(files, tmp_path, capsys, option, message):
     rc = main(["predict", "--model", str(files / "inst.safetensors"), "--image", str(files / "images"),
-               "--out", str(tmp_path / "o"), "--scale", "0", "--quiet"])
+               "--out", str(tmp_path / "o"), *option, "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "scale must be" in err[0]
+    assert rc == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
+def test_thresholds_reach_the_instance_step(files, tmp_path, monkeypatch):
+    """--seed-threshold and --foreground-threshold go to the instance step."""
+    from napari_unet import postprocess
+
+    seen = []
+    real = postprocess.instance_labels
+
+    def spy(interior, foreground, **kw):
+        seen.append((kw["threshold"], kw["foreground_threshold"]))
+        return real(interior, foreground, **kw)
+
+    monkeypatch.setattr(postprocess, "instance_labels", spy)
+    out = tmp_path / "seg.tif"
+    assert main(["predict", "--model", str(files / "inst.safetensors"), "--image", str(files / "images" / "a.tif"),
+                 "--out", str(out), "--seed-threshold", "0.35", "--foreground-threshold", "0.65", "--quiet"]) == 0
+    assert seen == [(0.35, 0.65)] and tifffile.imread(out).shape == (64, 80)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from napari_unet import device as dev
 from napari_unet import inference as inf
-from napari_unet.config import PredictConfig
+from napari_unet.config import ConfigError, PredictConfig
 from napari_unet.io import save_model
 from napari_unet.jobs import drain
 from napari_unet.model import UNet
@@ -382,6 +382,32 @@ def test_predict_passes_the_size_limits_to_the_instance_step(monkeypatch, meta_a
     net = _net("same", depth=2, width=4)
     _run(net, np.random.default_rng(0).random((32, 32)).astype(np.float32), meta, min_size=min_size)
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("seed, foreground", [(None, None), (0.7, 0.2)])
+def test_predict_passes_the_thresholds_to_the_instance_step(monkeypatch, seed, foreground):
+    from napari_unet import postprocess
+
+    seen = []
+    real = postprocess.instance_labels
+
+    def spy(interior, fg, **kw):
+        seen.append((kw["threshold"], kw["foreground_threshold"]))
+        return real(interior, fg, **kw)
+
+    monkeypatch.setattr(postprocess, "instance_labels", spy)
+    net = _net("same", depth=2, width=4)
+    image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    _run(net, image, {"mode": "instances"}, seed_threshold=seed, foreground_threshold=foreground)
+    assert seen == [(seed, foreground)]  # None: instance_labels picks the plane's defaults
+
+
+def test_threshold_settings_are_checked():
+    assert PredictConfig(seed_threshold=0.3, foreground_threshold=0.7).seed_threshold == 0.3
+    for name in ("seed_threshold", "foreground_threshold"):
+        for bad in (0, 1, 1.5, -0.1, "0.3"):
+            with pytest.raises(ConfigError, match=name):
+                PredictConfig(**{name: bad})
 
 
 @pytest.mark.parametrize("padding, depth, side, tile", [("same", 5, 1024, 880), ("same", 4, 700, 512),

@@ -150,6 +150,48 @@ def test_small_seeds_join_their_neighbour_instead_of_making_fragments():
     assert merged[19, 28] == merged[20, 10] == 1
 
 
+def _two_peaks(saddle: float) -> tuple[np.ndarray, np.ndarray]:
+    """One blob of foreground holding two interior peaks (0.9) joined by a neck of ``saddle``."""
+    interior = np.zeros((30, 60), np.float32)
+    interior[8:22, 6:26] = 0.9
+    interior[8:22, 34:54] = 0.9
+    interior[12:18, 26:34] = saddle
+    foreground = np.zeros_like(interior)
+    foreground[6:24, 4:56] = 1.0
+    return interior, foreground
+
+
+def test_seed_threshold_decides_between_one_cell_and_two():
+    interior, foreground = _two_peaks(saddle=0.45)
+    assert pp.instance_labels(interior, foreground, threshold=0.5, min_size=1).max() == 2  # the neck is no seed
+    assert pp.instance_labels(interior, foreground, threshold=0.4, min_size=1).max() == 1  # it joins the two
+    # Unless told, a plane seeds at SEED_THRESHOLD, a volume at VOLUME_SEED_THRESHOLD.
+    between = (pp.SEED_THRESHOLD + pp.VOLUME_SEED_THRESHOLD) / 2
+    interior, foreground = _two_peaks(saddle=between)
+    assert pp.instance_labels(interior, foreground, min_size=1).max() == 1
+    volume_i, volume_f = np.stack([interior] * 3), np.stack([foreground] * 3)
+    assert pp.instance_labels(volume_i, volume_f, min_size=1).max() == 2
+    assert pp.instance_labels(volume_i, volume_f, threshold=pp.SEED_THRESHOLD, min_size=1).max() == 1
+    # A cell whose interior the network is that unsure of is found at the plane's default only.
+    faint = np.where(interior > 0, between, 0).astype(np.float32)
+    assert pp.instance_labels(faint, foreground, min_size=1).max() == 1
+    assert pp.instance_labels(faint, foreground, threshold=pp.VOLUME_SEED_THRESHOLD, min_size=1).max() == 0
+
+
+def test_foreground_threshold_decides_the_outline():
+    interior = np.zeros((30, 30), np.float32)
+    interior[10:20, 10:20] = 0.9
+    unsure = (pp.FOREGROUND_THRESHOLD + pp.VOLUME_FOREGROUND_THRESHOLD) / 2
+    foreground = np.full(interior.shape, 0.05, np.float32)
+    foreground[7:23, 7:23] = unsure  # a rim of 3 px the network is not sure of
+    foreground[10:20, 10:20] = 0.95
+    plane = pp.instance_labels(interior, foreground, min_size=1, fill_holes=False)
+    assert (plane > 0).sum() == 100  # the plane's default leaves the rim out
+    volume = pp.instance_labels(np.stack([interior] * 3), np.stack([foreground] * 3), min_size=1, fill_holes=False)
+    assert (volume[1] > 0).sum() == 256  # a volume's takes it
+    assert (pp.instance_labels(interior, foreground, foreground_threshold=0.3, min_size=1) > 0).sum() == 256
+
+
 @pytest.mark.parametrize("shapes, limit", [
     ([(3, 5), (7, 2), (4, 9), (1, 1), (6, 6)], (40, 12)),
     ([(2, 3, 4), (4, 2, 5), (1, 6, 3)], (10, 8, 9)),
@@ -187,8 +229,8 @@ def test_the_packed_flood_runs_on_touching_cells_and_gives_the_whole_image_label
     monkeypatch.setattr(pp, "_packed_boxes", lambda shapes, limit: calls.append(len(shapes)) or real(shapes, limit))
     got = pp.instance_labels(interior, fg, min_size=0, fill_holes=False)
     assert calls and calls[0] >= 2, "regions between several seeds were flooded in their packed boxes"
-    seeds, _ = ndi.label(interior > 0.5)
-    want = watershed(-interior, seeds, mask=(fg > 0.5) | (interior > 0.5))
+    seeds, _ = ndi.label(interior > pp.SEED_THRESHOLD)
+    want = watershed(-interior, seeds, mask=(fg > pp.FOREGROUND_THRESHOLD) | (interior > pp.SEED_THRESHOLD))
     np.testing.assert_array_equal(got, relabel_sequential(want)[0])
 
 

@@ -215,8 +215,9 @@ def test_instance_labels_invariants(raw, extra, upsample, min_size, banded, fill
     assert np.array_equal(ids, np.arange(1, len(ids) + 1))  # consecutive ids
     sizes = np.bincount(labels.ravel())
     assert (sizes[1:] >= min_size).all()
-    seeds, n = ndi.label(interior > 0.5)
-    mask = (foreground > 0.5) | (seeds > 0)
+    t, f = _thresholds(interior)
+    seeds, n = ndi.label(interior > t)
+    mask = (foreground > f) | (seeds > 0)
     assert not (labels[~ndi.binary_fill_holes(mask)] > 0).any()  # cells lie in the foreground (or its holes)
     if not fill:
         assert not (labels[~mask] > 0).any()
@@ -272,18 +273,26 @@ def test_label_dtype_holds_the_largest_label(max_label, kind):
         assert np.iinfo(smaller).max < max_label
 
 
+def _thresholds(interior) -> tuple[float, float]:
+    """The (seed, foreground) thresholds instance_labels uses unless told: the plane's or the volume's."""
+    if np.ndim(interior) == 2:
+        return pp.SEED_THRESHOLD, pp.FOREGROUND_THRESHOLD
+    return pp.VOLUME_SEED_THRESHOLD, pp.VOLUME_FOREGROUND_THRESHOLD
+
+
 def _reference_instances(interior, foreground, min_size, min_seed_size, fill):
     """The instance steps written the plain way with scikit-image: flood the whole image from
     every seed pixel, remove small objects, fill each enclosed hole one by one, renumber."""
     from skimage.morphology import remove_small_objects
     from skimage.segmentation import relabel_sequential, watershed
 
-    seeds, _ = ndi.label(interior > 0.5)
+    t, f = _thresholds(interior)
+    seeds, _ = ndi.label(interior > t)
     with warnings.catch_warnings():  # "only one label": fine here
         warnings.simplefilter("ignore", UserWarning)
         if min_seed_size > 1:
             seeds = remove_small_objects(seeds, max_size=min_seed_size - 1)
-        mask = (foreground > 0.5) | (interior > 0.5)
+        mask = (foreground > f) | (interior > t)
         labels = watershed(-interior.astype(np.float32), seeds, mask=mask)
         if min_size > 1:
             labels = remove_small_objects(labels, max_size=min_size - 1)

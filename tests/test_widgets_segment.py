@@ -136,6 +136,16 @@ def test_channel_mismatch_and_cancel(make_napari_viewer, qtbot, small_cells, tin
     assert [layer.name for layer in viewer.layers] == ["cells"]
 
 
+def test_threshold_options_reach_the_prediction_config(make_napari_viewer, small_cells):
+    image, _ = small_cells
+    viewer, seg = _setup(make_napari_viewer, image)
+    config = seg.prediction_config()
+    assert config.seed_threshold is None and config.foreground_threshold is None  # 0 = auto
+    seg.seed_threshold.value, seg.foreground_threshold.value = 0.7, 0.25
+    config = seg.prediction_config()
+    assert (config.seed_threshold, config.foreground_threshold) == (0.7, 0.25)
+
+
 def test_corrected_output_becomes_training_labels(make_napari_viewer, qtbot, small_cells, notes, dock,
                                                   no_threads_left):
     image, _ = small_cells

@@ -7,7 +7,7 @@ from typing import Any
 
 import napari.layers
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, RadioButtons, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, RadioButtons, SpinBox
 from napari.utils import progress
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
@@ -225,6 +225,14 @@ class SegmentWidget(QWidget):
         self.min_size = SpinBox(label="Smallest cell (px, 0 = auto)", value=0, min=0, max=100000,
                                 tooltip="Cells with fewer pixels are removed. Auto: 15 % of the median area "
                                         "of the cells the model was trained on (15 px if unknown).")
+        self.seed_threshold = FloatSpinBox(
+            label="Seed threshold (0 = auto)", value=0.0, min=0.0, max=0.95, step=0.05,
+            tooltip="Cell-interior probability above which a pixel seeds a cell: lower finds more cells and splits "
+                    "fewer, higher merges fewer touching ones. Auto: 0.4 for planes, 0.5 for volumes in 3D.")
+        self.foreground_threshold = FloatSpinBox(
+            label="Foreground threshold (0 = auto)", value=0.0, min=0.0, max=0.95, step=0.05,
+            tooltip="Probability of cell (interior + boundary) above which a pixel belongs to a cell: higher gives "
+                    "tighter outlines. Auto: 0.6 for planes, 0.5 for volumes in 3D.")
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         # Ticked by default: after a handful of corrections the rest of the result still holds
@@ -245,7 +253,8 @@ class SegmentWidget(QWidget):
                                    labels=True).native)
         layout.addWidget(self.device_info)
         advanced = QCollapsible("Options")
-        advanced.addWidget(Container(widgets=[self.tile_size, self.precision, self.min_size], labels=True).native)
+        advanced.addWidget(Container(widgets=[self.tile_size, self.precision, self.min_size, self.seed_threshold,
+                                              self.foreground_threshold], labels=True).native)
         layout.addWidget(advanced)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
@@ -394,6 +403,8 @@ class SegmentWidget(QWidget):
                              probabilities=bool(self.probabilities.value),
                              tile_size=int(self.tile_size.value) or None, device=self.device.value,
                              precision=self.precision.value, min_size=int(self.min_size.value) or None,
+                             seed_threshold=float(self.seed_threshold.value) or None,
+                             foreground_threshold=float(self.foreground_threshold.value) or None,
                              flips=bool(self.flips.value), volume=self.volume_method.value,
                              voxel_size=parse_voxel_size(self.voxel_size.value) if volume else None)
 
