@@ -408,9 +408,10 @@ def _drained(gen):
 
 def unet(image, painted, seed: int, max_time: float | None, spec: str | None, threads: int | None,
          iterations: int | None = None, init: str | None = None, overrides: dict | None = None,
-         flips: bool = False):
+         flips: bool = False, thresholds: list[tuple[float, float]] | None = None):
     """Train with the library defaults (or ``spec`` = width/depth/patch/batch/lr, and
-    ``overrides`` of TrainConfig fields) and predict."""
+    ``overrides`` of TrainConfig fields) and predict; with ``thresholds``, also predict with
+    each (seed, foreground) threshold pair (``info["thresholded"]``: label -> labels)."""
     from napari_unet.config import ModelConfig, PredictConfig, TrainConfig
     from napari_unet.inference import predict_all
     from napari_unet.training import default_model_config, train
@@ -441,7 +442,29 @@ def unet(image, painted, seed: int, max_time: float | None, spec: str | None, th
     res = _drained(train(image, painted, cfg, model_config=mc, init_from=init_from))
     pred = predict_all(res.model, image, PredictConfig(), res.metadata).labels
     flipped = predict_all(res.model, image, PredictConfig(flips=True), res.metadata).labels if flips else None
-    return pred, flipped, {**res.metadata["training"], "result": res, "config": cfg}
+    thresholded = {threshold_label(t, f): predict_all(res.model, image, PredictConfig(
+        seed_threshold=t, foreground_threshold=f), res.metadata).labels for t, f in thresholds or []}
+    return pred, flipped, {**res.metadata["training"], "result": res, "config": cfg, "thresholded": thresholded}
+
+
+def threshold_label(seed: float, foreground: float) -> str:
+    """How a run with these post-processing thresholds is named in the tables."""
+    return f"seed threshold {seed:g}, foreground threshold {foreground:g}"
+
+
+def parse_thresholds(text: str) -> list[tuple[float, float]]:
+    """``"0.5/0.5,0.4/0.6"`` -> ``[(0.5, 0.5), (0.4, 0.6)]``; ValueError with what is wrong."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split("/")
+        try:
+            seed, foreground = (float(x) for x in parts)
+        except ValueError:
+            raise ValueError(f"{item!r} is not SEED/FOREGROUND, e.g. 0.4/0.6") from None
+        if not (0 < seed < 1 and 0 < foreground < 1):
+            raise ValueError(f"{item!r}: both thresholds must lie between 0 and 1")
+        pairs.append((seed, foreground))
+    return pairs
 
 
 def simulated_rounds(image, objects, region, painted_ids, candidates, first, rounds: int, per_round: int,
@@ -706,6 +729,10 @@ def main(argv=None) -> int:
     ap.add_argument("--suggest", action="store_true",
                     help="after each U-Net run, score the top 5 'where to paint next' places: how many lie on "
                          "errors a user would correct, against random places")
+    ap.add_argument("--thresholds", default=None, metavar="SEED/FOREGROUND[,SEED/FOREGROUND]",
+                    help="also segment each U-Net run's network with these post-processing thresholds (seed, "
+                         "foreground; PredictConfig.seed_threshold / foreground_threshold), e.g. 0.5/0.5,0.3/0.6: "
+                         "the same networks, each pair a row of its own")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) to this file")
@@ -736,6 +763,10 @@ def main(argv=None) -> int:
         if not args.rounds:
             ap.error("--whole-round is a way of running the correction rounds: give --rounds too")
         args.round_variants[WHOLE_ROUND] = {}
+    try:
+        thresholds = parse_thresholds(args.thresholds) if args.thresholds else []
+    except ValueError as e:
+        ap.error(f"--thresholds: {e}")
     ks = sorted({int(k) for k in args.k.split(",")})
     if not 0.0 < args.round_pool < 1.0:
         ap.error("--round-pool must be between 0 and 1: some objects to correct, the others to score")
@@ -790,7 +821,7 @@ def main(argv=None) -> int:
                         label += ", new network" if init == "new" else f", fine-tuned {Path(init).name}"
                         runs.append((label, partial(unet, image, painted, seed, args.max_time, spec, args.threads,
                                                     args.iterations, init=init, overrides=overrides,
-                                                    flips=args.flips)))
+                                                    flips=args.flips, thresholds=thresholds)))
                         if args.invert_dark and dark_cells(image, painted):
                             runs.append((label + ", dark cells inverted",
                                          partial(unet, inverted(image), painted, seed, args.max_time, spec,
@@ -800,7 +831,9 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     pred, flipped, info = run()
                     t = time.perf_counter() - t0
-                    for lab, p in ((label, pred), (label + " + flips", flipped)):
+                    variants = [(label, pred), (label + " + flips", flipped)]
+                    variants += [(f"{label}, {t}", p) for t, p in ((info or {}).get("thresholded") or {}).items()]
+                    for lab, p in variants:
                         if p is None:
                             continue
                         ignore = np.concatenate([skip, unpainted])

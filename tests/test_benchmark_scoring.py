@@ -201,6 +201,28 @@ def test_the_whole_round_runs_beside_the_shipped_one(fewshot, monkeypatch, capsy
         assert f"--round-variant {name}:ema=0: give NAME:FIELD=VALUE" in capsys.readouterr().err
 
 
+def test_thresholds_segment_the_same_network_once_per_pair(fewshot, capsys):
+    from napari_unet.postprocess import FOREGROUND_THRESHOLD, SEED_THRESHOLD
+    from napari_unet.synthetic import make_nuclei
+
+    image, objects = make_nuclei((96, 96), radius=(5, 8), seed=4)
+    objects = objects.astype(np.int32)
+    painted = fewshot.paint(objects, np.ones(objects.shape, bool), np.unique(objects)[1:4])
+    pairs = fewshot.parse_thresholds(f"{SEED_THRESHOLD}/{FOREGROUND_THRESHOLD}, 0.05/0.05,0.95/0.95")
+    assert pairs == [(SEED_THRESHOLD, FOREGROUND_THRESHOLD), (0.05, 0.05), (0.95, 0.95)]
+    pred, _, info = fewshot.unet(image, painted, seed=0, max_time=None, spec="4/2/32/2/3e-3", threads=1,
+                                 iterations=2, init="new", thresholds=pairs)
+    got = info["thresholded"]
+    assert list(got) == [fewshot.threshold_label(*p) for p in pairs]
+    np.testing.assert_array_equal(got[fewshot.threshold_label(*pairs[0])], pred)  # the defaults
+    loose, strict = got[fewshot.threshold_label(0.05, 0.05)], got[fewshot.threshold_label(0.95, 0.95)]
+    assert (strict > 0).sum() < (loose > 0).sum()  # the same network, fewer pixels sure enough
+    for bad in ("0.4", "0.4/x", "0/0.5", "0.5/1"):
+        with pytest.raises(SystemExit):
+            fewshot.main(["--thresholds", bad, "--datasets", "none"])
+        assert f"--thresholds: '{bad}'" in capsys.readouterr().err
+
+
 def test_every_round_is_scored_on_the_same_objects_outside_the_pool(fewshot):
     objects = _scene()
     region = np.ones(objects.shape, bool)
