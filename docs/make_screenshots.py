@@ -119,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     viewer.layers.selection.active = out
     shot("04_segmented.png")
 
-    # 4. Correct: erase one predicted cell (as with the eraser), then make training labels of it.
+    # 4. Correct: split the largest predicted object (a merged clump) in two, as a user does by
+    # painting one nucleus of it with a new label; then make training labels of the edit.
     ids, counts = np.unique(out.data[out.data > 0], return_counts=True)
-    wrong = ids[np.argmax(counts)]
-    out.data_setitem(np.nonzero(out.data == wrong), 0)
-    segment.only_edited.value = False
-    segment.to_training_button.click()
-    viewer.layers["nuclei [training labels]"].visible = False
+    clump = out.data == ids[np.argmax(counts)]
+    halves = _split_in_two(clump)
+    out.data_setitem(np.nonzero(halves == 2), int(out.data.max()) + 1)
+    segment.to_training_button.click()  # "Only cells I edited" ticked, the default
+    out.visible = False  # show the training labels: the painting plus the two corrected cells
     shot("05_corrected.png")
+    out.visible = True
 
     # 5. Export the masks (to a temporary folder here).
     docks[2].raise_()
@@ -138,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     shot("06_exported.png")
     viewer.close()
     return 0
+
+
+def _split_in_two(mask: np.ndarray) -> np.ndarray:
+    """``mask`` cut into its two largest round parts (1 and 2): a watershed of the distance to
+    its edge from its two deepest points, as a user would paint the second nucleus of a clump."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    dist = ndi.distance_transform_edt(mask)
+    peaks = peak_local_max(dist, labels=mask.astype(np.int32), num_peaks=2, min_distance=5, exclude_border=False)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=mask)
 
 
 def _volume_shot(viewer, args) -> None:
