@@ -39,7 +39,7 @@ mean change from the round before and how many image-seeds it made better and wo
 ``--null-round`` adds the control: the same rounds from the same first run with nothing new
 painted, so that what the corrections bring is told apart from what training on brings.
 ``--whole-round`` runs the rounds as a user who trains on the whole result with the round's
-objects corrected (the Segment widget's default), not on the corrected objects alone.
+objects corrected ("Only cells I edited" unticked), not on the corrected objects alone.
 
 Usage::
 
@@ -732,7 +732,8 @@ def main(argv=None) -> int:
     ap.add_argument("--thresholds", default=None, metavar="SEED/FOREGROUND[,SEED/FOREGROUND]",
                     help="also segment each U-Net run's network with these post-processing thresholds (seed, "
                          "foreground; PredictConfig.seed_threshold / foreground_threshold), e.g. 0.5/0.5,0.3/0.6: "
-                         "the same networks, each pair a row of its own")
+                         "the same networks, each pair a row of its own (their predictions count in a run's "
+                         "printed time)")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--min-area", type=int, default=50, help="objects smaller than this are not scored")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) to this file")
@@ -826,7 +827,7 @@ def main(argv=None) -> int:
                             runs.append((label + ", dark cells inverted",
                                          partial(unet, inverted(image), painted, seed, args.max_time, spec,
                                                  args.threads, args.iterations, init=init, overrides=overrides,
-                                                 flips=args.flips)))
+                                                 flips=args.flips, thresholds=thresholds)))
                 for label, run in runs:
                     t0 = time.perf_counter()
                     pred, flipped, info = run()

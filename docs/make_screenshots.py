@@ -151,6 +151,8 @@ def _split_in_two(mask: np.ndarray) -> np.ndarray:
 
     dist = ndi.distance_transform_edt(mask)
     peaks = peak_local_max(dist, labels=mask.astype(np.int32), num_peaks=2, min_distance=5, exclude_border=False)
+    if len(peaks) < 2:
+        raise RuntimeError("the largest object is one round cell, not a merged clump: no correction to show")
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     return watershed(-dist, markers, mask=mask)

@@ -55,10 +55,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed-threshold", type=float, default=None, metavar="P",
                    help="cell-interior probability above which a pixel seeds a cell: lower finds more cells and "
                         "splits fewer, higher merges fewer touching ones (default: 0.4 for planes, 0.5 for "
-                        "volumes segmented in 3D)")
+                        "volumes, i.e. with Z in --axes)")
     p.add_argument("--foreground-threshold", type=float, default=None, metavar="P",
                    help="probability of interior + boundary above which a pixel belongs to a cell: higher gives "
-                        "tighter outlines (default: 0.6 for planes, 0.5 for volumes segmented in 3D)")
+                        "tighter outlines (default: 0.6 for planes, 0.5 for volumes, i.e. with Z in --axes)")
     p.add_argument("--scale", type=float, default=None, metavar="FACTOR",
                    help="resize images by this factor before the network, so that cells have the size the model "
                         "was trained on (default: the factor recorded in the model file at training, else 1)")

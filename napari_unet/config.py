@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,8 +322,9 @@ class PredictConfig(_DictMixin):
         ``seed_threshold`` (lower finds more cells and splits fewer, higher merges fewer
         touching ones), and belongs to some cell where interior + boundary exceeds
         ``foreground_threshold`` (higher gives tighter outlines). ``None``: 0.4 and 0.6 for
-        planes, 0.5 and 0.5 for volumes segmented in 3D (``napari_unet.postprocess``;
-        docs/design.md says how they were chosen).
+        planes, 0.5 and 0.5 for volumes (``Z`` in ``axes``, whatever ``volume`` method, and
+        any plane of one segmented alone; ``napari_unet.postprocess``; docs/design.md says
+        how they were chosen).
     min_size : int or None
         Instances smaller than this many pixels are removed. ``None``: a fraction of the
         median area of the cells the model was trained on (its file's ``object_area``),
@@ -406,7 +408,8 @@ class PredictConfig(_DictMixin):
             raise ConfigError(f"min_size must be >= 0 or None (auto), got {self.min_size}")
         for name in ("seed_threshold", "foreground_threshold"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+            if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                          and 0 < value < 1):
                 raise ConfigError(f"{name} must be between 0 and 1 (exclusive), or None (auto), got {value!r}")
         if self.overlap < 0:
             raise ConfigError(f"overlap must be >= 0, got {self.overlap}")

@@ -771,8 +771,15 @@ class _PredictJob:
             tile, batch = choose_tile(replicas[0], self.devices[0], self.precision, config.tile_size,
                                       config.batch_size)
         self.tile, self.batch = tile, batch
-        # None: the plane's or the volume's default (napari_unet.postprocess)
-        self.seed_threshold, self.foreground_threshold = config.seed_threshold, config.foreground_threshold
+        # Unset thresholds: a volume's (any method, and any of its planes alone) are the
+        # volume defaults, what volumes were measured with; a plane's are left to instance_labels.
+        from .postprocess import VOLUME_FOREGROUND_THRESHOLD, VOLUME_SEED_THRESHOLD
+
+        volume = self.z is not None
+        self.seed_threshold = config.seed_threshold if config.seed_threshold is not None else (
+            VOLUME_SEED_THRESHOLD if volume else None)
+        self.foreground_threshold = config.foreground_threshold if config.foreground_threshold is not None else (
+            VOLUME_FOREGROUND_THRESHOLD if volume else None)
         area = meta.get("object_area")
         self.min_size, self.min_seed_size = instance_size_limits(config.min_size, area / scale ** 2 if area else None)
         self.min_volume, self.min_seed_volume = volume_size_limits(self.min_size, self.min_seed_size,

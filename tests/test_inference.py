@@ -402,10 +402,39 @@ def test_predict_passes_the_thresholds_to_the_instance_step(monkeypatch, seed, f
     assert seen == [(seed, foreground)]  # None: instance_labels picks the plane's defaults
 
 
+@pytest.mark.parametrize("volume, planes", [("3d", None), ("stitch", None), ("3d", [(1,)])])
+@pytest.mark.parametrize("given", [(None, None), (0.7, 0.2)])
+def test_a_volume_is_segmented_with_the_volume_thresholds_unless_told(monkeypatch, volume, planes, given):
+    """Any method, and one plane of a volume alone: the volume defaults (what volumes were measured with)."""
+    from napari_unet import postprocess
+
+    seen = []
+    real_2d, real_3d = postprocess.instance_labels, postprocess.iter_instance_labels
+
+    def spy_2d(interior, fg, **kw):
+        seen.append((kw["threshold"], kw["foreground_threshold"]))
+        return real_2d(interior, fg, **kw)
+
+    def spy_3d(interior, fg, **kw):
+        seen.append((kw["threshold"], kw["foreground_threshold"]))
+        return (yield from real_3d(interior, fg, **kw))
+
+    monkeypatch.setattr(postprocess, "instance_labels", spy_2d)
+    monkeypatch.setattr(postprocess, "iter_instance_labels", spy_3d)
+    net = _net("same", depth=2, width=4)
+    stack = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    _run(net, stack, {"mode": "instances"}, planes=planes, axes="ZYX", volume=volume,
+         seed_threshold=given[0], foreground_threshold=given[1])
+    want = given if given[0] is not None else (postprocess.VOLUME_SEED_THRESHOLD,
+                                               postprocess.VOLUME_FOREGROUND_THRESHOLD)
+    assert seen and set(seen) == {want}  # (instance_labels runs through iter_instance_labels: both record)
+
+
 def test_threshold_settings_are_checked():
     assert PredictConfig(seed_threshold=0.3, foreground_threshold=0.7).seed_threshold == 0.3
+    assert PredictConfig(seed_threshold=np.float32(0.3)).seed_threshold == np.float32(0.3)  # numpy numbers too
     for name in ("seed_threshold", "foreground_threshold"):
-        for bad in (0, 1, 1.5, -0.1, "0.3"):
+        for bad in (0, 1, 1.5, -0.1, "0.3", True):
             with pytest.raises(ConfigError, match=name):
                 PredictConfig(**{name: bad})
 

@@ -228,11 +228,12 @@ class SegmentWidget(QWidget):
         self.seed_threshold = FloatSpinBox(
             label="Seed threshold (0 = auto)", value=0.0, min=0.0, max=0.95, step=0.05,
             tooltip="Cell-interior probability above which a pixel seeds a cell: lower finds more cells and splits "
-                    "fewer, higher merges fewer touching ones. Auto: 0.4 for planes, 0.5 for volumes in 3D.")
+                    "fewer, higher merges fewer touching ones. Auto: 0.4 for planes, 0.5 for volumes. Instance "
+                    "outputs only.")
         self.foreground_threshold = FloatSpinBox(
             label="Foreground threshold (0 = auto)", value=0.0, min=0.0, max=0.95, step=0.05,
             tooltip="Probability of cell (interior + boundary) above which a pixel belongs to a cell: higher gives "
-                    "tighter outlines. Auto: 0.6 for planes, 0.5 for volumes in 3D.")
+                    "tighter outlines. Auto: 0.6 for planes, 0.5 for volumes. Instance outputs only.")
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         # Ticked by default: after a handful of corrections the rest of the result still holds
