@@ -44,8 +44,9 @@ INTERIOR, BOUNDARY = 1, 2
 #: edges (a stricter foreground gave tighter outlines and fewer cells joined by a bridge).
 SEED_THRESHOLD = 0.4
 FOREGROUND_THRESHOLD = 0.6
-#: The same for a volume's 3D watershed: what its post-processing was measured with
-#: (synthetic volumes, docs/volumes.md); the planes' values were not measured in 3D.
+#: The same for a volume (3D watershed, or its planes stitched; prediction passes them for any
+#: plane of a volume): what volumes were measured with (synthetic volumes, docs/volumes.md);
+#: the planes' values were not measured in 3D.
 VOLUME_SEED_THRESHOLD = 0.5
 VOLUME_FOREGROUND_THRESHOLD = 0.5
 

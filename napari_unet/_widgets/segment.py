@@ -237,7 +237,7 @@ class SegmentWidget(QWidget):
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         # Ticked by default: after a handful of corrections the rest of the result still holds
-        # errors, and training on them as if right gained nothing (docs/fewshot.md, --whole-round).
+        # errors, and training on them as if right gained little (docs/fewshot.md, --whole-round).
         self.only_edited = CheckBox(label="Only cells I edited", value=True,
                                     tooltip="Ticked: the cells you corrected (and what you erased) are added to "
                                             "what you painted before; the rest stays unlabelled. Unticked: the "
