@@ -63,6 +63,23 @@ def tiny_model_file(tmp_path):
 
 
 @pytest.fixture
+def thresholds_seen(monkeypatch):
+    """The (seed, foreground) thresholds every instance step is called with, in order: planes and
+    volumes alike (instance_labels runs through iter_instance_labels)."""
+    from napari_unet import postprocess
+
+    seen = []
+    real = postprocess.iter_instance_labels
+
+    def spy(interior, foreground, **kw):
+        seen.append((kw.get("threshold"), kw.get("foreground_threshold")))
+        return (yield from real(interior, foreground, **kw))
+
+    monkeypatch.setattr(postprocess, "iter_instance_labels", spy)
+    return seen
+
+
+@pytest.fixture
 def no_threads_left():
     """After the test body: no worker of napari's thread pool still runs."""
     yield

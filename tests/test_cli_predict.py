@@ -155,19 +155,9 @@ def test_a_bad_option_fails_before_any_image(files, tmp_path, capsys, option, me
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
 
 
-def test_thresholds_reach_the_instance_step(files, tmp_path, monkeypatch):
+def test_thresholds_reach_the_instance_step(files, tmp_path, thresholds_seen):
     """--seed-threshold and --foreground-threshold go to the instance step."""
-    from napari_unet import postprocess
-
-    seen = []
-    real = postprocess.instance_labels
-
-    def spy(interior, foreground, **kw):
-        seen.append((kw["threshold"], kw["foreground_threshold"]))
-        return real(interior, foreground, **kw)
-
-    monkeypatch.setattr(postprocess, "instance_labels", spy)
     out = tmp_path / "seg.tif"
     assert main(["predict", "--model", str(files / "inst.safetensors"), "--image", str(files / "images" / "a.tif"),
                  "--out", str(out), "--seed-threshold", "0.35", "--foreground-threshold", "0.65", "--quiet"]) == 0
-    assert seen == [(0.35, 0.65)] and tifffile.imread(out).shape == (64, 80)
+    assert thresholds_seen == [(0.35, 0.65)] and tifffile.imread(out).shape == (64, 80)

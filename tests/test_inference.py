@@ -385,49 +385,27 @@ def test_predict_passes_the_size_limits_to_the_instance_step(monkeypatch, meta_a
 
 
 @pytest.mark.parametrize("seed, foreground", [(None, None), (0.7, 0.2)])
-def test_predict_passes_the_thresholds_to_the_instance_step(monkeypatch, seed, foreground):
-    from napari_unet import postprocess
-
-    seen = []
-    real = postprocess.instance_labels
-
-    def spy(interior, fg, **kw):
-        seen.append((kw["threshold"], kw["foreground_threshold"]))
-        return real(interior, fg, **kw)
-
-    monkeypatch.setattr(postprocess, "instance_labels", spy)
+def test_predict_passes_the_thresholds_to_the_instance_step(thresholds_seen, seed, foreground):
     net = _net("same", depth=2, width=4)
     image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
     _run(net, image, {"mode": "instances"}, seed_threshold=seed, foreground_threshold=foreground)
-    assert seen == [(seed, foreground)]  # None: instance_labels picks the plane's defaults
+    assert thresholds_seen == [(seed, foreground)]  # None: instance_labels picks the plane's defaults
 
 
-@pytest.mark.parametrize("volume, planes", [("3d", None), ("stitch", None), ("3d", [(1,)])])
+@pytest.mark.parametrize("volume, planes, calls", [("3d", None, 1), ("stitch", None, 3), ("3d", [(1,)], 1)])
 @pytest.mark.parametrize("given", [(None, None), (0.7, 0.2)])
-def test_a_volume_is_segmented_with_the_volume_thresholds_unless_told(monkeypatch, volume, planes, given):
+def test_a_volume_is_segmented_with_the_volume_thresholds_unless_told(thresholds_seen, volume, planes, calls,
+                                                                      given):
     """Any method, and one plane of a volume alone: the volume defaults (what volumes were measured with)."""
     from napari_unet import postprocess
 
-    seen = []
-    real_2d, real_3d = postprocess.instance_labels, postprocess.iter_instance_labels
-
-    def spy_2d(interior, fg, **kw):
-        seen.append((kw["threshold"], kw["foreground_threshold"]))
-        return real_2d(interior, fg, **kw)
-
-    def spy_3d(interior, fg, **kw):
-        seen.append((kw["threshold"], kw["foreground_threshold"]))
-        return (yield from real_3d(interior, fg, **kw))
-
-    monkeypatch.setattr(postprocess, "instance_labels", spy_2d)
-    monkeypatch.setattr(postprocess, "iter_instance_labels", spy_3d)
     net = _net("same", depth=2, width=4)
     stack = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
     _run(net, stack, {"mode": "instances"}, planes=planes, axes="ZYX", volume=volume,
          seed_threshold=given[0], foreground_threshold=given[1])
     want = given if given[0] is not None else (postprocess.VOLUME_SEED_THRESHOLD,
                                                postprocess.VOLUME_FOREGROUND_THRESHOLD)
-    assert seen and set(seen) == {want}  # (instance_labels runs through iter_instance_labels: both record)
+    assert thresholds_seen == [want] * calls
 
 
 def test_threshold_settings_are_checked():
