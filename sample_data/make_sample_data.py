@@ -105,10 +105,12 @@ def load_real(folder: Path) -> tuple[list[Pair], list[Pair]]:
     return train, held
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the step count or time budget resolved (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=None,
-                        help="training time budget instead of a step count (default without --data: 2400)")
+                        help="a training time budget; with --iterations too, the first reached ends training "
+                             "(default without --data and --iterations: 2400)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"model file to write (default {OUT})")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of real annotated images to pretrain on too (like ../shared/pretrain)")
@@ -127,12 +129,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data is not None and args.seconds is None and args.iterations is None:
         args.iterations = 20000
-    if args.seconds is None:
+    if args.seconds is None and args.iterations is None:
         args.seconds = 2400.0
     if args.data is not None and not (args.data / "manifest.csv").is_file():
         parser.error(f"--data: {args.data} has no manifest.csv (a folder laid out like ../shared/pretrain)")
+    return args
 
-    from napari_unet.config import PredictConfig, TrainConfig, default_model_config
+
+def training_config(args: argparse.Namespace, n_real: int):
+    """The :class:`~napari_unet.config.TrainConfig` of a run: ``--iterations`` steps and/or the
+    ``--seconds`` budget (the first reached ends it); with real images also rare validation and a
+    cosine schedule."""
+    from napari_unet.config import TrainConfig
+
+    if n_real:  # thousands of objects: hold few out, validate rarely (validating is costly)
+        return TrainConfig(mode="instances", max_time=args.seconds,
+                           iterations=args.iterations, seed=0, val_every=args.val_every, val_fraction=0.02,
+                           lr_schedule="cosine")
+    # Validation every 50 steps: with 64 images, validating every 10 took most of the time.
+    # ema=0: the settings the synthetic-only file was made with (before weight averaging was the default).
+    return TrainConfig(mode="instances", max_time=args.seconds,
+                       iterations=args.iterations, seed=0, val_every=50, ema=0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from napari_unet.config import PredictConfig, default_model_config
     from napari_unet.inference import predict_all
     from napari_unet.io import save_model
     from napari_unet.synthetic import make_nuclei, make_varied_cells, make_varied_nuclei
@@ -147,14 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         images.append(image)
         labels.append(np.where(truth > 0, truth + 1, 1).astype(np.uint16))  # fully painted: 1 bg, 2.. cells
     print(f"{len(made)} training images ({len(real)} real), {len(held)} real ones held out", flush=True)
-    if real:  # thousands of objects: hold few out, validate rarely (validating is costly)
-        config = TrainConfig(mode="instances", max_time=None if args.iterations else args.seconds,
-                             iterations=args.iterations, seed=0, val_every=args.val_every, val_fraction=0.02,
-                             lr_schedule="cosine")
-    else:
-        # Validation every 50 steps: with 64 images, validating every 10 took most of the time.
-        # ema=0: the settings the synthetic-only file was made with (before weight averaging was the default).
-        config = TrainConfig(mode="instances", max_time=args.seconds, seed=0, val_every=50, ema=0.0)
+    config = training_config(args, len(real))
     arch = default_model_config()
     arch = dataclasses.replace(arch, base_filters=args.width or arch.base_filters, depth=args.depth or arch.depth)
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 
 from napari_unet._sample_data import cells_sample, sample_model_path, stack_sample, volume_sample
@@ -182,17 +183,49 @@ def test_packaged_model_records_its_real_pretraining_data():
                                                                      "usiigaci"}
 
 
-def test_pretraining_reads_a_real_data_folder(tmp_path):
-    import csv
+def _recipe():
     import importlib.util
-
-    import imageio.v3 as iio
-    import tifffile
 
     spec = importlib.util.spec_from_file_location(
         "make_sample_data", Path(__file__).resolve().parent.parent / "sample_data" / "make_sample_data.py")
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
+    return make
+
+
+def test_pretraining_recipe_defaults(tmp_path, capsys):
+    make = _recipe()
+    (tmp_path / "manifest.csv").write_text("dataset,image,mask\n")
+    # With real data: the shipped file's fixed 20000 steps, no time limit, validation every 1000.
+    config = make.training_config(make.parse_args(["--data", str(tmp_path)]), n_real=190)
+    assert (config.iterations, config.max_time, config.val_every) == (20000, None, 1000)
+    assert config.lr_schedule == "cosine" and config.val_fraction == 0.02
+    # A time budget instead of the step count, and another validation interval.
+    config = make.training_config(make.parse_args(["--data", str(tmp_path), "--seconds", "90", "--val-every", "7"]),
+                                  n_real=190)
+    assert (config.iterations, config.max_time, config.val_every) == (None, 90.0, 7)
+    config = make.training_config(make.parse_args(["--data", str(tmp_path), "--iterations", "30"]), n_real=190)
+    assert (config.iterations, config.max_time) == (30, None)
+    # Synthetic only: the 2400 s budget, or the steps asked for.
+    config = make.training_config(make.parse_args([]), n_real=0)
+    assert (config.iterations, config.max_time, config.val_every) == (None, 2400.0, 50)
+    config = make.training_config(make.parse_args(["--iterations", "12"]), n_real=0)
+    assert (config.iterations, config.max_time) == (12, None)
+    config = make.training_config(make.parse_args(["--iterations", "12", "--seconds", "5"]), n_real=0)
+    assert (config.iterations, config.max_time) == (12, 5.0)  # whichever comes first
+    # A folder that is not laid out like ../shared/pretrain: one line, exit status 2.
+    with pytest.raises(SystemExit) as exc:
+        make.parse_args(["--data", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2 and "has no manifest.csv" in capsys.readouterr().err
+
+
+def test_pretraining_reads_a_real_data_folder(tmp_path):
+    import csv
+
+    import imageio.v3 as iio
+    import tifffile
+
+    make = _recipe()
     rng = np.random.default_rng(0)
     rows = []
     for stem, rgb in [("he_a", True), ("he_b", True), ("usiigaci_set01", False), ("usiigaci_set02", False)]:
