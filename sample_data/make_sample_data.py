@@ -127,6 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=None,
                         help="levels of the network (default: the engine's default network's)")
     args = parser.parse_args(argv)
+    for name in ("seconds", "iterations", "val_every", "width", "depth"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.cells <= len(CELL_SEEDS):
+        parser.error(f"--cells must be from 0 to {len(CELL_SEEDS)}, got {args.cells}")
     if args.data is not None and args.seconds is None and args.iterations is None:
         args.iterations = 20000
     if args.seconds is None and args.iterations is None:

@@ -217,6 +217,13 @@ def test_pretraining_recipe_defaults(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         make.parse_args(["--data", str(tmp_path / "nowhere")])
     assert exc.value.code == 2 and "has no manifest.csv" in capsys.readouterr().err
+    for bad in (["--iterations", "0"], ["--seconds", "-5"], ["--val-every", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            make.parse_args(bad)
+        assert exc.value.code == 2 and "must be positive" in capsys.readouterr().err
+    assert make.parse_args(["--seconds", "0.5"]).seconds == 0.5
+    with pytest.raises(SystemExit):
+        make.parse_args(["--cells", "65"])
 
 
 def test_pretraining_reads_a_real_data_folder(tmp_path):
